@@ -1,13 +1,18 @@
-"""sano-jax: SANO, score-based anomaly localization, in JAX/Flax."""
+"""sano-jax: SANO, score-based anomaly localization, in JAX/Flax.
+
+The public API: ``sano_jax.localize``, ``sano_jax.load_localizer``, ``sano_jax.ScoreStats``
+(all from ``sano_jax.localization``; the module is not called ``localize`` so that the function
+of that name is never shadowed by a submodule).
+"""
 
 __version__ = '0.1.0'
 
+_LAZY = ('localize', 'load_localizer', 'ScoreStats', 'fit_score_stats')
+
 
 def __getattr__(name):
-  # Lazy: `import sano_jax` stays cheap; `sano_jax.localize` etc. import on first use.
-  if name in ('localize', 'load_localizer', 'ScoreStats', 'fit_score_stats'):
-    from sano_jax import localize as _localize_mod
-    if name == 'localize':
-      return _localize_mod.localize
-    return getattr(_localize_mod, name)
-  raise AttributeError(name)
+  # Lazy, so that `import sano_jax` stays cheap.
+  if name in _LAZY:
+    from sano_jax import localization
+    return getattr(localization, name)
+  raise AttributeError(f'module sano_jax has no attribute {name!r}')
