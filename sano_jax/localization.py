@@ -1,0 +1,454 @@
+"""Anomaly localization with scores (SANO §2.2).
+
+One forward pass of the score model at a small t gives s(x) ~ grad_x log p(x). The anomaly map is
+
+    A(x) = G_sigma * mean_c |s(x)_c|                        (mean over colour channels, gaussian filter)
+
+and the paper's rule flags pixels whose map exceeds N standard deviations of the healthy score
+distribution (signed scores, all pixels and channels pooled):
+
+    z(x) = A(x) / std_healthy(s),     mask = z > N.
+
+Options (``rule=``): ``'per_pixel'`` (Genc et al.: z = (A - mean_ij) / std_ij over healthy images),
+``'two_sided'`` (z = |A - mean(A_healthy)| / std(A_healthy)) and ``'quantile'`` (mask = A > the
+(1 - target_fpr) quantile of the healthy A; z stays A / std).
+
+Everything here is pure JAX with static shapes: ``localize`` and ``update_stats`` are jit/vmap/pmap
+safe (no host callbacks). ``ScoreStats`` is fitted by streaming (parallel Welford / Chan et al.
+merges), never holding all healthy scores in memory.
+
+NaN / inf handling: inside jit a non-finite input pixel makes the z-map NaN in its gaussian
+neighbourhood (and the mask False there, since NaN > N is False). Called eagerly (concrete arrays),
+``localize`` runs ``check_images`` first and raises ValueError on non-finite or out-of-range input.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Iterable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ScoreFn = Callable[[jax.Array], jax.Array]
+
+RULES = ('global', 'per_pixel', 'two_sided', 'quantile')
+_STD_FLOOR = 1e-12
+
+# --------------------------------------------------------------------------------------------
+# Gaussian filter (scipy.ndimage.gaussian_filter semantics, mode='reflect', truncate=4.0).
+# --------------------------------------------------------------------------------------------
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
+  """w_k = exp(-k^2 / (2 sigma^2)) / sum, k = -r..r, r = int(truncate * sigma + 0.5) (as scipy)."""
+  radius = int(truncate * float(sigma) + 0.5)
+  k = np.arange(-radius, radius + 1, dtype=np.float64)
+  w = np.exp(-0.5 / float(sigma)**2 * k**2)
+  return w / w.sum()
+
+
+def _reflect_indices(n: int, radius: int) -> np.ndarray:
+  """Indices of scipy's 'reflect' (half-sample symmetric, d c b a | a b c d | d c b a) padding.
+
+  The extension is periodic with period 2n, so images smaller than the radius reflect repeatedly.
+  """
+  i = np.arange(-radius, n + radius)
+  m = np.mod(i, 2 * n)
+  return np.where(m >= n, 2 * n - 1 - m, m)
+
+
+def gaussian_filter1d(x: jax.Array, sigma: float, axis: int, truncate: float = 4.0) -> jax.Array:
+  """1-D gaussian correlation along `axis` with reflect boundaries; sigma static, 0 = identity."""
+  if sigma < 0:
+    raise ValueError(f'smoothing sigma must be >= 0, got {sigma}')
+  if sigma == 0:
+    return x
+  w = gaussian_kernel1d(sigma, truncate)
+  radius = (len(w) - 1) // 2
+  axis = axis % x.ndim
+  n = x.shape[axis]
+  xp = jnp.take(x, jnp.asarray(_reflect_indices(n, radius)), axis=axis)
+  # Static loop over the 2r+1 taps (not over pixels): elementwise, fused by XLA, exact float32.
+  out = None
+  for k, wk in enumerate(w):
+    term = jax.lax.slice_in_dim(xp, k, k + n, axis=axis) * jnp.asarray(wk, x.dtype)
+    out = term if out is None else out + term
+  return out
+
+
+def gaussian_filter2d(x: jax.Array, sigma: float, truncate: float = 4.0) -> jax.Array:
+  """Separable gaussian filter over the last two axes of x [..., H, W] (scipy order: H then W)."""
+  x = gaussian_filter1d(x, sigma, axis=-2, truncate=truncate)
+  return gaussian_filter1d(x, sigma, axis=-1, truncate=truncate)
+
+
+def anomaly_map(scores: jax.Array, smoothing_sigma: float = 2.0) -> jax.Array:
+  """A = G_sigma * mean_c |s_c|   (SANO §2.2): scores [B,H,W,C] -> [B,H,W] float32."""
+  a = jnp.mean(jnp.abs(scores.astype(jnp.float32)), axis=-1)
+  return gaussian_filter2d(a, smoothing_sigma)
+
+
+# --------------------------------------------------------------------------------------------
+# Healthy score statistics, fitted by streaming.
+# --------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class ScoreStats:
+  """Streaming moments of healthy scores (a pytree; static metadata in its aux data).
+
+  count/mean/m2: signed scores pooled over images, pixels and channels (the paper's std, §2.2).
+  n_images/pixel_mean/pixel_m2 [H,W]: the anomaly map per pixel position over images (Genc et al.).
+  map_count/map_mean/map_m2: the anomaly map pooled over pixels (two-sided rule).
+  hist [num_bins] int32: anomaly-map values in log-spaced bins over [hist_lo, hist_hi] (values
+  outside go to the end bins), for the quantile (target false-positive rate) rule.
+  """
+  count: jax.Array
+  mean: jax.Array
+  m2: jax.Array
+  n_images: jax.Array
+  pixel_mean: jax.Array
+  pixel_m2: jax.Array
+  map_count: jax.Array
+  map_mean: jax.Array
+  map_m2: jax.Array
+  hist: jax.Array
+  image_shape: tuple = flax.struct.field(pytree_node=False, default=(0, 0, 0))
+  smoothing_sigma: float = flax.struct.field(pytree_node=False, default=2.0)
+  hist_lo: float = flax.struct.field(pytree_node=False, default=1e-6)
+  hist_hi: float = flax.struct.field(pytree_node=False, default=1e6)
+
+  @property
+  def std(self) -> jax.Array:
+    """Population std of the signed healthy scores, sqrt(M2 / n)."""
+    return jnp.sqrt(self.m2 / self.count)
+
+  @property
+  def score_mean(self) -> jax.Array:
+    return self.mean
+
+  @property
+  def pixel_std(self) -> jax.Array:
+    """Per-pixel std over images of the healthy anomaly map [H,W]."""
+    return jnp.sqrt(self.pixel_m2 / self.n_images)
+
+  @property
+  def map_std(self) -> jax.Array:
+    """Std of the healthy anomaly map, all pixels pooled."""
+    return jnp.sqrt(self.map_m2 / self.map_count)
+
+  def quantile(self, q) -> jax.Array:
+    """q-quantile of the healthy anomaly map from the histogram (log-linear within a bin)."""
+    return _hist_quantile(self.hist, q, self.hist_lo, self.hist_hi)
+
+
+def init_stats(image_shape, num_bins: int = 2**16, *, smoothing_sigma: float = 2.0,
+               hist_range: tuple[float, float] = (1e-6, 1e6)) -> ScoreStats:
+  """Empty stats for images of shape (H, W, C)."""
+  if len(image_shape) != 3:
+    raise ValueError(f'image_shape must be (H, W, C), got {image_shape}')
+  lo, hi = float(hist_range[0]), float(hist_range[1])
+  if not 0 < lo < hi:
+    raise ValueError(f'hist_range must satisfy 0 < lo < hi, got {hist_range}')
+  h, w, _ = image_shape
+  z = lambda *s: jnp.zeros(s, jnp.float32)
+  return ScoreStats(count=z(), mean=z(), m2=z(), n_images=z(), pixel_mean=z(h, w),
+                    pixel_m2=z(h, w), map_count=z(), map_mean=z(), map_m2=z(),
+                    hist=jnp.zeros((num_bins,), jnp.int32),
+                    image_shape=tuple(int(s) for s in image_shape),
+                    smoothing_sigma=float(smoothing_sigma), hist_lo=lo, hist_hi=hi)
+
+
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+  """Chan et al.: n = na + nb, mean = ma + d nb/n, M2 = M2a + M2b + d^2 na nb / n, d = mb - ma."""
+  n = n_a + n_b
+  safe_n = jnp.where(n > 0, n, 1.0)
+  delta = mean_b - mean_a
+  mean = mean_a + delta * (n_b / safe_n)
+  m2 = m2_a + m2_b + delta**2 * (n_a * n_b / safe_n)
+  return n, mean, m2
+
+
+def _moments(x, w, axis):
+  """Two-pass (n, mean, M2) of x weighted by the 0/1 mask w along `axis`."""
+  n = jnp.sum(w, axis=axis)
+  xw = jnp.where(w > 0, x, 0.0)
+  mean = jnp.sum(xw, axis=axis) / jnp.where(n > 0, n, 1.0)
+  d = jnp.where(w > 0, x - jnp.expand_dims(mean, axis), 0.0)
+  return n, mean, jnp.sum(d * d, axis=axis)
+
+
+def _combine_groups(n, mean, m2):
+  """Exact pooled moments of k groups (axis 0): M2 = sum M2_i + sum n_i (m_i - m)^2."""
+  tot = jnp.sum(n, axis=0)
+  m = jnp.sum(n * mean, axis=0) / jnp.where(tot > 0, tot, 1.0)
+  return tot, m, jnp.sum(m2, axis=0) + jnp.sum(n * (mean - m)**2, axis=0)
+
+
+def _hist_index(values, num_bins, lo, hi):
+  """Log-spaced bin index of values (clipped to the end bins; 0 and negatives go to bin 0)."""
+  llo, lhi = np.log(lo), np.log(hi)
+  logv = jnp.log(jnp.maximum(values, lo * 1e-3))
+  idx = jnp.floor((logv - llo) * (num_bins / (lhi - llo)))
+  return jnp.clip(jnp.nan_to_num(idx, nan=0.0), 0, num_bins - 1).astype(jnp.int32)
+
+
+def _hist_quantile(hist, q, lo, hi):
+  nb = hist.shape[0]
+  h = hist.astype(jnp.float32)
+  cdf = jnp.cumsum(h)
+  target = jnp.asarray(q, jnp.float32) * cdf[-1]
+  k = jnp.clip(jnp.searchsorted(cdf, target, side='left'), 0, nb - 1)
+  before = jnp.where(k > 0, cdf[jnp.maximum(k - 1, 0)], 0.0)
+  frac = jnp.clip((target - before) / jnp.maximum(h[k], 1.0), 0.0, 1.0)
+  llo, lhi = np.log(lo), np.log(hi)
+  return jnp.exp(llo + (k + frac) * ((lhi - llo) / nb))
+
+
+def update_stats(stats: ScoreStats, scores: jax.Array, anomaly_maps: jax.Array,
+                 valid: jax.Array | None = None) -> ScoreStats:
+  """Merges one batch (scores [B,H,W,C], anomaly_maps [B,H,W], valid [B] bool) into `stats`.
+
+  Batch moments are computed per image (two-pass), pooled exactly over the batch, then merged with
+  the running moments by Chan et al.'s parallel update; padded examples (valid=False) are ignored.
+  Jit-able; associative, so per-device stats can be combined with `merge_stats`.
+  """
+  b, h, w, c = scores.shape
+  if (h, w, c) != tuple(stats.image_shape):
+    raise ValueError(f'scores of shape {scores.shape} do not match stats.image_shape '
+                     f'{stats.image_shape}')
+  if anomaly_maps.shape != (b, h, w):
+    raise ValueError(f'anomaly_maps shape {anomaly_maps.shape} != {(b, h, w)}')
+  valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid, bool)
+  vf = valid.astype(jnp.float32)
+  s = scores.astype(jnp.float32)
+  a = anomaly_maps.astype(jnp.float32)
+
+  # Signed scores, all pixels and channels pooled.
+  wi = jnp.broadcast_to(vf[:, None, None, None], s.shape).reshape(b, -1)
+  ni, mi, m2i = _moments(s.reshape(b, -1), wi, axis=1)
+  count, mean, m2 = _chan_merge(stats.count, stats.mean, stats.m2, *_combine_groups(ni, mi, m2i))
+
+  # Per-pixel anomaly-map moments over images.
+  wp = jnp.broadcast_to(vf[:, None, None], a.shape)
+  n_img, pmean, pm2 = _chan_merge(stats.n_images, stats.pixel_mean, stats.pixel_m2,
+                                  *_moments(a, wp, axis=0))
+  n_img = jnp.max(n_img) if n_img.ndim else n_img
+
+  # Pooled anomaly-map moments.
+  na, ma, m2a = _moments(a.reshape(b, -1), wp.reshape(b, -1), axis=1)
+  map_count, map_mean, map_m2 = _chan_merge(stats.map_count, stats.map_mean, stats.map_m2,
+                                            *_combine_groups(na, ma, m2a))
+
+  nb = stats.hist.shape[0]
+  idx = _hist_index(a, nb, stats.hist_lo, stats.hist_hi).reshape(-1)
+  hist = stats.hist.at[idx].add(wp.reshape(-1).astype(jnp.int32))
+  return stats.replace(count=count, mean=mean, m2=m2, n_images=n_img, pixel_mean=pmean,
+                       pixel_m2=pm2, map_count=map_count, map_mean=map_mean, map_m2=map_m2,
+                       hist=hist)
+
+
+def merge_stats(a: ScoreStats, b: ScoreStats) -> ScoreStats:
+  """The stats of the union of two streams (e.g. per-device stats after pmap)."""
+  count, mean, m2 = _chan_merge(a.count, a.mean, a.m2, b.count, b.mean, b.m2)
+  n_img, pmean, pm2 = _chan_merge(a.n_images, a.pixel_mean, a.pixel_m2,
+                                  b.n_images, b.pixel_mean, b.pixel_m2)
+  mc, mm, mm2 = _chan_merge(a.map_count, a.map_mean, a.map_m2, b.map_count, b.map_mean, b.map_m2)
+  return a.replace(count=count, mean=mean, m2=m2, n_images=a.n_images + b.n_images,
+                   pixel_mean=pmean, pixel_m2=pm2, map_count=mc, map_mean=mm, map_m2=mm2,
+                   hist=a.hist + b.hist)
+
+
+def finalize(stats: ScoreStats) -> ScoreStats:
+  """Checks that the stats saw data; the derived quantities are properties (std, pixel_std...)."""
+  if float(stats.count) <= 0:
+    raise ValueError('ScoreStats saw no valid healthy images; cannot compute the std')
+  return stats
+
+
+def _to_float_images(images) -> jax.Array:
+  """uint8 -> /255; floats -> float32; other integer or bool dtypes are rejected."""
+  dtype = jnp.result_type(images)
+  if dtype == jnp.uint8:
+    return jnp.asarray(images, jnp.float32) / 255.0
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f'images must be float in [0, 1] or uint8 in [0, 255], got dtype {dtype}')
+  return jnp.asarray(images).astype(jnp.float32)
+
+
+def make_stats_step(score_fn: ScoreFn, smoothing_sigma: float = 2.0):
+  """(stats, images [B,H,W,C] in [0,1], valid [B]) -> stats, with one forward pass of score_fn."""
+
+  def step(stats, images, valid):
+    x = 2.0 * _to_float_images(images) - 1.0
+    scores = score_fn(x)
+    return update_stats(stats, scores, anomaly_map(scores, smoothing_sigma), valid)
+
+  return step
+
+
+def fit_score_stats(score_fn: ScoreFn, batches: Iterable, *, smoothing_sigma: float = 2.0,
+                    num_bins: int = 2**16,
+                    hist_range: tuple[float, float] = (1e-6, 1e6)) -> ScoreStats:
+  """Streams healthy batches (images [B,H,W,C] in [0,1] or uint8, valid [B]) through a jitted update.
+
+  Each item of `batches` is `(images, valid)` or just `images` (all valid). Only the moments and
+  the histogram are kept, never the scores.
+  """
+  step = jax.jit(make_stats_step(score_fn, smoothing_sigma))
+  stats = None
+  for item in batches:
+    images, valid = (item if isinstance(item, (tuple, list)) else (item, None))
+    images = jnp.asarray(images)
+    if images.ndim != 4:
+      raise ValueError(f'batches must hold images [B,H,W,C], got shape {images.shape}')
+    if valid is None:
+      valid = np.ones((images.shape[0],), bool)
+    if stats is None:
+      stats = init_stats(images.shape[1:], num_bins, smoothing_sigma=smoothing_sigma,
+                         hist_range=hist_range)
+    stats = step(stats, images, jnp.asarray(valid, bool))
+  if stats is None:
+    raise ValueError('fit_score_stats got no batches')
+  return finalize(stats)
+
+
+_ARRAY_FIELDS = ('count', 'mean', 'm2', 'n_images', 'pixel_mean', 'pixel_m2', 'map_count',
+                 'map_mean', 'map_m2', 'hist')
+
+
+def save_stats(stats: ScoreStats, path: str) -> None:
+  """Writes stats to an .npz file (e.g. WORKDIR/score_stats.npz)."""
+  arrays = {k: np.asarray(getattr(stats, k)) for k in _ARRAY_FIELDS}
+  arrays.update(image_shape=np.asarray(stats.image_shape, np.int64),
+                smoothing_sigma=np.float64(stats.smoothing_sigma),
+                hist_lo=np.float64(stats.hist_lo), hist_hi=np.float64(stats.hist_hi),
+                format_version=np.int64(1))
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def load_stats(path: str) -> ScoreStats:
+  """Reads stats written by `save_stats`."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'no score statistics at {path}: run run_eval.py first or fit_score_stats + save_stats')
+  with np.load(path) as f:
+    missing = [k for k in _ARRAY_FIELDS + ('image_shape',) if k not in f]
+    if missing:
+      raise ValueError(f'{path} is not a ScoreStats file (missing {missing})')
+    kw = {k: jnp.asarray(f[k]) for k in _ARRAY_FIELDS}
+    return ScoreStats(**kw, image_shape=tuple(int(s) for s in f['image_shape']),
+                      smoothing_sigma=float(f['smoothing_sigma']), hist_lo=float(f['hist_lo']),
+                      hist_hi=float(f['hist_hi']))
+
+
+# --------------------------------------------------------------------------------------------
+# Localization.
+# --------------------------------------------------------------------------------------------
+
+
+def check_images(images) -> None:
+  """Host-side check (concrete arrays): rank 4, finite, and in [0, 1] for float images.
+
+  Raises ValueError naming the problem. Not usable under jit (it reads the values).
+  """
+  arr = np.asarray(images)
+  if arr.ndim != 4:
+    raise ValueError(f'images must be [B,H,W,C], got shape {arr.shape}')
+  if arr.dtype == np.uint8:
+    return
+  if not np.issubdtype(arr.dtype, np.floating):
+    raise ValueError(f'images must be float in [0, 1] or uint8, got dtype {arr.dtype}')
+  finite = np.isfinite(arr)
+  if not finite.all():
+    bad = int((~finite).sum())
+    raise ValueError(f'images contain {bad} non-finite values (NaN or inf)')
+  if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
+    raise ValueError(f'float images must lie in [0, 1], got range [{arr.min()}, {arr.max()}]')
+
+
+def _check_shapes(images, stats: ScoreStats):
+  if images.ndim != 4:
+    raise ValueError(f'images must be [B,H,W,C] (rank 4), got rank {images.ndim} '
+                     f'(shape {images.shape})')
+  b, h, w, c = images.shape
+  if b == 0:
+    raise ValueError('empty batch: images has batch size 0')
+  sh, sw, sc = stats.image_shape
+  if c != sc:
+    raise ValueError(f'images have {c} channels, the stats were fitted on {sc}')
+  if (h, w) != (sh, sw):
+    raise ValueError(f'image size {h}x{w} differs from the stats image size {sh}x{sw}')
+
+
+def localize(score_fn: ScoreFn, images: jax.Array, stats: ScoreStats, *, n_sigma: float = 3.0,
+             smoothing_sigma: float = 2.0, rule: str = 'global',
+             target_fpr: float = 1e-3) -> tuple[jax.Array, jax.Array]:
+  """images [B,H,W,C] in [0,1] (float, or uint8 scaled by 1/255) -> (z_map [B,H,W] f32, mask bool).
+
+  z = G_sigma * mean_c |s(2 images - 1)| / std_healthy; mask = z > n_sigma (SANO §2.2).
+  rule: 'global' (the paper), 'per_pixel' (z = (A - mean_ij)/std_ij), 'two_sided'
+  (z = |A - mean A_healthy| / std A_healthy), 'quantile' (mask = A > quantile_{1-target_fpr}(A_healthy),
+  z = A / std). Pure; jit/vmap/pmap safe with score_fn closed over. Shape errors raise ValueError at
+  trace time; eagerly (concrete input) `check_images` also rejects NaN/inf and out-of-range values.
+  """
+  if rule not in RULES:
+    raise ValueError(f'unknown rule {rule!r}; expected one of {RULES}')
+  if not isinstance(images, jax.core.Tracer):
+    check_images(images)
+  images = _to_float_images(images)
+  _check_shapes(images, stats)
+  if rule != 'global' and float(smoothing_sigma) != float(stats.smoothing_sigma):
+    raise ValueError(f'rule {rule!r} compares with healthy anomaly maps smoothed with sigma='
+                     f'{stats.smoothing_sigma}, but smoothing_sigma={smoothing_sigma}')
+  scores = score_fn(2.0 * images - 1.0)
+  if scores.shape != images.shape:
+    raise ValueError(f'score_fn returned shape {scores.shape}, expected {images.shape}')
+  a = anomaly_map(scores, smoothing_sigma)
+  if rule == 'per_pixel':
+    z = (a - stats.pixel_mean) / jnp.maximum(stats.pixel_std, _STD_FLOOR)
+  elif rule == 'two_sided':
+    z = jnp.abs(a - stats.map_mean) / jnp.maximum(stats.map_std, _STD_FLOOR)
+  else:
+    z = a / stats.std
+  if rule == 'quantile':
+    mask = a > stats.quantile(1.0 - target_fpr)
+  else:
+    mask = z > n_sigma
+  return z.astype(jnp.float32), mask
+
+
+def _rule_from_config(lc) -> str:
+  kind = lc.get('stats', 'global')
+  if kind == 'global' and lc.get('two_sided', False):
+    return 'two_sided'
+  return kind
+
+
+def load_localizer(workdir: str) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+  """A jitted images -> (z_map, mask) with the best (EMA) params and WORKDIR/score_stats.npz bound.
+
+  Uses config.localize.{t, n_sigma, smoothing_sigma, stats, two_sided, target_fpr}.
+  """
+  from sano_jax import checkpointing, score
+  from sano_jax import sde as sde_lib
+  config, model, params = checkpointing.restore_for_inference(workdir)
+  lc = config.localize
+  path = os.path.join(workdir, 'score_stats.npz')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no score statistics at {path}: run run_eval.py first '
+                            '(or fit_score_stats + save_stats)')
+  stats = load_stats(path)
+  sde = sde_lib.from_config(config)
+  score_fn = score.make_score_fn(model, params, sde, lc.t)
+  fn = functools.partial(localize, score_fn, stats=stats, n_sigma=float(lc.n_sigma),
+                         smoothing_sigma=float(lc.smoothing_sigma), rule=_rule_from_config(lc),
+                         target_fpr=float(lc.get('target_fpr', 1e-3)))
+  return jax.jit(fn)

@@ -1,0 +1,477 @@
+"""Pixel-level localization metrics (SANO §3.3, Table 1) and the subject-stratified bootstrap.
+
+All metrics pool every pixel of the evaluated set (the paper's "over the entirety of images").
+Labels: any array, nonzero = anomalous. Scores: finite floats (NaN raises ValueError).
+
+- AUROC: area under the ROC curve, trapezoidal over distinct thresholds (= sklearn roc_auc_score).
+- AUPRC: average precision AP = sum_k (R_k - R_{k-1}) P_k, step-wise, no interpolation
+  (= sklearn average_precision_score).
+- Operating point: the threshold t of best F1 = 2 TP / (TP + FP + P) on the PR curve, predicted
+  positive = score >= t (as sklearn's precision_recall_curve); ties go to the highest threshold.
+  Over a pooled pixel set, Dice at the OP equals its F1 and IoU = TP / (FP + P).
+- Dice = 2|A n B| / (|A| + |B|), IoU = |A n B| / |A u B|; both are 1 when A and B are empty.
+
+Two evaluation paths share one curve routine on per-level counts (threshold levels in descending
+order): exact (sort the scores once) and binned (per-subject histograms of `num_bins` equal bins
+over a fixed score range; a level = a bin, its threshold = the bin's lower edge). The binned path
+holds subjects x bins x 2 counts, independent of the number of pixels, and its bootstrap is a
+matrix product of multinomial subject multiplicities with the per-subject histograms.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Hashable, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+# --------------------------------------------------------------------------------------------
+# The curve: counts per threshold level -> AUROC, AP, operating point.
+# --------------------------------------------------------------------------------------------
+
+
+def _curve_metrics(pos: np.ndarray, neg: np.ndarray, thresholds: np.ndarray) -> dict:
+  """Metrics from (weighted) positive/negative counts per level [..., L], thresholds descending.
+
+  TP_k = sum_{j<=k} pos_j, FP_k likewise; AUROC = sum_k (FP_k - FP_{k-1})(TP_k + TP_{k-1}) / (2PN);
+  AP = sum_k pos_k / P * TP_k / (TP_k + FP_k); F1_k = 2 TP_k / (TP_k + FP_k + P).
+  Levels with no counts are harmless (zero area, repeated F1). Leading axes = bootstrap runs.
+  """
+  pos = np.asarray(pos, np.float64)
+  neg = np.asarray(neg, np.float64)
+  tp = np.cumsum(pos, axis=-1)
+  fp = np.cumsum(neg, axis=-1)
+  p = tp[..., -1:]
+  n = fp[..., -1:]
+  with np.errstate(divide='ignore', invalid='ignore'):
+    tp_prev = tp - pos
+    auroc = np.sum(neg * (tp + tp_prev), axis=-1) / (2.0 * p[..., 0] * n[..., 0])
+    prec = np.where(tp + fp > 0, tp / np.where(tp + fp > 0, tp + fp, 1.0), 0.0)
+    auprc = np.sum(pos * prec, axis=-1) / p[..., 0]
+    f1 = 2.0 * tp / (tp + fp + p)
+    f1 = np.where(np.isfinite(f1), f1, -1.0)
+    k = np.argmax(f1, axis=-1)
+    take = lambda a: np.take_along_axis(a, k[..., None], axis=-1)[..., 0]
+    tp_k, fp_k, p0 = take(tp), take(fp), p[..., 0]
+    best_f1 = 2.0 * tp_k / (tp_k + fp_k + p0)
+    best_iou = tp_k / (fp_k + p0)
+  thr = np.asarray(thresholds, np.float64)[k]
+  return dict(auroc=auroc, auprc=auprc, threshold=thr, f1=best_f1, dice=best_f1, iou=best_iou)
+
+
+def _flat(scores, labels, sample_weight=None):
+  s = np.asarray(scores, np.float64).reshape(-1)
+  y = (np.asarray(labels).reshape(-1) > 0)
+  if s.shape != y.shape:
+    raise ValueError(f'scores ({np.shape(scores)}) and labels ({np.shape(labels)}) differ in size')
+  if s.size == 0:
+    raise ValueError('empty scores')
+  if not np.isfinite(s).all():
+    raise ValueError('scores contain NaN or inf')
+  w = None if sample_weight is None else np.asarray(sample_weight, np.float64).reshape(-1)
+  return s, y, w
+
+
+def _exact_levels(s, y, w=None):
+  """Sorts once: (pos, neg, thresholds) per distinct score, descending."""
+  order = np.argsort(-s, kind='stable')
+  ss = s[order]
+  starts = np.concatenate([[0], np.flatnonzero(np.diff(ss)) + 1])
+  yy = y[order].astype(np.float64)
+  if w is not None:
+    ww = w[order]
+    pos = np.add.reduceat(ww * yy, starts)
+    neg = np.add.reduceat(ww * (1.0 - yy), starts)
+  else:
+    pos = np.add.reduceat(yy, starts)
+    neg = (np.diff(np.append(starts, ss.size)) - pos)
+  return pos, neg, ss[starts]
+
+
+def exact_curve_metrics(scores, labels, sample_weight=None) -> dict:
+  """auroc, auprc, threshold, f1, dice, iou of the pooled pixels (exact, sort-based)."""
+  s, y, w = _flat(scores, labels, sample_weight)
+  out = _curve_metrics(*_exact_levels(s, y, w))
+  return {k: float(v) for k, v in out.items()}
+
+
+def pixel_auroc(scores, labels, sample_weight=None) -> float:
+  """Pixel AUROC (trapezoidal, ties as sklearn); NaN if only one class is present."""
+  return exact_curve_metrics(scores, labels, sample_weight)['auroc']
+
+
+def pixel_auprc(scores, labels, sample_weight=None) -> float:
+  """Average precision AP = sum_k (R_k - R_{k-1}) P_k (sklearn's definition); NaN if no positive."""
+  return exact_curve_metrics(scores, labels, sample_weight)['auprc']
+
+
+def operating_point(scores, labels) -> tuple[float, float]:
+  """(threshold, F1) of the best F1 on the PR curve; predicted positive = score >= threshold."""
+  m = exact_curve_metrics(scores, labels)
+  return m['threshold'], m['f1']
+
+
+def _overlap_counts(pred, labels):
+  p = np.asarray(pred).reshape(-1) > 0
+  y = np.asarray(labels).reshape(-1) > 0
+  if p.shape != y.shape:
+    raise ValueError(f'pred ({np.shape(pred)}) and labels ({np.shape(labels)}) differ in size')
+  inter = int(np.count_nonzero(p & y))
+  return inter, int(np.count_nonzero(p)), int(np.count_nonzero(y))
+
+
+def dice(pred, labels) -> float:
+  """2 |A n B| / (|A| + |B|) over all pixels (1.0 when both are empty)."""
+  inter, a, b = _overlap_counts(pred, labels)
+  return 1.0 if a + b == 0 else 2.0 * inter / (a + b)
+
+
+def iou(pred, labels) -> float:
+  """|A n B| / |A u B| over all pixels (1.0 when both are empty)."""
+  inter, a, b = _overlap_counts(pred, labels)
+  union = a + b - inter
+  return 1.0 if union == 0 else inter / union
+
+
+def _per_image_counts(pred, labels):
+  """[N, ...] -> per-image (inter, |pred|, |label|) int64 arrays [N]."""
+  p = np.asarray(pred) > 0
+  y = np.asarray(labels) > 0
+  if p.shape != y.shape or p.ndim < 2:
+    raise ValueError(f'per-image metrics need equal shapes [N, ...], got {p.shape}, {y.shape}')
+  p = p.reshape(p.shape[0], -1)
+  y = y.reshape(y.shape[0], -1)
+  return (np.count_nonzero(p & y, axis=1), np.count_nonzero(p, axis=1),
+          np.count_nonzero(y, axis=1))
+
+
+def mean_dice_per_image(pred, labels) -> float:
+  """Mean over images with a non-empty ground truth of the per-image Dice ([N, ...] arrays)."""
+  inter, a, b = _per_image_counts(pred, labels)
+  keep = b > 0
+  return float(np.mean(2.0 * inter[keep] / (a[keep] + b[keep]))) if keep.any() else math.nan
+
+
+def mean_iou_per_image(pred, labels) -> float:
+  """Mean over images with a non-empty ground truth of the per-image IoU ([N, ...] arrays)."""
+  inter, a, b = _per_image_counts(pred, labels)
+  keep = b > 0
+  return float(np.mean(inter[keep] / (a[keep] + b[keep] - inter[keep]))) if keep.any() else math.nan
+
+
+def aupro(scores, labels, max_fpr: float = 0.3, connectivity: int = 2) -> float:
+  """Normalised area under PRO(FPR) for FPR in [0, max_fpr] (Bergmann et al., MVTec AD).
+
+  scores, labels [N, H, W]. Regions = connected components of each ground-truth mask
+  (scipy.ndimage.label; connectivity 2 = 8-neighbourhood). PRO(t) = mean over all regions of
+  |{score >= t} n region| / |region|, FPR(t) = |{score >= t} n negatives| / |negatives|; exact over
+  all distinct thresholds, trapezoidal, linearly interpolated at max_fpr, divided by max_fpr.
+  """
+  s = np.asarray(scores, np.float64)
+  y = np.asarray(labels) > 0
+  if s.shape != y.shape or s.ndim != 3:
+    raise ValueError(f'aupro needs scores and labels [N,H,W], got {s.shape}, {y.shape}')
+  if not 0 < max_fpr <= 1:
+    raise ValueError(f'max_fpr must be in (0, 1], got {max_fpr}')
+  structure = ndimage.generate_binary_structure(2, connectivity)
+  weights = np.zeros(s.shape, np.float64)
+  n_regions = 0
+  for i in range(s.shape[0]):  # host-side, once per image: labelling is not on a hot path
+    comp, k = ndimage.label(y[i], structure=structure)
+    if k:
+      sizes = np.bincount(comp.ravel())
+      w = np.where(comp > 0, 1.0 / sizes[comp], 0.0)
+      weights[i] = w
+      n_regions += k
+  if n_regions == 0 or y.all():
+    return math.nan
+  sf, yf = s.reshape(-1), y.reshape(-1)
+  order = np.argsort(-sf, kind='stable')
+  ss = sf[order]
+  starts = np.concatenate([[0], np.flatnonzero(np.diff(ss)) + 1])
+  pro = np.cumsum(np.add.reduceat(weights.reshape(-1)[order], starts)) / n_regions
+  fpr = np.cumsum(np.add.reduceat((~yf[order]).astype(np.float64), starts)) / np.count_nonzero(~yf)
+  fpr = np.concatenate([[0.0], fpr])
+  pro = np.concatenate([[0.0], pro])
+  k = np.searchsorted(fpr, max_fpr, side='right')  # fpr[:k] <= max_fpr
+  x, v = fpr[:k], pro[:k]
+  if k < fpr.size and x[-1] < max_fpr:
+    f = (max_fpr - fpr[k - 1]) / (fpr[k] - fpr[k - 1])
+    x = np.append(x, max_fpr)
+    v = np.append(v, pro[k - 1] + f * (pro[k] - pro[k - 1]))
+  return float(np.trapezoid(v, x) / max_fpr)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming accumulator with per-subject histograms, and the subject bootstrap.
+# --------------------------------------------------------------------------------------------
+
+
+def _std(values: np.ndarray) -> float | None:
+  values = np.asarray(values, np.float64)
+  if values.shape[0] < 2:
+    return None
+  return float(np.nanstd(values, axis=0, ddof=1))
+
+
+class PixelMetricsAccumulator:
+  """Streams (scores, labels, subjects) into per-subject histograms and fixed-threshold counts.
+
+  Args:
+    num_bins: equal-width bins over `score_range` (>= 2**16 recommended; scores outside the range
+      fall into the end bins, so the range should cover the scores, e.g. from a first pass with
+      `StreamingRange`).
+    score_range: (lo, hi).
+    thresholds: fixed thresholds (e.g. n_sigma for z-maps); predicted positive = score > t, as
+      `sano_jax.localize`'s mask. The first one is reported as `n_sigma`.
+    exact_max_pixels: while the total pixel count is at most this, the raw scores are kept as well
+      and `compute` uses the exact sort-based curve (0: always binned).
+
+  Memory: subjects x 2 x num_bins int32 (100 MB for 190 subjects at 2**16 bins) plus O(subjects x
+  thresholds), whatever the number of pixels.
+  """
+
+  def __init__(self, num_bins: int = 2**16, score_range: tuple[float, float] = (0.0, 50.0),
+               thresholds: Sequence[float] = (3.0,), exact_max_pixels: int = 0):
+    lo, hi = float(score_range[0]), float(score_range[1])
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+      raise ValueError(f'score_range must be finite with hi > lo, got {score_range}')
+    if num_bins < 2:
+      raise ValueError(f'num_bins must be >= 2, got {num_bins}')
+    self.num_bins = int(num_bins)
+    self.score_range = (lo, hi)
+    self.thresholds = tuple(float(t) for t in thresholds)
+    self.exact_max_pixels = int(exact_max_pixels)
+    self._rows: dict[Hashable, int] = {}
+    self._hist = np.zeros((0, 2, self.num_bins), np.int32)
+    t = len(self.thresholds)
+    self._conf = np.zeros((0, t, 3), np.int64)  # tp, fp, fn at each fixed threshold
+    self._img = np.zeros((0, t, 2), np.float64)  # sums of per-image dice, iou (non-empty truth)
+    self._n_images = np.zeros((0,), np.int64)
+    self._n_images_pos = np.zeros((0,), np.int64)
+    self._pixels = np.zeros((0,), np.int64)
+    self._raw: list | None = [] if self.exact_max_pixels > 0 else None
+    self._raw_pixels = 0
+
+  @property
+  def edges(self) -> np.ndarray:
+    """Lower bin edges (the binned thresholds)."""
+    lo, hi = self.score_range
+    return lo + (hi - lo) * np.arange(self.num_bins) / self.num_bins
+
+  def _row(self, subject) -> int:
+    key = subject.item() if isinstance(subject, np.generic) else subject
+    if isinstance(key, bytes):
+      key = key.decode()
+    row = self._rows.get(key)
+    if row is None:
+      row = self._rows[key] = len(self._rows)
+      if row >= self._hist.shape[0]:
+        cap = max(16, 2 * self._hist.shape[0])
+        grow = lambda a: np.concatenate([a, np.zeros((cap - a.shape[0],) + a.shape[1:], a.dtype)])
+        self._hist, self._conf, self._img = grow(self._hist), grow(self._conf), grow(self._img)
+        self._n_images, self._n_images_pos = grow(self._n_images), grow(self._n_images_pos)
+        self._pixels = grow(self._pixels)
+    return row
+
+  def add(self, scores, labels, subjects, valid=None) -> None:
+    """scores [B, ...] float, labels [B, ...] (nonzero = anomalous), subjects [B], valid [B] bool."""
+    s = np.asarray(scores)
+    y = np.asarray(labels)
+    if s.ndim < 1 or s.shape != y.shape:
+      raise ValueError(f'scores {s.shape} and labels {y.shape} must have the same shape [B, ...]')
+    b = s.shape[0]
+    subjects = np.asarray(subjects).reshape(-1)
+    if subjects.shape[0] != b:
+      raise ValueError(f'{subjects.shape[0]} subjects for a batch of {b}')
+    keep = np.ones((b,), bool) if valid is None else np.asarray(valid, bool).reshape(-1)
+    if keep.shape[0] != b:
+      raise ValueError(f'valid has {keep.shape[0]} entries for a batch of {b}')
+    if not keep.any():
+      return
+    s_in = s[keep].reshape(int(keep.sum()), -1)
+    if not np.issubdtype(s_in.dtype, np.floating):
+      s_in = s_in.astype(np.float64)
+    s = s_in.astype(np.float32, copy=False)
+    y = y[keep].reshape(s.shape) > 0
+    subjects = subjects[keep]
+    if not np.isfinite(s).all():
+      raise ValueError('scores contain NaN or inf')
+    rows = np.array([self._row(x) for x in subjects], np.int64)
+    nb = self.num_bins
+    lo, hi = self.score_range
+    idx = np.floor((s - np.float32(lo)) * np.float32(nb / (hi - lo))).astype(np.int64)
+    np.clip(idx, 0, nb - 1, out=idx)
+    idx += nb * (~y)  # channel 0: positives, channel 1: negatives
+    uniq, inv = np.unique(rows, return_inverse=True)
+    idx += (2 * nb) * inv[:, None]
+    counts = np.bincount(idx.reshape(-1), minlength=2 * nb * len(uniq)).reshape(len(uniq), 2, nb)
+    self._pixels[uniq] += counts.reshape(len(uniq), -1).sum(axis=1)
+    if self._pixels.max(initial=0) > np.iinfo(np.int32).max and self._hist.dtype == np.int32:
+      self._hist = self._hist.astype(np.int64)
+    self._hist[uniq] += counts.astype(self._hist.dtype)
+
+    npos = y.sum(axis=1)
+    np.add.at(self._n_images, rows, 1)
+    np.add.at(self._n_images_pos, rows, (npos > 0).astype(np.int64))
+    for j, t in enumerate(self.thresholds):
+      pred = s > np.float32(t)
+      inter = np.count_nonzero(pred & y, axis=1)
+      npred = np.count_nonzero(pred, axis=1)
+      conf = np.stack([inter, npred - inter, npos - inter], axis=1)
+      np.add.at(self._conf[:, j], rows, conf)
+      has = npos > 0
+      d = np.where(has, 2.0 * inter / np.maximum(npred + npos, 1), 0.0)
+      u = np.where(has, inter / np.maximum(npred + npos - inter, 1), 0.0)
+      np.add.at(self._img[:, j], rows, np.stack([d, u], axis=1))
+
+    if self._raw is not None:
+      self._raw_pixels += s.size
+      if self._raw_pixels > self.exact_max_pixels:
+        self._raw = None
+      else:
+        self._raw.append((s_in.reshape(-1).copy(), y.reshape(-1).copy(),
+                          np.repeat(rows, s.shape[1])))
+
+  # -- compute ---------------------------------------------------------------------------------
+
+  def _curves(self, weights: np.ndarray) -> dict:
+    """Curve metrics for subject weights [R, S] (R = 1 + bootstrap runs)."""
+    s = len(self._rows)
+    if self._raw is not None and self._raw:
+      sc = np.concatenate([r[0] for r in self._raw]).astype(np.float64)
+      y = np.concatenate([r[1] for r in self._raw])
+      subj = np.concatenate([r[2] for r in self._raw])
+      order = np.argsort(-sc, kind='stable')
+      ss, yy, sj = sc[order], y[order].astype(np.float64), subj[order]
+      starts = np.concatenate([[0], np.flatnonzero(np.diff(ss)) + 1])
+      outs = []
+      for w in weights:  # the sort is shared; a run only reweights pixels by subject multiplicity
+        pw = w[sj]
+        outs.append(_curve_metrics(np.add.reduceat(pw * yy, starts),
+                                   np.add.reduceat(pw * (1.0 - yy), starts), ss[starts]))
+      return {k: np.array([o[k] for o in outs]) for k in outs[0]}
+    hist = self._hist[:s]
+    nb = self.num_bins
+    outs = []
+    runs_chunk, bins_chunk = 8, 8192  # bounded temporaries: 8 runs x bins, S x 8192 float64
+    for r in range(0, weights.shape[0], runs_chunk):
+      w = weights[r:r + runs_chunk]
+      pos = np.empty((w.shape[0], nb))
+      neg = np.empty((w.shape[0], nb))
+      for a in range(0, nb, bins_chunk):
+        pos[:, a:a + bins_chunk] = w @ hist[:, 0, a:a + bins_chunk].astype(np.float64)
+        neg[:, a:a + bins_chunk] = w @ hist[:, 1, a:a + bins_chunk].astype(np.float64)
+      # Descending thresholds: the highest bin first.
+      outs.append(_curve_metrics(pos[:, ::-1], neg[:, ::-1], self.edges[::-1]))
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+  def compute(self, bootstrap_runs: int = 50, seed: int = 0) -> dict:
+    """Metrics of everything added, with subject-bootstrap standard deviations.
+
+    Resampling draws the subjects with replacement (multiplicities ~ Multinomial(S, 1/S), seeded
+    by `seed`); every metric, the operating point included, is recomputed on each resample, and
+    `X_std` is the std (ddof=1) over the runs (None when bootstrap_runs < 2). Schema (floats/ints):
+
+      auroc, auroc_std, auprc, auprc_std,
+      operating_point: {threshold, threshold_std, f1, f1_std, dice, dice_std, iou, iou_std},
+      n_sigma: {n, threshold, dice, dice_std, iou, iou_std, dice_per_image, dice_per_image_std,
+                iou_per_image, iou_per_image_std}   (the first fixed threshold; None if none),
+      fixed_thresholds: [the same dict for each fixed threshold],
+      num_images, num_subjects, num_pixels, num_positive_pixels, bootstrap_runs, seed,
+      method ('exact' or 'binned'), num_bins, score_range (None when exact).
+
+    At a fixed threshold t the mask is score > t; dice/iou pool all pixels, *_per_image average
+    over images with a non-empty ground truth. The binned operating-point threshold is a bin edge.
+    """
+    s = len(self._rows)
+    if s == 0:
+      raise ValueError('no data added to the accumulator')
+    rng = np.random.default_rng(seed)
+    runs = int(bootstrap_runs)
+    mult = rng.multinomial(s, np.full(s, 1.0 / s), size=runs).astype(np.float64) if runs else \
+        np.zeros((0, s))
+    weights = np.concatenate([np.ones((1, s)), mult], axis=0)
+    curves = self._curves(weights)
+
+    def point_std(values):
+      return float(values[0]), _std(values[1:])
+
+    out: dict[str, Any] = {}
+    for k in ('auroc', 'auprc'):
+      out[k], out[k + '_std'] = point_std(curves[k])
+    op = {}
+    for k in ('threshold', 'f1', 'dice', 'iou'):
+      op[k], op[k + '_std'] = point_std(curves[k])
+    out['operating_point'] = op
+
+    fixed = []
+    conf = weights @ self._conf[:s].reshape(s, -1).astype(np.float64)  # [R, T*3]
+    conf = conf.reshape(weights.shape[0], len(self.thresholds), 3)
+    img = np.einsum('rs,stk->rtk', weights, self._img[:s])
+    nimg_pos = weights @ self._n_images_pos[:s].astype(np.float64)
+    with np.errstate(divide='ignore', invalid='ignore'):
+      for j, t in enumerate(self.thresholds):
+        tp, fp, fn = conf[:, j, 0], conf[:, j, 1], conf[:, j, 2]
+        d = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 1.0)
+        u = np.where(tp + fp + fn > 0, tp / (tp + fp + fn), 1.0)
+        entry = {'n': t, 'threshold': t}
+        for name, v in (('dice', d), ('iou', u), ('dice_per_image', img[:, j, 0] / nimg_pos),
+                        ('iou_per_image', img[:, j, 1] / nimg_pos)):
+          entry[name], entry[name + '_std'] = point_std(v)
+        fixed.append(entry)
+    out['n_sigma'] = fixed[0] if fixed else None
+    out['fixed_thresholds'] = fixed
+    pix = self._hist[:s].sum(axis=(0, 2), dtype=np.int64)
+    exact = bool(self._raw)
+    out.update(num_images=int(self._n_images[:s].sum()), num_subjects=s,
+               num_pixels=int(pix.sum()), num_positive_pixels=int(pix[0]),
+               bootstrap_runs=runs, seed=int(seed), method='exact' if exact else 'binned',
+               num_bins=None if exact else self.num_bins,
+               score_range=None if exact else list(self.score_range))
+    return out
+
+
+class StreamingRange:
+  """Running (min, max) of scores, for a first pass that fixes the histogram range."""
+
+  def __init__(self):
+    self.lo, self.hi = math.inf, -math.inf
+
+  def add(self, scores, valid=None) -> None:
+    s = np.asarray(scores)
+    if valid is not None:
+      s = s[np.asarray(valid, bool)]
+    if s.size:
+      self.lo = min(self.lo, float(np.min(s)))
+      self.hi = max(self.hi, float(np.max(s)))
+
+  @property
+  def range(self) -> tuple[float, float]:
+    """(lo, hi) widened by one part in 1e6 so that the maximum lies inside the last bin."""
+    if not math.isfinite(self.lo):
+      raise ValueError('StreamingRange saw no scores')
+    pad = max(abs(self.hi - self.lo), abs(self.hi), 1e-12) * 1e-6
+    return self.lo, self.hi + pad
+
+
+def bootstrap(scores, labels, subjects, *, runs: int = 50, seed: int = 0,
+              thresholds: Sequence[float] = (3.0,), num_bins: int | None = None,
+              score_range: tuple[float, float] | None = None) -> dict:
+  """Subject-stratified bootstrap of all metrics for in-memory arrays [N, ...] with subjects [N].
+
+  num_bins=None: exact (one sort, each run reweights pixels by their subject's multiplicity);
+  otherwise binned over score_range (default: the data's range). Returns the schema of
+  `PixelMetricsAccumulator.compute`.
+  """
+  s = np.asarray(scores)
+  if num_bins is None:
+    acc = PixelMetricsAccumulator(2, (0.0, 1.0), thresholds, exact_max_pixels=max(s.size, 1))
+  else:
+    if score_range is None:
+      r = StreamingRange()
+      r.add(s)
+      score_range = r.range
+    acc = PixelMetricsAccumulator(num_bins, score_range, thresholds)
+  acc.add(s, labels, subjects)
+  return acc.compute(bootstrap_runs=runs, seed=seed)

@@ -1,0 +1,380 @@
+"""Training the score model on healthy images (SANO §3.2): pmapped denoising score matching.
+
+`train_step` is a pure function of (state, batch) pmapped over local devices (axis 'batch'): gradients
+and metrics are averaged with `lax.pmean`, so one step on a global batch gives the same params whatever
+the number of devices or hosts. `train_and_evaluate(config, workdir)` is the whole run.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sano_jax import checkpointing
+from sano_jax import losses
+from sano_jax import models
+from sano_jax import sde as sde_lib
+
+AXIS = 'batch'
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32[2] key, so that it checkpoints as a plain array
+
+
+def create_optimizer(config) -> optax.GradientTransformation:
+  """Adam (lr 2e-4 in the paper) with linear warm-up and global-norm clipping."""
+  o = config.optim
+  schedule = optax.linear_schedule(0.0, o.lr, max(1, o.warmup_steps)) if o.warmup_steps else o.lr
+  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []
+  if o.weight_decay:
+    parts.append(optax.adamw(schedule, b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay))
+  else:
+    parts.append(optax.adam(schedule, b1=o.beta1, b2=o.beta2, eps=o.eps))
+  return optax.chain(*parts)
+
+
+def create_train_state(config, model, tx, rng: jax.Array) -> TrainState:
+  """Initial state (on the host): params from `rng`, EMA params = params, step 0."""
+  init_rng, state_rng = jax.random.split(rng)
+  size, ch = config.data.image_size, config.data.num_channels
+  params = jax.jit(model.init)(init_rng, jnp.zeros((1, size, size, ch)), jnp.ones((1,)))['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params),  # own buffers: the state is donated
+                    opt_state=tx.init(params), rng=state_rng)
+
+
+def train_step(state: TrainState, batch: dict, *, model, sde: sde_lib.VPSDE,
+               tx: optax.GradientTransformation, config) -> tuple[TrainState, dict]:
+  """One step of eq. (1) on this device's batch['image'] [b,H,W,C], inside shard_map/pmap over 'batch'."""
+  images = batch['image']
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  noise_rng, dropout_rng = jax.random.split(step_rng)
+  device = jax.lax.axis_index(AXIS)
+  dropout_rng = jax.random.fold_in(dropout_rng, device)
+  # Global ids of this device's examples: the same on 1 device or many, so the noise is too.
+  ids = device * images.shape[0] + jnp.arange(images.shape[0])
+
+  def loss_fn(params):
+    eps_fn = lambda x, t: model.apply({'params': params}, x, t, train=True, rngs={'dropout': dropout_rng})
+    per_example = losses.dsm_loss_per_example(
+        eps_fn, sde, images, noise_rng, ids, t_eps=config.sde.eps,
+        likelihood_weighting=config.sde.likelihood_weighting)
+    return jnp.mean(per_example)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grads = jax.lax.pmean(grads, AXIS)
+  loss = jax.lax.pmean(loss, AXIS)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  rate = config.training.ema_rate
+  ema_params = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state.ema_params, params)
+  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                            opt_state=opt_state)
+  return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+
+
+def train_steps(state: TrainState, batches: dict, **kwargs) -> tuple[TrainState, dict]:
+  """Several steps in one device call: lax.scan of `train_step` over batches' leading axis [k, b, ...]."""
+  state, metrics = jax.lax.scan(lambda s, b: train_step(s, b, **kwargs), state, batches)
+  return state, jax.tree.map(lambda m: m[-1], metrics)
+
+
+def eval_step(params, batch: dict, rng: jax.Array, *, model, sde: sde_lib.VPSDE, config) -> dict:
+  """Sum and count of the per-example loss on a validation batch (padded examples masked by 'valid').
+
+  t and z of example i depend only on (rng, batch['index'][i]), so the validation loss is the same
+  number whatever the batch size or device count."""
+  eps_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
+  per_example = losses.dsm_loss_per_example(
+      eps_fn, sde, batch['image'], rng, batch['index'], t_eps=config.sde.eps,
+      likelihood_weighting=config.sde.likelihood_weighting)
+  valid = batch['valid'].astype(jnp.float32)
+  return jax.lax.psum({'loss_sum': jnp.sum(per_example * valid), 'count': jnp.sum(valid)}, AXIS)
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over all (global) devices, axis 'batch': data parallelism over devices and hosts."""
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (AXIS,))
+
+
+def make_steps(config, model, sde, tx, mesh: Mesh):
+  """(train, evaluate): `train_step` (scanned when steps_per_call > 1) and `eval_step`, each
+  shard_mapped over the mesh's 'batch' axis and jitted; the train state is replicated and donated,
+  batches are sharded along their batch axis ([k, B, ...] for k steps per call).
+
+  This is pmap's data parallelism written with jit + shard_map, which is how jax.pmap itself is
+  implemented since JAX 0.8 and what works across hosts with global arrays."""
+  kw = dict(model=model, sde=sde, tx=tx, config=config)
+  multi = config.training.steps_per_call > 1
+  step_fn = functools.partial(train_steps if multi else train_step, **kw)
+  batch_spec = P(None, AXIS) if multi else P(AXIS)
+  train = jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), batch_spec), out_specs=(P(), P()),
+                                check_vma=False), donate_argnums=(0,))
+  evaluate = jax.jit(jax.shard_map(
+      functools.partial(eval_step, model=model, sde=sde, config=config), mesh=mesh,
+      in_specs=(P(), P(AXIS), P()), out_specs=P(), check_vma=False))
+  return train, evaluate
+
+
+def replicate(tree, mesh: Mesh):
+  """Put a host pytree (the same on every process) on every device of the mesh."""
+  return jax.device_put(jax.device_get(tree), NamedSharding(mesh, P()))  # never aliases `tree`
+
+
+def shard_batch(batch: dict, mesh: Mesh, *, stacked: bool = False) -> dict:
+  """A process-local batch [local_devices, b, ...] (or [local_devices, k, b, ...]) -> global arrays
+  [B, ...] ([k, B, ...]) sharded over 'batch'; process p's rows follow process p-1's."""
+  spec = P(None, AXIS) if stacked else P(AXIS)
+  sharding = NamedSharding(mesh, spec)
+
+  def put(x):
+    x = np.asarray(x)
+    if stacked:  # [ndev, k, b, ...] -> [k, ndev*b, ...]
+      x = np.swapaxes(x, 0, 1)
+      local = x.reshape((x.shape[0], -1) + x.shape[3:])
+    else:
+      local = x.reshape((-1,) + x.shape[2:])
+    return jax.make_array_from_process_local_data(sharding, local)
+  return {k: put(v) for k, v in batch.items()}
+
+
+def to_host(tree):
+  """A replicated pytree as numpy (this process's first copy)."""
+  return jax.device_get(jax.tree.map(lambda x: x.addressable_data(0), tree))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run.
+
+
+def _model_signature(config) -> dict:
+  """The config fields a checkpoint's shapes depend on."""
+  m = config.model
+  return {'image_size': config.data.image_size, 'num_channels': config.data.num_channels,
+          'nf': m.nf, 'ch_mult': list(m.ch_mult), 'num_res_blocks': m.num_res_blocks,
+          'attn_resolutions': list(m.attn_resolutions), 'num_head_channels': m.num_head_channels,
+          'resblock_updown': m.resblock_updown, 'scale_shift_norm': m.scale_shift_norm,
+          'num_groups': m.num_groups}
+
+
+def check_config(config, num_devices: int) -> None:
+  """Clear errors for configs that cannot run."""
+  t = config.training
+  if t.batch_size % num_devices:
+    raise ValueError(f'training.batch_size={t.batch_size} is not divisible by the {num_devices} devices '
+                     f'({jax.process_count()} process(es) x {jax.local_device_count()} local devices); '
+                     f'use a multiple of {num_devices}, e.g. --config.training.batch_size='
+                     f'{max(1, t.batch_size // num_devices) * num_devices}')
+  k = t.steps_per_call
+  for name in ('log_every', 'eval_every', 'checkpoint_every', 'num_train_steps'):
+    if getattr(t, name) % k:
+      raise ValueError(f'training.{name}={getattr(t, name)} must be a multiple of '
+                       f'training.steps_per_call={k}')
+  if config.model.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"model.dtype={config.model.dtype!r}: use 'float32' or 'bfloat16'")
+  levels = len(config.model.ch_mult) - 1
+  if config.data.image_size % (2 ** levels):
+    raise ValueError(f'data.image_size={config.data.image_size} is not divisible by 2^{levels} '
+                     f'(model.ch_mult has {levels + 1} levels)')
+
+
+def _check_workdir_compatible(config, workdir: str) -> None:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  old = _model_signature(checkpointing.load_config(workdir))
+  new = _model_signature(config)
+  diff = {k: (old[k], new[k]) for k in new if json.dumps(old.get(k)) != json.dumps(new[k])}
+  if diff:
+    detail = ', '.join(f'{k}: checkpoint {a} vs config {b}' for k, (a, b) in diff.items())
+    raise ValueError(f'workdir {workdir!r} holds a checkpoint of a different model ({detail}). '
+                     'Use a fresh --workdir, or the config that trained it.')
+
+
+class MetricsLog:
+  """metrics.jsonl, TensorBoard event files and absl log lines; only process 0 writes."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.writer = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      try:
+        from flax.metrics import tensorboard
+        self.writer = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      except ImportError:  # TensorFlow absent: TensorBoard summaries are skipped.
+        logging.warning('TensorFlow not installed: no TensorBoard summaries.')
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self.jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self.jsonl.flush()
+    if self.writer is not None:
+      for k, v in scalars.items():
+        self.writer.scalar(k, v, step)
+      self.writer.flush()
+    logging.info('step %d: %s', step, ', '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
+
+  def close(self):
+    if self.enabled:
+      self.jsonl.close()
+      if self.writer is not None:
+        self.writer.close()
+
+
+def _stack_steps(it: Iterator[dict], k: int) -> Iterator[dict]:
+  """Group k batches [ndev, b, ...] into [ndev, k, b, ...] for `train_steps`."""
+  while True:
+    group = [next(it) for _ in range(k)]
+    yield {key: np.stack([g[key] for g in group], axis=1) for key in group[0]}
+
+
+def _device_batches(it: Iterator[dict], mesh: Mesh, stacked: bool, depth: int = 2) -> Iterator[dict]:
+  """Shard host batches onto the mesh `depth` steps ahead, so transfers overlap compute."""
+  queue = collections.deque()
+  for batch in it:
+    queue.append(shard_batch(batch, mesh, stacked=stacked))
+    if len(queue) > depth:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def evaluate_loss(evaluate, params, val_source, config, mesh: Mesh) -> float:
+  """Mean validation loss over the (first `training.eval_batches` batches of the) healthy split."""
+  from sano_jax import input_pipeline
+  it = input_pipeline.eval_iterator(
+      val_source, global_batch_size=config.eval.batch_size, num_local_devices=jax.local_device_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      dtype=jnp.dtype(config.model.dtype))
+  rng = jax.random.PRNGKey(config.seed + 1)
+  total, count = 0.0, 0.0
+  for i, batch in enumerate(it):
+    if 0 <= config.training.eval_batches <= i:
+      break
+    arrays = shard_batch({k: batch[k] for k in ('image', 'valid', 'index')}, mesh)
+    out = to_host(evaluate(params, arrays, rng))
+    total, count = total + float(out['loss_sum']), count + float(out['count'])
+  return total / max(count, 1.0)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       train_source=None, val_source=None) -> TrainState:
+  """Train `config` in `workdir`, resuming from its latest checkpoint; returns the final host state.
+
+  Sources default to `input_pipeline.get_source(config, split)`; tests may pass in-memory ones."""
+  from sano_jax import input_pipeline
+  num_devices = jax.device_count()
+  check_config(config, num_devices)
+  is_chief = jax.process_index() == 0
+  _check_workdir_compatible(config, workdir)
+  if is_chief:
+    checkpointing.save_config(config, workdir)
+
+  train_source = train_source or input_pipeline.get_source(config, config.data.train_split)
+  val_source = val_source or input_pipeline.get_source(config, config.data.validation_split)
+
+  model = models.create_model(config)
+  sde = sde_lib.from_config(config)
+  tx = create_optimizer(config)
+  state = create_train_state(config, model, tx, jax.random.PRNGKey(config.seed))
+  store = checkpointing.CheckpointStore(workdir, keep=config.training.keep_checkpoints)
+  if store.latest_step() is not None:
+    try:
+      state = store.restore_latest(jax.device_get(state))
+    except Exception as e:  # Orbax raises various errors on structure / shape mismatch.
+      raise ValueError(f'cannot restore the checkpoint in {workdir!r} into this model: {e}. '
+                       'Use a fresh --workdir, or the config that trained it.') from e
+    logging.info('resumed from %s at step %d', workdir, int(state.step))
+  start_step = int(state.step)
+  log = MetricsLog(workdir, is_chief)
+  if is_chief:
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info('model: %.2fM params; %d devices; global batch %d', n_params / 1e6, num_devices,
+                 config.training.batch_size)
+
+  mesh = make_mesh()
+  train_fn, eval_fn = make_steps(config, model, sde, tx, mesh)
+  state = replicate(state, mesh)
+  k = config.training.steps_per_call
+  batches = input_pipeline.train_iterator(
+      train_source, global_batch_size=config.training.batch_size, seed=config.seed,
+      start_step=start_step, num_local_devices=jax.local_device_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      dtype=jnp.dtype(config.model.dtype), worker_count=config.data.worker_count)
+  if k > 1:
+    batches = _stack_steps(batches, k)
+  batches = _device_batches(batches, mesh, stacked=k > 1)
+
+  t = config.training
+  eval_params = (lambda s: s.ema_params) if config.localize.use_ema else (lambda s: s.params)
+  progress = _progress(start_step, t.num_train_steps, is_chief)
+  last_good = store.latest_step()
+  tic, step, last_logged = time.perf_counter(), start_step, start_step
+  try:
+    while step < t.num_train_steps:
+      state, metrics = train_fn(state, next(batches))
+      step += k
+      progress.update(k)
+      if step == start_step + k:  # the first call compiles: keep it out of images/s
+        jax.block_until_ready(metrics)
+        log.write(step, {'perf/compile_and_first_step_s': time.perf_counter() - tic})
+        tic, last_logged = time.perf_counter(), step
+      if step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.num_train_steps:
+        loss = float(to_host(metrics['loss']))
+        if not math.isfinite(loss):
+          raise FloatingPointError(
+              f'non-finite loss ({loss}) at step {step}. The last good checkpoint '
+              f'(step {last_good}) is kept in {workdir}/checkpoints. Lower --config.optim.lr, enable '
+              '--config.optim.grad_clip, or check the data for NaN/inf.')
+        if step % t.log_every == 0 or step == t.num_train_steps:
+          elapsed = time.perf_counter() - tic
+          n = step - last_logged
+          log.write(step, {'train/loss': loss,
+                           'train/grad_norm': float(to_host(metrics['grad_norm'])),
+                           'perf/steps_per_s': n / elapsed,
+                           'perf/images_per_s': n * t.batch_size / elapsed})
+          progress.set_postfix(loss=f'{loss:.4f}', img_s=f'{n * t.batch_size / elapsed:.1f}')
+          tic, last_logged = time.perf_counter(), step
+      if step % t.eval_every == 0 or step == t.num_train_steps:
+        val_loss = evaluate_loss(eval_fn, eval_params(state), val_source, config, mesh)
+        log.write(step, {'validation/loss': val_loss})
+        host = to_host(state)
+        store.save_best(step, {'params': host.params, 'ema_params': host.ema_params}, val_loss)
+        tic = time.perf_counter()
+      if step % t.checkpoint_every == 0 or step == t.num_train_steps:
+        store.save(step, to_host(state))
+        last_good = step
+        tic = time.perf_counter()
+  finally:
+    progress.close()
+    log.close()
+    store.close()
+  return to_host(state)
+
+
+def _progress(start: int, total: int, enabled: bool):
+  import tqdm
+  return tqdm.tqdm(initial=start, total=total, disable=not enabled, unit='step', dynamic_ncols=True,
+                   mininterval=2.0)

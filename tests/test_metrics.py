@@ -1,0 +1,199 @@
+"""Tests of sano_jax.metrics against scikit-learn, brute force, and bootstrap properties."""
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from sano_jax import metrics as M
+
+
+def _sklearn_best_f1(y, s):
+  p, r, _ = precision_recall_curve(y, s)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    f = np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
+  return f.max()
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_exact_metrics_match_sklearn(data):
+  n = data.draw(st.integers(2, 120))
+  # Few distinct values -> many ties; or continuous floats.
+  levels = data.draw(st.sampled_from([2, 3, 7, None]))
+  if levels is None:
+    s = data.draw(hnp.arrays(np.float64, n, elements=st.floats(-1e3, 1e3)))
+  else:
+    s = data.draw(hnp.arrays(np.int64, n, elements=st.integers(0, levels - 1))).astype(float)
+  y = data.draw(hnp.arrays(np.bool_, n))
+  if y.all() or not y.any():
+    y[0], y[-1] = True, False
+  assert M.pixel_auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+  assert M.pixel_auprc(s, y) == pytest.approx(average_precision_score(y, s), abs=1e-6)
+  thr, f1 = M.operating_point(s, y)
+  assert f1 == pytest.approx(_sklearn_best_f1(y, s), abs=1e-6)
+  # The threshold reproduces its F1 with the rule score >= threshold.
+  assert M.dice(s >= thr, y) == pytest.approx(f1, abs=1e-9)
+
+
+def test_weighted_matches_sklearn():
+  rng = np.random.default_rng(1)
+  s = rng.integers(0, 20, 500).astype(float)
+  y = rng.random(500) < 0.2
+  w = rng.integers(0, 4, 500).astype(float)
+  assert M.pixel_auroc(s, y, w) == pytest.approx(roc_auc_score(y, s, sample_weight=w), abs=1e-9)
+  assert M.pixel_auprc(s, y, w) == pytest.approx(
+      average_precision_score(y, s, sample_weight=w), abs=1e-9)
+
+
+def test_any_shape_and_label_encoding():
+  rng = np.random.default_rng(2)
+  s = rng.normal(size=(3, 8, 9))
+  y = (rng.random((3, 8, 9)) < 0.3).astype(np.uint8) * 255  # nonzero = anomalous
+  assert M.pixel_auroc(s, y) == pytest.approx(roc_auc_score(y.ravel() > 0, s.ravel()))
+  with pytest.raises(ValueError, match='NaN'):
+    M.pixel_auroc(np.array([0.1, np.nan]), np.array([0, 1]))
+  with pytest.raises(ValueError, match='differ'):
+    M.pixel_auroc(np.zeros(3), np.zeros(4))
+  assert math.isnan(M.pixel_auroc(np.arange(4.0), np.zeros(4)))
+
+
+def test_dice_iou():
+  p = np.array([[1, 1, 0, 0], [0, 1, 0, 0]], bool)
+  y = np.array([[1, 0, 0, 0], [0, 1, 1, 0]], bool)
+  assert M.dice(p, y) == pytest.approx(2 * 2 / (3 + 3))
+  assert M.iou(p, y) == pytest.approx(2 / 4)
+  assert M.dice(np.zeros(5), np.zeros(5)) == 1.0 and M.iou(np.zeros(5), np.zeros(5)) == 1.0
+  # Per image: image 0 dice 2/3, image 1 dice 2/3 -> mean 2/3; empty-truth images are skipped.
+  pi = np.concatenate([p, np.zeros((1, 4), bool)])
+  yi = np.concatenate([y, np.zeros((1, 4), bool)])
+  assert M.mean_dice_per_image(pi, yi) == pytest.approx(2 / 3)
+  assert M.mean_iou_per_image(pi, yi) == pytest.approx(0.5)
+
+
+def _brute_aupro(s, y, max_fpr):
+  from scipy import ndimage
+  regions = []
+  for i in range(s.shape[0]):
+    comp, k = ndimage.label(y[i], structure=np.ones((3, 3)))
+    regions += [(i, comp == c) for c in range(1, k + 1)]
+  fprs, pros = [0.0], [0.0]
+  for t in np.unique(s)[::-1]:
+    pred = s >= t
+    fprs.append((pred & ~y).sum() / (~y).sum())
+    pros.append(np.mean([(pred[i] & r).sum() / r.sum() for i, r in regions]))
+  fprs, pros = np.array(fprs), np.array(pros)
+  grid = np.linspace(0, max_fpr, 200001)
+  return np.trapezoid(np.interp(grid, fprs, pros), grid) / max_fpr
+
+
+def test_aupro_matches_brute_force():
+  rng = np.random.default_rng(3)
+  y = np.zeros((3, 12, 12), bool)
+  y[0, 2:5, 2:6] = True
+  y[0, 8:11, 8:9] = True
+  y[2, 0:3, 9:12] = True
+  s = np.round(rng.normal(size=y.shape) + 1.2 * y, 1)
+  for max_fpr in (0.3, 1.0):
+    assert M.aupro(s, y, max_fpr) == pytest.approx(_brute_aupro(s, y, max_fpr), abs=1e-4)
+  assert M.aupro(y.astype(float), y) == pytest.approx(1.0)
+
+
+def _data(n_subj=12, imgs=3, size=16, seed=0):
+  rng = np.random.default_rng(seed)
+  n = n_subj * imgs
+  y = np.zeros((n, size, size), bool)
+  for i in range(n):
+    a, b = rng.integers(0, size - 4, 2)
+    y[i, a:a + rng.integers(1, 5), b:b + rng.integers(1, 5)] = rng.random() < 0.8
+  s = np.abs(rng.normal(size=y.shape)) * rng.uniform(0.5, 2, (n, 1, 1)) + y * rng.uniform(
+      0.5, 4, (n, 1, 1))
+  subj = np.repeat([f's{k:03d}' for k in range(n_subj)], imgs)
+  return s.astype(np.float32), y, subj
+
+
+def test_binned_agrees_with_exact():
+  s, y, subj = _data()
+  ex = M.bootstrap(s, y, subj, runs=0)
+  bi = M.bootstrap(s, y, subj, runs=0, num_bins=2**16)
+  assert ex['method'] == 'exact' and bi['method'] == 'binned'
+  assert ex['auroc'] == pytest.approx(roc_auc_score(y.ravel(), s.ravel()), abs=1e-6)
+  assert ex['auprc'] == pytest.approx(average_precision_score(y.ravel(), s.ravel()), abs=1e-6)
+  for k in ('auroc', 'auprc'):
+    assert bi[k] == pytest.approx(ex[k], abs=1e-3)
+  for k in ('threshold', 'f1', 'dice', 'iou'):
+    assert bi['operating_point'][k] == pytest.approx(ex['operating_point'][k], abs=1e-3)
+  assert bi['n_sigma'] == ex['n_sigma']  # fixed thresholds are exact counts in both paths
+  assert ex['n_sigma']['dice'] == pytest.approx(M.dice(s > 3.0, y))
+  assert ex['n_sigma']['iou'] == pytest.approx(M.iou(s > 3.0, y))
+  assert ex['n_sigma']['dice_per_image'] == pytest.approx(M.mean_dice_per_image(s > 3.0, y))
+  assert ex['operating_point']['iou'] == pytest.approx(
+      M.iou(s >= ex['operating_point']['threshold'], y))
+  assert ex['num_images'] == len(s) and ex['num_subjects'] == 12
+  assert ex['num_pixels'] == s.size and ex['num_positive_pixels'] == y.sum()
+
+
+def test_accumulator_streaming_padding_and_schema():
+  s, y, subj = _data()
+  acc = M.PixelMetricsAccumulator(2**16, (0.0, float(s.max()) + 1e-3), thresholds=(3.0, 2.0))
+  for a in range(0, len(s), 5):  # uneven batches, padded to 5 with garbage marked invalid
+    sb, yb, jb = s[a:a + 5], y[a:a + 5], subj[a:a + 5]
+    pad = 5 - len(sb)
+    valid = np.r_[np.ones(len(sb), bool), np.zeros(pad, bool)]
+    sb = np.concatenate([sb, np.full((pad,) + sb.shape[1:], 1e9, np.float32)])
+    yb = np.concatenate([yb, np.ones((pad,) + yb.shape[1:], bool)])
+    jb = np.concatenate([jb, ['pad'] * pad])
+    acc.add(sb, yb, jb, valid)
+  out = acc.compute(bootstrap_runs=10, seed=1)
+  ref = M.bootstrap(s, y, subj, runs=10, seed=1, thresholds=(3.0, 2.0), num_bins=2**16,
+                    score_range=(0.0, float(s.max()) + 1e-3))
+  assert out == ref
+  json.dumps(out)  # JSON-serialisable
+  assert set(out) >= {'auroc', 'auroc_std', 'auprc', 'auprc_std', 'operating_point', 'n_sigma',
+                      'num_images', 'num_subjects'}
+  assert set(out['operating_point']) >= {'threshold', 'dice', 'iou', 'dice_std', 'iou_std'}
+  assert set(out['n_sigma']) >= {'n', 'dice', 'iou', 'dice_std', 'iou_std'}
+  assert out['fixed_thresholds'][1]['n'] == 2.0
+  with pytest.raises(ValueError, match='NaN'):
+    acc.add(np.full((1, 4), np.nan), np.zeros((1, 4)), ['x'])
+
+
+def test_bootstrap_seeded_and_positive():
+  s, y, subj = _data()
+  a = M.bootstrap(s, y, subj, runs=20, seed=5)
+  b = M.bootstrap(s, y, subj, runs=20, seed=5)
+  c = M.bootstrap(s, y, subj, runs=20, seed=6)
+  assert a == b and a != c
+  for k in ('auroc_std', 'auprc_std'):
+    assert a[k] > 0
+  assert a['operating_point']['dice_std'] > 0 and a['n_sigma']['dice_std'] > 0
+
+
+def test_bootstrap_one_subject_has_zero_std():
+  s, y, _ = _data()
+  out = M.bootstrap(s, y, np.zeros(len(s), int), runs=20)
+  assert out['num_subjects'] == 1
+  for k in ('auroc_std', 'auprc_std'):
+    assert out[k] == 0.0
+  assert out['operating_point']['dice_std'] == 0.0 and out['n_sigma']['iou_std'] == 0.0
+
+
+def test_bootstrap_resamples_subjects_not_images():
+  # Every subject holds the same varied images: any resample of subjects is a scaled copy of the
+  # data, so all (scale-invariant) metrics are constant; resampling images would vary them.
+  s, y, _ = _data(n_subj=1, imgs=6)
+  k = 8
+  ss, yy = np.tile(s, (k, 1, 1)), np.tile(y, (k, 1, 1))
+  subj = np.repeat(np.arange(k), len(s))
+  for num_bins in (None, 2**12):
+    out = M.bootstrap(ss, yy, subj, runs=20, num_bins=num_bins)
+    for key in ('auroc_std', 'auprc_std'):
+      assert out[key] == pytest.approx(0.0, abs=1e-12)
+    assert out['operating_point']['dice_std'] == pytest.approx(0.0, abs=1e-12)
+    assert out['n_sigma']['dice_std'] == pytest.approx(0.0, abs=1e-12)
+  # The same images, each its own subject: now the bootstrap varies.
+  out = M.bootstrap(ss, yy, np.arange(len(ss)), runs=20)
+  assert out['auroc_std'] > 0

@@ -1,0 +1,70 @@
+"""The ADM U-Net: shapes, dtypes, zero-initialised output, time conditioning, jit."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sano_jax.models.unet import UNet, timestep_embedding, upsample2x, avgpool2x
+
+TINY = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_head_channels=8,
+            dropout=0.1, num_groups=4)
+
+
+def init(model, shape=(2, 16, 16, 3)):
+  return model.init(jax.random.PRNGKey(0), jnp.zeros(shape), jnp.ones(shape[:1]))['params']
+
+
+@pytest.mark.parametrize('updown', [True, False])
+def test_output_shape_and_zero_init(updown):
+  model = UNet(**TINY, resblock_updown=updown)
+  params = init(model)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  out = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t))(params, x, jnp.array([0.1, 0.9]))
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  # Zero-initialised output convolution: the untrained model predicts no noise at all.
+  np.testing.assert_array_equal(out, 0.0)
+  paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  assert any('AttentionBlock' in p for p in paths)  # attention at 8x8 = attn_resolutions
+
+
+def test_depends_on_time_and_input_and_uses_dropout():
+  model = UNet(**TINY)
+  params = init(model)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  f = jax.jit(lambda x, t: model.apply({'params': params}, x, t))
+  a, b = f(x, jnp.array([0.1, 0.1])), f(x, jnp.array([0.9, 0.9]))
+  assert float(jnp.abs(a - b).max()) > 1e-3
+  assert float(jnp.abs(f(x * 0.5, jnp.array([0.1, 0.1])) - a).max()) > 1e-3
+  d1 = model.apply({'params': params}, x, jnp.array([0.1, 0.1]), train=True,
+                   rngs={'dropout': jax.random.PRNGKey(0)})
+  d2 = model.apply({'params': params}, x, jnp.array([0.1, 0.1]), train=True,
+                   rngs={'dropout': jax.random.PRNGKey(1)})
+  assert float(jnp.abs(d1 - d2).max()) > 1e-4
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  params = init(UNet(**TINY))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  bf16 = UNet(**TINY, dtype='bfloat16')
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(init(bf16)))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  t = jnp.array([0.3, 0.6])
+  ref = UNet(**TINY).apply({'params': params}, x, t)
+  out = bf16.apply({'params': params}, x, t)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.abs(ref).max()))
+
+
+def test_helpers_against_numpy():
+  x = np.random.RandomState(0).randn(2, 4, 6, 3).astype(np.float32)
+  np.testing.assert_array_equal(upsample2x(x), x.repeat(2, 1).repeat(2, 2))
+  np.testing.assert_allclose(avgpool2x(x), x.reshape(2, 2, 2, 3, 2, 3).mean((2, 4)), rtol=1e-6)
+  emb = timestep_embedding(jnp.array([0.0, 10.0]), 8)
+  np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0], atol=1e-7)
+  np.testing.assert_allclose(emb[1, 0], np.cos(10.0), rtol=1e-6)
+
+
+def test_bad_image_size_is_a_clear_error():
+  with pytest.raises(ValueError, match='not divisible'):
+    init(UNet(**TINY), shape=(1, 15, 15, 3))
