@@ -344,10 +344,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.num_train_steps:
         loss = float(to_host(metrics['loss']))
         if not math.isfinite(loss):
+          kept = (f'The last good checkpoint (step {last_good}) is kept in {workdir}/checkpoints.'
+                  if last_good is not None else 'No checkpoint was written.')
           raise FloatingPointError(
-              f'non-finite loss ({loss}) at step {step}. The last good checkpoint '
-              f'(step {last_good}) is kept in {workdir}/checkpoints. Lower --config.optim.lr, enable '
-              '--config.optim.grad_clip, or check the data for NaN/inf.')
+              f'non-finite loss ({loss}) at step {step}; stopped without saving. {kept} Lower '
+              '--config.optim.lr, enable --config.optim.grad_clip, or check the data for NaN/inf.')
         if step % t.log_every == 0 or step == t.num_train_steps:
           elapsed = time.perf_counter() - tic
           n = step - last_logged

@@ -1,0 +1,280 @@
+"""``sano_folder``: the user's own images as a dataset of the data contract.
+
+Inputs (``configs/folder.py``: ``--config.data.normal_dir=... --config.data.test_dir=...
+--config.data.mask_dir=... [--config.data.subjects_csv=...]``):
+
+* ``normal_dir``: healthy images (any format Pillow reads: png, jpg, bmp, tif, webp, ...; top
+  level of the folder only). They make ``train`` and ``validation``, split by subject,
+  deterministically (subjects ordered by a hash of their id; about ``validation_fraction`` of
+  the images go to validation, at least one subject each).
+* ``test_dir`` (optional): test images, anomalous or not; ``mask_dir``: one mask per test image with
+  the same file stem, any format and size with the image's aspect ratio (nonzero = anomalous).
+* ``subjects_csv`` (optional): columns ``name,subject``; ``name`` is a file name or stem. Without
+  it (or for files it does not list), the subject is the file stem.
+
+Images are resized (stretched, no crop) to ``image_size`` x ``image_size`` with anti-aliasing
+(Lanczos), masks with nearest neighbour. ``num_channels`` 3 reads RGB (alpha dropped); 1 reads
+grayscale; an image with the other number of channels is an error naming it.
+
+The builder config carries the folders and the size; its name is a fingerprint of them and of the
+listing (names, sizes, modification times) so a changed folder is rebuilt into a new directory:
+``{data_dir}/sano_folder/{size}px_{C}c_{fingerprint}/``.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+from sano_jax.datasets import hide_gpus_from_tf
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.gif', '.webp', '.ppm',
+                    '.pgm')
+
+
+@dataclasses.dataclass(eq=False)
+class FolderConfig(tfds.core.BuilderConfig):
+  normal_dir: str = ''
+  test_dir: str = ''
+  mask_dir: str = ''
+  subjects_csv: str = ''
+  image_size: int = 256
+  num_channels: int = 3
+  validation_fraction: float = 0.2
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+  folder = Path(folder)
+  if not folder.is_dir():
+    raise FileNotFoundError(f'Image folder {folder} does not exist or is not a directory.')
+  return sorted(p for p in folder.iterdir()
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _fingerprint(parts: dict) -> str:
+  listing = {}
+  for key in ('normal_dir', 'test_dir', 'mask_dir'):
+    if parts.get(key):
+      listing[key] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                      for p in list_images(parts[key])]
+  if parts.get('subjects_csv'):
+    st = Path(parts['subjects_csv']).stat()
+    listing['subjects_csv'] = (st.st_size, st.st_mtime_ns)
+  blob = json.dumps([parts, listing], sort_keys=True).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def make_config(*, normal_dir, test_dir=None, mask_dir=None, subjects_csv=None, image_size=256,
+                num_channels=3, validation_fraction=0.2) -> FolderConfig:
+  """A FolderConfig with absolute paths, named by a fingerprint of inputs and listing."""
+  if not normal_dir:
+    raise ValueError('The folder dataset needs config.data.normal_dir (a folder of healthy images).')
+  if test_dir and not mask_dir:
+    raise ValueError('config.data.test_dir is set but config.data.mask_dir is not: every test '
+                     'image needs a mask with the same file stem.')
+  if num_channels not in (1, 3):
+    raise ValueError(f'num_channels must be 1 or 3, got {num_channels}.')
+  parts = dict(
+      normal_dir=os.path.abspath(normal_dir),
+      test_dir=os.path.abspath(test_dir) if test_dir else '',
+      mask_dir=os.path.abspath(mask_dir) if mask_dir else '',
+      subjects_csv=os.path.abspath(subjects_csv) if subjects_csv else '',
+      image_size=int(image_size), num_channels=int(num_channels),
+      validation_fraction=float(validation_fraction))
+  if parts['subjects_csv'] and not Path(parts['subjects_csv']).is_file():
+    raise FileNotFoundError(f'subjects_csv {parts["subjects_csv"]} does not exist.')
+  name = f'{parts["image_size"]}px_{parts["num_channels"]}c_{_fingerprint(parts)}'
+  return FolderConfig(name=name, description='User folders: ' + json.dumps(parts), **parts)
+
+
+def builder_from_config(data, data_dir=None) -> 'SanoFolder':
+  """The builder for ``config.data`` (``normal_dir``, ``test_dir``, ``mask_dir``, ...)."""
+  cfg = make_config(
+      normal_dir=data.get('normal_dir', None), test_dir=data.get('test_dir', None),
+      mask_dir=data.get('mask_dir', None), subjects_csv=data.get('subjects_csv', None),
+      image_size=data.image_size, num_channels=data.num_channels,
+      validation_fraction=data.get('validation_fraction', 0.2))
+  return SanoFolder(config=cfg, data_dir=data_dir)
+
+
+def split_subjects(counts: dict[str, int], holdout_fraction: float) -> tuple[set, set]:
+  """Deterministic subject split: (kept, held_out) with ~holdout_fraction of the images held out.
+
+  Subjects are ordered by sha256 of their id; held-out subjects are taken in that order while the
+  held-out image count stays closest to the target. With >= 2 subjects both parts are nonempty.
+  """
+  order = sorted(counts, key=lambda s: hashlib.sha256(s.encode()).hexdigest())
+  target = holdout_fraction * sum(counts.values())
+  held, total = [], 0
+  for s in order:
+    if total + counts[s] / 2 > target:
+      break
+    held.append(s)
+    total += counts[s]
+  if not held and holdout_fraction > 0 and len(order) >= 2:
+    held = [order[0]]
+  if len(held) == len(order) and len(order) >= 2:
+    held = held[:-1]
+  return set(order) - set(held), set(held)
+
+
+def _open(path: Path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    img = Image.open(io.BytesIO(path.read_bytes()))
+    img.load()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'Cannot decode image file {path}: {e}') from e
+  return img
+
+
+def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+  """uint8 [size, size, channels]; anti-aliased resize; error naming the file on bad input."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  img = _open(path)
+  mode = img.mode
+  if mode in ('RGB', 'RGBA', 'P', 'CMYK', 'YCbCr', 'PA'):
+    have = 3
+  elif mode in ('L', 'LA', '1', 'I', 'I;16', 'I;16B', 'I;16L', 'F'):
+    have = 1
+  else:
+    raise ValueError(f'Image file {path} has unsupported mode {mode!r}.')
+  if have != channels:
+    raise ValueError(f'Image file {path} has {have} channel(s) (mode {mode}) but the dataset '
+                     f'expects {channels} (config.data.num_channels).')
+  if have == 3:
+    img = img.convert('RGB')
+  elif mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
+    arr = np.asarray(img, np.float64)
+    lo, hi = arr.min(), arr.max()
+    img = Image.fromarray(np.uint8(np.round(255 * (arr - lo) / max(hi - lo, 1e-12))))
+  else:
+    img = img.convert('L')
+  if img.size != (size, size):
+    img = img.resize((size, size), Image.LANCZOS, reducing_gap=3.0)
+  arr = np.asarray(img, np.uint8)
+  return arr.reshape(size, size, channels)
+
+
+def load_mask(path: Path, size: int, image_wh: tuple[int, int], image_path: Path) -> np.ndarray:
+  """uint8 {0,1} [size, size, 1]: nonzero = anomalous, nearest-neighbour resize."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  img = _open(path)
+  w, h = img.size
+  iw, ih = image_wh
+  if abs(w / h - iw / ih) > 0.01 * (iw / ih):
+    raise ValueError(f'Mask file {path} is {w}x{h} (aspect {w / h:.3f}) but its image '
+                     f'{image_path} is {iw}x{ih} (aspect {iw / ih:.3f}).')
+  arr = np.asarray(img)
+  if arr.ndim == 3:
+    arr = arr.any(axis=-1) if img.mode not in ('LA', 'RGBA') else arr[..., :-1].any(axis=-1)
+  binary = Image.fromarray(((arr != 0) * 255).astype(np.uint8))
+  binary = binary.resize((size, size), Image.NEAREST)
+  return (np.asarray(binary) > 0).astype(np.uint8)[..., None]
+
+
+def _read_subjects(csv_path: str) -> dict[str, str]:
+  if not csv_path:
+    return {}
+  with open(csv_path, newline='') as f:
+    reader = csv.DictReader(f)
+    cols = set(reader.fieldnames or ())
+    if not {'name', 'subject'} <= cols:
+      raise ValueError(f'subjects_csv {csv_path} needs columns name,subject; it has '
+                       f'{sorted(cols)}.')
+    return {row['name'].strip(): row['subject'].strip() for row in reader}
+
+
+class SanoFolder(tfds.core.GeneratorBasedBuilder):
+  """A folder of healthy images (+ test images and masks) as a dataset of the data contract."""
+
+  name = 'sano_folder'
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = []  # Configs are made per set of folders: see make_config.
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):  # pylint: disable=no-self-argument
+    # tfds 4.9.10 would look this up with the `importlib_resources` backport, which it only
+    # requires on Python < 3.9.
+    return epath.Path(__file__)
+
+  def __init__(self, *, file_format=None, **kwargs):
+    super().__init__(file_format=file_format or 'array_record', **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    size, c = cfg.image_size, cfg.num_channels
+    return self.dataset_info_from_configs(
+        description=__doc__,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(size, size, c)),
+            'mask': tfds.features.Image(shape=(size, size, 1)),
+            'subject': tfds.features.Text(),
+            'name': tfds.features.Text(),
+        }),
+    )
+
+  def _subject_of(self, path: Path, table: dict[str, str]) -> str:
+    return table.get(path.name, table.get(path.stem, path.stem))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    hide_gpus_from_tf()
+    cfg = self.builder_config
+    table = _read_subjects(cfg.subjects_csv)
+    normal = list_images(cfg.normal_dir)
+    if not normal:
+      raise ValueError(f'normal_dir {cfg.normal_dir} holds no images ({IMAGE_EXTENSIONS}).')
+    by_subject: dict[str, list[Path]] = {}
+    for p in normal:
+      by_subject.setdefault(self._subject_of(p, table), []).append(p)
+    if len(by_subject) < 2:
+      raise ValueError(f'normal_dir {cfg.normal_dir} has {len(by_subject)} subject(s); train and '
+                       'validation are split by subject, so at least 2 are needed.')
+    train_s, val_s = split_subjects({s: len(v) for s, v in by_subject.items()},
+                                    cfg.validation_fraction)
+    splits = {
+        'train': [(p, None) for s in sorted(train_s) for p in by_subject[s]],
+        'validation': [(p, None) for s in sorted(val_s) for p in by_subject[s]],
+    }
+    if cfg.test_dir:
+      masks: dict[str, Path] = {}
+      for m in list_images(cfg.mask_dir):
+        if m.stem in masks:
+          raise ValueError(f'Two masks share the stem {m.stem!r} in {cfg.mask_dir}: '
+                           f'{masks[m.stem].name} and {m.name}.')
+        masks[m.stem] = m
+      test = []
+      for p in list_images(cfg.test_dir):
+        if p.stem not in masks:
+          raise FileNotFoundError(f'No mask for test image {p}: expected {cfg.mask_dir}/'
+                                  f'{p.stem}.<png|jpg|...>.')
+        test.append((p, masks[p.stem]))
+      if not test:
+        raise ValueError(f'test_dir {cfg.test_dir} holds no images.')
+      splits['test'] = test
+    logging.info('sano_folder: %s', {k: len(v) for k, v in splits.items()})
+    return {k: self._generate_examples(v, table) for k, v in splits.items()}
+
+  def _generate_examples(self, items, table):
+    cfg = self.builder_config
+    size = cfg.image_size
+    for path, mask_path in items:
+      image = load_image(path, size, cfg.num_channels)
+      if mask_path is None:
+        mask = np.zeros((size, size, 1), np.uint8)
+      else:
+        mask = load_mask(mask_path, size, _open(path).size, path)
+      yield path.name, {'image': image, 'mask': mask, 'subject': self._subject_of(path, table),
+                        'name': path.name}

@@ -1,0 +1,212 @@
+"""The embedded dataset (sano_textures) and the folder builder (sano_folder)."""
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import folder as folder_config
+from sano_jax import input_pipeline as ip
+from sano_jax.datasets import textures
+
+_NAME = re.compile(r'^(\w+?)_(\d+)_y(\d+)_x(\d+)_(anom|ok)$')
+
+
+def _config(name):
+  return next(c for c in textures.SanoTextures.BUILDER_CONFIGS if c.name == name)
+
+
+def _build(data_dir, name='brick_16'):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(f'sano_textures/{name}', data_dir=str(data_dir))
+  builder.download_and_prepare()
+  return builder, {s: builder.as_data_source(split=s) for s in ('train', 'validation', 'test')}
+
+
+def _decode(s):
+  return s.decode() if isinstance(s, bytes) else str(s)
+
+
+@pytest.fixture(scope='module')
+def brick16(tmp_path_factory):
+  return _build(tmp_path_factory.mktemp('tex_a'))
+
+
+def test_textures_registered_configs():
+  names = {c.name for c in textures.SanoTextures.BUILDER_CONFIGS}
+  assert {f'{t}_{s}' for t in ('brick', 'grass', 'gravel', 'retina') for s in (16, 32, 64)} == names
+  assert _config('brick_32').scale == 0.5
+
+
+def test_textures_build_splits_and_masks(brick16):
+  builder, sources = brick16
+  sizes = {s: len(v) for s, v in sources.items()}
+  assert 2000 <= sizes['train'] <= 4000 and 200 <= sizes['validation'] <= 500
+  assert sizes['test'] == 300
+  assert builder.info.features['image'].shape == (16, 16, 1)
+  cfg = _config('brick_16')
+  tex = textures.load_texture(cfg.texture, cfg.scale)
+  width = tex.shape[1]
+  subjects = {}
+  for split, src in sources.items():
+    lo, hi = (int(round(f * width)) for f in textures.BANDS[split])
+    subjects[split] = set()
+    num_anom = 0
+    for i in range(len(src)):
+      ex = src[i]
+      m = _NAME.match(_decode(ex['name']))
+      assert m and m.group(1) == split
+      y, x = int(m.group(3)), int(m.group(4))
+      assert lo <= x and x + 16 <= hi  # crops stay inside their (disjoint) band
+      subjects[split].add(_decode(ex['subject']))
+      base = tex[y:y + 16, x:x + 16]
+      mask = ex['mask'][..., 0].astype(bool)
+      changed = (ex['image'] != base).any(-1)
+      assert not (changed & ~mask).any()  # every changed pixel lies in the mask
+      if m.group(5) == 'anom':
+        num_anom += 1
+        assert mask.sum() >= 9 and changed.sum() > 0.5 * mask.sum()  # pasted region == mask
+      else:
+        assert not mask.any() and not changed.any()
+    if split == 'test':
+      assert 200 <= num_anom < len(src)  # mostly anomalous, some healthy
+    else:
+      assert num_anom == 0
+  assert not subjects['train'] & subjects['validation']
+  assert len(subjects['train']) >= 20 and len(subjects['test']) >= 10
+  assert len(src) / len(subjects['test']) >= 2  # several crops per subject
+
+
+def test_textures_deterministic(brick16, tmp_path):
+  _, a = brick16
+  _, b = _build(tmp_path)
+  for split in a:
+    assert len(a[split]) == len(b[split])
+    for i in range(0, len(a[split]), 7):
+      ea, eb = a[split][i], b[split][i]
+      np.testing.assert_array_equal(ea['image'], eb['image'])
+      np.testing.assert_array_equal(ea['mask'], eb['mask'])
+      assert ea['name'] == eb['name'] and ea['subject'] == eb['subject']
+
+
+def test_textures_anomalies_are_not_intensity_blobs():
+  """|x - mean| localizes the pasted content poorly (pixel AUROC well below 0.95)."""
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  cfg = _config('brick_32')
+  train = textures.make_split(cfg, 'train')
+  test = textures.make_split(cfg, 'test')
+  mean = np.mean([e['image'].mean() for e in train])
+  scores = np.stack([np.abs(e['image'].astype(float) - mean).mean(-1) for e in test])
+  labels = np.stack([e['mask'][..., 0] for e in test])
+  assert 0.0 < labels.mean() < 0.2
+  assert roc_auc_score(labels.ravel(), scores.ravel()) < 0.8
+
+
+def test_retina_is_rgb():
+  cfg = _config('retina_16')
+  test = textures.make_split(cfg, 'test')
+  assert test[0]['image'].shape == (16, 16, 3)
+  anom = [e for e in test if e['name'].endswith('anom')]
+  assert anom and all(e['mask'].any() for e in anom)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder builder.
+
+
+def _img(path, size=(24, 18), mode='RGB', value=None, rng=np.random.default_rng(0)):
+  w, h = size
+  c = 3 if mode == 'RGB' else 1
+  arr = rng.integers(90, 160, (h, w, c), dtype=np.uint8) if value is None else np.full(
+      (h, w, c), value, np.uint8)
+  Image.fromarray(arr if c == 3 else arr[..., 0], mode).save(path)
+  return arr
+
+
+def _make_folders(root, *, n_subjects=5, per_subject=2):
+  normal, test, masks = root / 'normal', root / 'test', root / 'masks'
+  for d in (normal, test, masks):
+    d.mkdir()
+  rows = ['name,subject']
+  for s in range(n_subjects):
+    for k in range(per_subject):
+      name = f'img_{s}_{k}.png' if k % 2 else f'img_{s}_{k}.jpg'
+      _img(normal / name)
+      rows.append(f'{name},patient{s}')
+  (root / 'subjects.csv').write_text('\n'.join(rows) + '\n')
+  for t in range(3):
+    arr = _img(test / f't{t}.png', value=100)
+    mask = np.zeros((36, 48), np.uint8)  # twice the image size: same aspect ratio
+    mask[10:20, 12:30] = 255
+    Image.fromarray(mask).save(masks / f't{t}.bmp')
+    del arr
+  return normal, test, masks
+
+
+def _folder_cfg(root, normal, test, masks, size=16, csv=True):
+  cfg = folder_config.get_config(str(size))
+  cfg.data.data_dir = str(root / 'tfds')
+  cfg.data.normal_dir = str(normal)
+  cfg.data.test_dir = str(test)
+  cfg.data.mask_dir = str(masks)
+  if csv:
+    cfg.data.subjects_csv = str(root / 'subjects.csv')
+  return cfg
+
+
+def test_folder_builds(tmp_path):
+  normal, test, masks = _make_folders(tmp_path)
+  cfg = _folder_cfg(tmp_path, normal, test, masks)
+  train, val, tst = (ip.get_source(cfg, s) for s in ('train', 'validation', 'test'))
+  assert len(train) + len(val) == 10 and len(val) >= 2 and len(tst) == 3
+  ts = {train[i]['subject'] for i in range(len(train))}
+  vs = {val[i]['subject'] for i in range(len(val))}
+  assert ts and vs and not ts & vs and ts | vs == {f'patient{s}' for s in range(5)}
+  ex = tst[0]
+  assert ex['image'].shape == (16, 16, 3) and ex['mask'].shape == (16, 16, 1)
+  expected = np.zeros((16, 16), np.uint8)
+  # Mask rows 10:20 of 36 and columns 12:30 of 48 -> nearest neighbour at 16 px.
+  ys = (np.arange(16) + 0.5) * 36 / 16
+  xs = (np.arange(16) + 0.5) * 48 / 16
+  expected[np.ix_((ys >= 10) & (ys < 20), (xs >= 12) & (xs < 30))] = 1
+  np.testing.assert_array_equal(ex['mask'][..., 0], expected)
+  assert not train[0]['mask'].any()
+  # Same folders -> same prepared dataset; a second call does not rebuild.
+  assert len(ip.get_source(cfg, 'train')) == len(train)
+
+
+def test_folder_subject_is_stem_without_csv(tmp_path):
+  normal, test, masks = _make_folders(tmp_path, n_subjects=3)
+  cfg = _folder_cfg(tmp_path, normal, test, masks, csv=False)
+  train, val = ip.get_source(cfg, 'train'), ip.get_source(cfg, 'validation')
+  names = [s[i]['name'] for s in (train, val) for i in range(len(s))]
+  subjects = [s[i]['subject'] for s in (train, val) for i in range(len(s))]
+  assert [n.rsplit('.', 1)[0] for n in names] == subjects
+
+
+def test_folder_unreadable_image(tmp_path):
+  normal, test, masks = _make_folders(tmp_path)
+  (normal / 'broken.png').write_bytes(b'this is not a png')
+  with pytest.raises(ValueError, match='broken.png'):
+    ip.get_source(_folder_cfg(tmp_path, normal, test, masks), 'train')
+
+
+def test_folder_missing_mask(tmp_path):
+  normal, test, masks = _make_folders(tmp_path)
+  _img(test / 'lonely.png')
+  with pytest.raises(FileNotFoundError, match='lonely.png'):
+    ip.get_source(_folder_cfg(tmp_path, normal, test, masks), 'test')
+
+
+def test_folder_mismatched_channels(tmp_path):
+  normal, test, masks = _make_folders(tmp_path)
+  _img(normal / 'gray_one.png', mode='L')
+  with pytest.raises(ValueError, match=r'gray_one.png has 1 channel'):
+    ip.get_source(_folder_cfg(tmp_path, normal, test, masks), 'train')
+
+
+def test_folder_needs_normal_dir(tmp_path):
+  cfg = folder_config.get_config()
+  cfg.data.data_dir = str(tmp_path)
+  with pytest.raises(ValueError, match='normal_dir'):
+    ip.get_source(cfg, 'train')

@@ -1,0 +1,195 @@
+"""input_pipeline: multi-process sharding, resumption, eval coverage, dtypes, errors."""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from configs import tiny
+from sano_jax import input_pipeline as ip
+
+
+class ListSource:
+  """In-memory source of the data contract: example i has all pixels == i % 256."""
+
+  def __init__(self, n, size=4, channels=1):
+    self.n, self.size, self.channels = n, size, channels
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    i = int(i)
+    assert 0 <= i < self.n
+    return {'image': np.full((self.size, self.size, self.channels), i % 256, np.uint8),
+            'mask': np.full((self.size, self.size, 1), i % 2, np.uint8),
+            'subject': f's{i // 3}', 'name': f'ex{i}'}
+
+
+def _ids(images):
+  """Recovers example ids from images in [-1, 1] (pixel value == id)."""
+  flat = images.reshape(-1, *images.shape[2:]).astype(np.float32)
+  return np.round((flat[:, 0, 0, 0] + 1) * 127.5).astype(int)
+
+
+def _take(it, k):
+  return [next(it) for _ in range(k)]
+
+
+def test_train_shards_form_the_global_batch():
+  src = ListSource(50)
+  kw = dict(global_batch_size=8, seed=3, num_local_devices=2)
+  one = _take(ip.train_iterator(src, **kw), 15)  # > 1 epoch (6 batches per epoch)
+  p0 = _take(ip.train_iterator(src, process_index=0, process_count=2, **kw), 15)
+  p1 = _take(ip.train_iterator(src, process_index=1, process_count=2, **kw), 15)
+  for b, b0, b1 in zip(one, p0, p1):
+    assert b['image'].shape == (2, 4, 4, 4, 1)
+    assert b0['image'].shape == b1['image'].shape == (2, 2, 4, 4, 1)
+    g, s0, s1 = _ids(b['image']), _ids(b0['image']), _ids(b1['image'])
+    assert not set(s0) & set(s1)
+    np.testing.assert_array_equal(np.concatenate([s0, s1]), g)
+  # Within an epoch every example appears at most once; the remainder (50 % 8) is dropped.
+  epoch0 = np.concatenate([_ids(b['image']) for b in one[:6]])
+  assert len(set(epoch0)) == 48
+  epoch1 = np.concatenate([_ids(b['image']) for b in one[6:12]])
+  assert not np.array_equal(epoch0, epoch1)  # reshuffled each epoch
+
+
+def test_train_start_step_equals_skipping():
+  src = ListSource(40)
+  kw = dict(global_batch_size=8, seed=1, num_local_devices=1)
+  full = _take(ip.train_iterator(src, **kw), 12)
+  for k in (1, 5, 7):
+    resumed = _take(ip.train_iterator(src, start_step=k, **kw), 12 - k)
+    for a, b in zip(full[k:], resumed):
+      np.testing.assert_array_equal(a['image'], b['image'])
+
+
+def test_train_start_step_reads_no_earlier_batch():
+  class Recording(ListSource):
+    def __init__(self, n):
+      super().__init__(n)
+      self.read = []
+
+    def __getitem__(self, i):
+      self.read.append(int(i))
+      return super().__getitem__(i)
+
+  src = Recording(16)
+  it = ip.train_iterator(src, global_batch_size=4, seed=0, start_step=1000, num_local_devices=1)
+  batch = next(it)
+  expected = ip.epoch_permutation(16, 0, 1000 // 4)[0:4]
+  np.testing.assert_array_equal(_ids(batch['image']), expected)
+
+
+def test_train_seed_and_dtype():
+  src = ListSource(30)
+  a = next(ip.train_iterator(src, global_batch_size=6, seed=0, num_local_devices=1))
+  b = next(ip.train_iterator(src, global_batch_size=6, seed=1, num_local_devices=1))
+  assert not np.array_equal(a['image'], b['image'])
+  c = next(ip.train_iterator(src, global_batch_size=6, seed=0, num_local_devices=3,
+                             dtype=ml_dtypes.bfloat16))
+  assert c['image'].dtype == ml_dtypes.bfloat16 and c['image'].shape[:2] == (3, 2)
+  full = ListSource(256)
+  x = next(ip.train_iterator(full, global_batch_size=256, seed=0, num_local_devices=1))['image']
+  assert x.dtype == np.float32 and x.min() == -1.0 and x.max() == 1.0
+
+
+@pytest.mark.parametrize('gbs,ndev,pc,match', [
+    (6, 4, 1, 'not divisible'), (8, 2, 3, 'not divisible'), (64, 1, 1, 'exceeds the split'),
+])
+def test_train_errors(gbs, ndev, pc, match):
+  with pytest.raises(ValueError, match=match):
+    ip.train_iterator(ListSource(20), global_batch_size=gbs, seed=0, num_local_devices=ndev,
+                      process_count=pc)
+
+
+@pytest.mark.parametrize('n', [1, 23, 32, 37])
+def test_eval_covers_each_example_once(n):
+  src = ListSource(n)
+  seen = []
+  counts = []
+  for p in range(2):
+    batches = list(ip.eval_iterator(src, global_batch_size=8, num_local_devices=2,
+                                    process_index=p, process_count=2))
+    counts.append(len(batches))
+    for b in batches:
+      assert b['image'].shape == (2, 2, 4, 4, 1) and b['mask'].shape == (2, 2, 4, 4, 1)
+      assert b['valid'].dtype == bool and b['index'].dtype == np.int64
+      assert b['subject'].dtype.kind == 'U' and b['name'].shape == (2, 2)
+      v = b['valid']
+      idx = b['index'][v]
+      seen.extend(idx.tolist())
+      np.testing.assert_array_equal(_ids(b['image'])[v.reshape(-1)], idx % 256)
+      assert (b['index'][~v] == -1).all() and (b['image'][~v] == 0).all()
+      assert (b['mask'][~v] == 0).all() and (b['name'][~v] == '').all()
+      assert [f'ex{i}' for i in idx] == b['name'][v].tolist()
+      np.testing.assert_array_equal(b['mask'][v][:, 0, 0, 0], idx % 2)
+  assert counts[0] == counts[1] == -(-n // 8)  # same number of batches on every process
+  assert sorted(seen) == list(range(n))
+
+
+def test_eval_order_matches_single_process():
+  src = ListSource(21)
+  single = list(ip.eval_iterator(src, global_batch_size=4, num_local_devices=1))
+  order = np.concatenate([b['index'].ravel() for b in single])
+  assert order[order >= 0].tolist() == list(range(21))
+
+
+def test_worker_processes_give_the_same_batches():
+  src = ListSource(24)
+  kw = dict(global_batch_size=4, seed=0, num_local_devices=1)
+  a = _take(ip.train_iterator(src, **kw), 4)
+  it = ip.train_iterator(src, worker_count=2, **kw)
+  b = _take(it, 4)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['image'], y['image'])
+  if hasattr(it, 'close'):
+    it.close()
+
+
+@pytest.fixture(scope='module')
+def brick16(tmp_path_factory):
+  config = tiny.get_config()  # sano_textures/brick at 16 px, C=1
+  config.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
+  return config
+
+
+def test_get_source_builds_and_reads(brick16):
+  train = ip.get_source(brick16, 'train')
+  test = ip.get_source(brick16, 'test')
+  assert len(train) > 1000 and 200 <= len(test) <= 400
+  ex = test[0]
+  assert ex['image'].shape == (16, 16, 1) and ex['image'].dtype == np.uint8
+  assert ex['mask'].shape == (16, 16, 1) and isinstance(ex['subject'], str)
+  batch = next(ip.train_iterator(train, global_batch_size=8, seed=0, num_local_devices=1))
+  assert batch['image'].shape == (1, 8, 16, 16, 1)
+  total = sum(int(b['valid'].sum()) for b in ip.eval_iterator(
+      test, global_batch_size=64, num_local_devices=1))
+  assert total == len(test)
+
+
+def test_get_source_validates(brick16):
+  cfg = brick16.copy_and_resolve_references()
+  cfg.data.num_channels = 3
+  with pytest.raises(ValueError, match='num_channels'):
+    ip.get_source(cfg, 'train')
+  cfg = brick16.copy_and_resolve_references()
+  cfg.data.dataset = 'sano_textures/brick_16'
+  cfg.data.image_size = 32
+  with pytest.raises(ValueError, match='image_size'):
+    ip.get_source(cfg, 'train')
+  cfg = brick16.copy_and_resolve_references()
+  with pytest.raises(ValueError, match='no split'):
+    ip.get_source(cfg, 'test_healthy')
+  cfg.data.dataset = 'no_such_dataset_xyz'
+  with pytest.raises(ValueError, match='not a known TFDS dataset'):
+    ip.get_source(cfg, 'train')
+
+
+def test_hands11k_needs_manual_dir(tmp_path):
+  cfg = tiny.get_config()
+  cfg.data.dataset = 'hands11k'
+  cfg.data.image_size = 16
+  cfg.data.num_channels = 3
+  cfg.data.data_dir = str(tmp_path)
+  with pytest.raises(ValueError, match='manual_dir'):
+    ip.get_source(cfg, 'train')
