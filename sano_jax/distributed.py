@@ -17,7 +17,7 @@ def maybe_initialize(flag: bool = False) -> bool:
     kwargs = dict(coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
                   num_processes=int(os.environ['JAX_NUM_PROCESSES']),
                   process_id=int(os.environ['JAX_PROCESS_ID']))
-  if jax.config.jax_platforms in (None, '', 'cpu') and os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Cross-process collectives for CPU devices (harmless where accelerators do the work).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**kwargs)
   return True
