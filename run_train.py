@@ -1,9 +1,8 @@
 r"""Train the SANO score model.
 
   python run_train.py --config=configs/demo.py --workdir=workdirs/demo [--config.training.batch_size=8]
-  python run_train.py --config=configs/default.py --workdir=gs://bucket/run --distributed
+  python run_train.py --config=configs/default.py --workdir=/data/runs/hands --distributed
 """
-import logging as logging_std
 
 from absl import app
 from absl import flags
@@ -18,17 +17,11 @@ flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
 
-class _QuietOrbax(logging_std.Filter):
-  """Orbax logs every save step by step at INFO: keep its warnings, drop its chatter."""
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  from sano_jax import cli
+  cli.setup_logging()
   from sano_jax import distributed
   distributed.maybe_initialize(FLAGS.distributed)
   from sano_jax import train
