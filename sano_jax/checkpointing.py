@@ -79,6 +79,29 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def model_signature(config) -> dict:
+  """The config fields a checkpoint's shapes depend on."""
+  m = config.model
+  return {'image_size': config.data.image_size, 'num_channels': config.data.num_channels,
+          'nf': m.nf, 'ch_mult': list(m.ch_mult), 'num_res_blocks': m.num_res_blocks,
+          'attn_resolutions': list(m.attn_resolutions), 'num_head_channels': m.num_head_channels,
+          'resblock_updown': m.resblock_updown, 'scale_shift_norm': m.scale_shift_norm,
+          'num_groups': m.num_groups}
+
+
+def check_same_model(config, workdir: str) -> None:
+  """A clear error when `workdir` holds a run of another model than `config` describes."""
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    return
+  old = model_signature(load_config(workdir))
+  new = model_signature(config)
+  diff = {k: (old[k], new[k]) for k in new if json.dumps(old.get(k)) != json.dumps(new[k])}
+  if diff:
+    detail = ', '.join(f'{k}: checkpoint {a} vs config {b}' for k, (a, b) in diff.items())
+    raise ValueError(f'workdir {workdir!r} holds a checkpoint of a different model ({detail}). '
+                     'Use a fresh --workdir, or the config that trained it.')
+
+
 def restore_for_inference(workdir: str, *, best: bool = True, ema: bool | None = None):
   """(config, model, params) of a trained run: the best-by-validation (else latest) EMA params."""
   from sano_jax import models

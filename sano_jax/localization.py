@@ -433,7 +433,9 @@ def _rule_from_config(lc) -> str:
 
 
 def load_localizer(workdir: str) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-  """A jitted images -> (z_map, mask) with the best (EMA) params and WORKDIR/score_stats.npz bound.
+  """images -> (z_map, mask), jitted, with the best (EMA) params and WORKDIR/score_stats.npz bound.
+
+  Concrete inputs are checked on the host first (check_images); under an outer jit/vmap it traces.
 
   Uses config.localize.{t, n_sigma, smoothing_sigma, stats, two_sided, target_fpr}.
   """
@@ -447,8 +449,15 @@ def load_localizer(workdir: str) -> Callable[[jax.Array], tuple[jax.Array, jax.A
                             '(or fit_score_stats + save_stats)')
   stats = load_stats(path)
   sde = sde_lib.from_config(config)
-  score_fn = score.make_score_fn(model, params, sde, lc.t)
-  fn = functools.partial(localize, score_fn, stats=stats, n_sigma=float(lc.n_sigma),
-                         smoothing_sigma=float(lc.smoothing_sigma), rule=_rule_from_config(lc),
-                         target_fpr=float(lc.get('target_fpr', 1e-3)))
-  return jax.jit(fn)
+
+  @jax.jit
+  def localize_with(params, stats, images):
+    # params and stats are arguments, not constants baked into the compiled program.
+    return localize(score.make_score_fn(model, params, sde, lc.t), images, stats,
+                    n_sigma=float(lc.n_sigma), smoothing_sigma=float(lc.smoothing_sigma),
+                    rule=_rule_from_config(lc), target_fpr=float(lc.get('target_fpr', 1e-3)))
+  def localizer(images):
+    if not isinstance(images, jax.core.Tracer):
+      check_images(images)  # NaN/inf or out-of-range values: a clear error, not a silent NaN map
+    return localize_with(params, stats, images)
+  return localizer

@@ -165,16 +165,6 @@ def to_host(tree):
 # The run.
 
 
-def _model_signature(config) -> dict:
-  """The config fields a checkpoint's shapes depend on."""
-  m = config.model
-  return {'image_size': config.data.image_size, 'num_channels': config.data.num_channels,
-          'nf': m.nf, 'ch_mult': list(m.ch_mult), 'num_res_blocks': m.num_res_blocks,
-          'attn_resolutions': list(m.attn_resolutions), 'num_head_channels': m.num_head_channels,
-          'resblock_updown': m.resblock_updown, 'scale_shift_norm': m.scale_shift_norm,
-          'num_groups': m.num_groups}
-
-
 def check_config(config, num_devices: int) -> None:
   """Clear errors for configs that cannot run."""
   t = config.training
@@ -190,23 +180,13 @@ def check_config(config, num_devices: int) -> None:
                        f'training.steps_per_call={k}')
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"model.dtype={config.model.dtype!r}: use 'float32' or 'bfloat16'")
+  if config.eval.batch_size % num_devices:
+    raise ValueError(f'eval.batch_size={config.eval.batch_size} is not divisible by the {num_devices} '
+                     'devices; use a multiple.')
   levels = len(config.model.ch_mult) - 1
   if config.data.image_size % (2 ** levels):
     raise ValueError(f'data.image_size={config.data.image_size} is not divisible by 2^{levels} '
                      f'(model.ch_mult has {levels + 1} levels)')
-
-
-def _check_workdir_compatible(config, workdir: str) -> None:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return
-  old = _model_signature(checkpointing.load_config(workdir))
-  new = _model_signature(config)
-  diff = {k: (old[k], new[k]) for k in new if json.dumps(old.get(k)) != json.dumps(new[k])}
-  if diff:
-    detail = ', '.join(f'{k}: checkpoint {a} vs config {b}' for k, (a, b) in diff.items())
-    raise ValueError(f'workdir {workdir!r} holds a checkpoint of a different model ({detail}). '
-                     'Use a fresh --workdir, or the config that trained it.')
 
 
 class MetricsLog:
@@ -288,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   num_devices = jax.device_count()
   check_config(config, num_devices)
   is_chief = jax.process_index() == 0
-  _check_workdir_compatible(config, workdir)
+  checkpointing.check_same_model(config, workdir)
   if is_chief:
     checkpointing.save_config(config, workdir)
 

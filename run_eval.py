@@ -1,0 +1,45 @@
+r"""Evaluate the best checkpoint of a SANO run: calibrate, score the test split, metrics and figures.
+
+  python run_eval.py --workdir=workdirs/demo            # the run's own config.json
+  python run_eval.py --config=configs/demo.py --workdir=workdirs/demo [--config.eval.bootstrap_runs=10]
+
+Writes WORKDIR/score_stats.npz, WORKDIR/eval/metrics.json and WORKDIR/eval/figures/*.png.
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+flags.DEFINE_string('workdir', None, 'Run directory holding config.json and the checkpoints.')
+config_flags.DEFINE_config_file('config', None, 'Evaluation configuration file (default: the '
+                                "run's WORKDIR/config.json).", lock_config=True)
+flags.mark_flags_as_required(['workdir'])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from sano_jax import cli
+  cli.setup_logging()
+  from sano_jax import evaluate
+  config = FLAGS.config  # None: evaluate() reads WORKDIR/config.json
+  if config is not None:
+    logging.info('config:\n%s', config)
+  try:
+    out = evaluate.evaluate(config, FLAGS.workdir)
+  except FileNotFoundError as e:  # no run / no checkpoint: a message, not a traceback
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  fmt = lambda v: 'n/a' if v is None else f'{v:.4f}'
+  print(f"AUROC {fmt(out['auroc'])}  AUPRC {fmt(out['auprc'])}  "
+        f"Dice@OP {fmt(out['operating_point']['dice'])}  "
+        f"Dice@{out['n_sigma']['n']:g}sigma {fmt(out['n_sigma']['dice'])}  "
+        f"baseline AUROC {fmt((out['baseline'] or {}).get('auroc'))}  -> "
+        f"{FLAGS.workdir}/eval/metrics.json")
+
+
+if __name__ == '__main__':
+  app.run(main)

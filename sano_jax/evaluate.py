@@ -1,0 +1,431 @@
+"""The evaluation run (SANO §3.3, Table 1, Fig. 1): calibrate, score the test split, report.
+
+`evaluate(config, workdir)`:
+  1. restores the best checkpoint of WORKDIR (EMA params if config.localize.use_ema);
+  2. fits the healthy `ScoreStats` on the validation split (streaming, jitted batches, padding masked
+     by 'valid') and writes WORKDIR/score_stats.npz, so that `load_localizer(workdir)` works after;
+  3. scores the test split in jitted batches (data-parallel over the local devices: the batch is
+     sharded over a 1-D mesh and jit partitions the forward pass) into z-maps, and streams them into
+     a `PixelMetricsAccumulator` (exact while the test set has at most config.eval.exact_max_pixels
+     pixels; above, a first `StreamingRange` pass fixes the histogram range and a second pass fills
+     the per-subject histograms, so memory stays bounded);
+  4. scores a trivial baseline on the same pass: G_sigma * mean_c |x - mean training intensity|;
+  5. writes WORKDIR/eval/metrics.json and Fig. 1-style grids in WORKDIR/eval/figures/.
+
+Evaluation runs in one process (any number of local devices); multi-host evaluation is not supported.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Iterator
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sano_jax import checkpointing
+from sano_jax import localization
+from sano_jax import metrics as metrics_lib
+from sano_jax import score as score_lib
+from sano_jax import sde as sde_lib
+
+STATS_FILE = 'score_stats.npz'
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up.
+
+
+def _check_workdir(workdir: str) -> None:
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'workdir {workdir!r} does not exist: train first with '
+                            f'run_train.py --config=... --workdir={workdir}')
+  has_ckpt = any(os.path.isdir(os.path.join(workdir, d)) and os.listdir(os.path.join(workdir, d))
+                 for d in ('best', 'checkpoints'))
+  if not has_ckpt:
+    raise FileNotFoundError(f'no checkpoint in {workdir!r} (best/ and checkpoints/ are missing or '
+                            f'empty): train first with run_train.py --config=... --workdir={workdir}')
+
+
+def _mesh_for(batch_size: int):
+  """A 1-D mesh over as many local devices as divide the eval batch size."""
+  from sano_jax import train
+  devices = jax.local_devices()
+  n = len(devices)
+  while batch_size % n:
+    n -= 1
+  return train.make_mesh(devices[:n])
+
+
+def _batches(source, config, mesh) -> Iterator[dict]:
+  from sano_jax import input_pipeline
+  return input_pipeline.eval_iterator(source, global_batch_size=int(config.eval.batch_size),
+                                      num_local_devices=mesh.devices.size, dtype=np.float32)
+
+
+def _unit_images(batch) -> np.ndarray:
+  """eval_iterator's [-1, 1] images [ndev, b, H, W, C] -> [0, 1] images [ndev, b, H, W, C]."""
+  return np.clip((batch['image'] + np.float32(1.0)) * np.float32(0.5), 0.0, 1.0)
+
+
+def _flat(x) -> np.ndarray:
+  x = np.asarray(x)
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def _progress(iterable, total: int, desc: str):
+  import tqdm
+  return tqdm.tqdm(iterable, total=total, desc=desc, unit='batch', dynamic_ncols=True,
+                   mininterval=1.0, disable=jax.process_index() != 0)
+
+
+def _num_batches(source, config) -> int:
+  return -(-len(source) // int(config.eval.batch_size))
+
+
+def _json_safe(x):
+  """NaN/inf -> None (strict JSON), numpy scalars -> Python."""
+  if isinstance(x, dict):
+    return {str(k): _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: the healthy score statistics.
+
+
+def fit_stats(model, params, sde, config, source, mesh) -> localization.ScoreStats:
+  """Streams the healthy `source` through a jitted, batch-sharded update of `ScoreStats`."""
+  from sano_jax import train
+  lc = config.localize
+  if len(source) == 0:
+    raise ValueError('cannot fit the score statistics: the healthy validation split '
+                     f'({config.data.validation_split!r} of {config.data.dataset!r}) is empty')
+
+  @jax.jit
+  def step(stats, params, images, valid):
+    score_fn = score_lib.make_score_fn(model, params, sde, float(lc.t))
+    return localization.make_stats_step(score_fn, float(lc.smoothing_sigma))(stats, images, valid)
+
+  h = w = int(config.data.image_size)
+  stats = localization.init_stats((h, w, int(config.data.num_channels)),
+                                  smoothing_sigma=float(lc.smoothing_sigma))
+  stats = train.replicate(stats, mesh)
+  params = train.replicate(params, mesh)
+  for batch in _progress(_batches(source, config, mesh), _num_batches(source, config),
+                         'score stats (validation)'):
+    arrays = train.shard_batch({'image': _unit_images(batch), 'valid': batch['valid']}, mesh)
+    stats = step(stats, params, arrays['image'], arrays['valid'])
+  stats = jax.device_get(stats)
+  try:
+    stats = localization.finalize(stats)
+  except ValueError as e:
+    raise ValueError(f'cannot fit the score statistics on the validation split: {e}') from e
+  std = float(stats.std)
+  if not (math.isfinite(std) and std > 0):
+    raise ValueError(f'the healthy score std is {std}: the model predicts no noise (untrained?) '
+                     'or produced NaN; cannot normalise the anomaly maps')
+  return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The trivial baseline.
+
+
+def mean_intensity(config, source, mesh) -> np.ndarray:
+  """Per-channel mean intensity in [0, 1] of the (healthy) training split, streaming on the host."""
+  total = np.zeros((int(config.data.num_channels),), np.float64)
+  count = 0
+  for batch in _progress(_batches(source, config, mesh), _num_batches(source, config),
+                         'baseline mean (train)'):
+    x = _flat(_unit_images(batch))[_flat(batch['valid'])]
+    total += x.reshape(-1, x.shape[-1]).sum(axis=0, dtype=np.float64)
+    count += x.shape[0] * x.shape[1] * x.shape[2]
+  if count == 0:
+    raise ValueError('the training split is empty: cannot compute the baseline mean intensity')
+  return total / count
+
+
+def baseline_map(images, mean, smoothing_sigma: float):
+  """G_sigma * mean_c |x - mean| for images [B, H, W, C] in [0, 1] (the trivial baseline)."""
+  a = jnp.mean(jnp.abs(images - mean), axis=-1)
+  return localization.gaussian_filter2d(a, smoothing_sigma)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures.
+
+
+class _FigureSet:
+  """Keeps the `k` test images with the most anomalous pixels, and the first healthy one."""
+
+  def __init__(self, k: int):
+    self.k = k
+    self.top: list[tuple] = []
+    self.healthy: tuple | None = None
+
+  def add(self, images, masks, zmaps, names, indices, valid):
+    if self.k <= 0:
+      return
+    for i in np.flatnonzero(valid):
+      npos = int(masks[i].sum())
+      item = (npos, -int(indices[i]), str(names[i]), images[i].copy(), masks[i].copy(),
+              zmaps[i].copy())
+      if npos == 0:
+        if self.healthy is None:
+          self.healthy = item
+        continue
+      self.top.append(item)
+    self.top.sort(key=lambda t: (t[0], t[1]), reverse=True)
+    del self.top[self.k:]
+
+  def items(self) -> list[tuple]:
+    items = list(self.top)
+    if self.healthy is not None:
+      if len(items) >= self.k and items:
+        items = items[:max(self.k - 1, 1)]
+      items.append(self.healthy)
+    return items
+
+
+def write_figures(fig_set: _FigureSet, out_dir: str, *, op_threshold: float, n_sigma_threshold: float,
+                  n_sigma: float, rows_per_page: int = 8) -> list[str]:
+  """Fig. 1-style grids: image | ground truth | heatmap | mask at OP | mask at N sigma."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  items = fig_set.items()
+  if not items:
+    return []
+  os.makedirs(out_dir, exist_ok=True)
+  vmax = max(float(np.percentile(np.concatenate([it[5].ravel() for it in items]), 99.5)),
+             1.5 * n_sigma_threshold, 1.2 * op_threshold, 1e-6)
+  cols = ('image', 'ground truth', 'z-map (healthy std)', f'mask at OP (z >= {op_threshold:.2f})',
+          f'mask at N={n_sigma:g} sigma')
+  paths = []
+  for page, start in enumerate(range(0, len(items), rows_per_page)):
+    rows = items[start:start + rows_per_page]
+    fig, axes = plt.subplots(len(rows), 5, figsize=(12.5, 2.6 * len(rows) + 0.4), squeeze=False)
+    for r, (npos, _, name, image, mask, z) in enumerate(rows):
+      img = image[..., 0] if image.shape[-1] == 1 else image
+      truth = mask > 0
+      m_op = z >= op_threshold
+      m_n = z > n_sigma_threshold
+      panels = [(img, dict(cmap='gray', vmin=0, vmax=1)),
+                (truth, dict(cmap='gray', vmin=0, vmax=1)),
+                (z, dict(cmap='inferno', vmin=0, vmax=vmax)),
+                (m_op, dict(cmap='gray', vmin=0, vmax=1)),
+                (m_n, dict(cmap='gray', vmin=0, vmax=1))]
+      for c, (data, kw) in enumerate(panels):
+        ax = axes[r, c]
+        im = ax.imshow(data, interpolation='nearest', **kw)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if r == 0:
+          ax.set_title(cols[c], fontsize=10)
+        if c == 2:
+          fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+      axes[r, 0].set_ylabel(f'{name}\n{npos} anomalous px' if npos else f'{name}\nhealthy',
+                            fontsize=8)
+      for c, pred in ((3, m_op), (4, m_n)):
+        axes[r, c].set_xlabel(f'Dice {metrics_lib.dice(pred, truth):.2f}', fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f'test_grid_{page:02d}.png')
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def _make_accumulators(config, n_pixels: int, thresholds, score_range, baseline: bool):
+  exact_max = int(config.eval.get('exact_max_pixels', 0))
+  exact = n_pixels <= exact_max
+  num_bins = int(config.eval.num_bins)
+  kw = dict(exact_max_pixels=exact_max) if exact else {}
+  acc = metrics_lib.PixelMetricsAccumulator(num_bins, score_range if score_range else (0.0, 1.0),
+                                            thresholds, **kw)
+  base = None
+  if baseline:  # |x - mean| lies in [0, 1]; the baseline needs no range pass.
+    base = metrics_lib.PixelMetricsAccumulator(num_bins, (0.0, 1.0 + 1e-6), (), **kw)
+  return acc, base
+
+
+def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_source=None,
+             val_source=None, test_source=None) -> dict:
+  """Evaluates the best checkpoint in `workdir`; returns (and writes) the metrics.json dict.
+
+  config: the evaluation config (None: the run's WORKDIR/config.json). Its model fields must match
+  the checkpoint; data/localize/eval fields may differ. Sources default to
+  `input_pipeline.get_source(config, split)`; tests may pass in-memory lists of contract dicts.
+  """
+  from sano_jax import input_pipeline
+  from sano_jax import train
+  _check_workdir(workdir)
+  if jax.process_count() > 1:
+    raise NotImplementedError('evaluation runs in one process (any number of local devices); '
+                              f'got {jax.process_count()} processes')
+  if config is None:
+    config = checkpointing.load_config(workdir)
+  checkpointing.check_same_model(config, workdir)
+  lc, ec = config.localize, config.eval
+  rule = localization._rule_from_config(lc)  # pylint: disable=protected-access
+  n_sigma = float(lc.n_sigma)
+  sigma = float(lc.smoothing_sigma)
+  t_start = time.perf_counter()
+
+  _, model, params = checkpointing.restore_for_inference(workdir, ema=bool(lc.use_ema))
+  sde = sde_lib.from_config(config)
+  mesh = _mesh_for(int(ec.batch_size))
+  logging.info('evaluating %s on %d device(s), rule=%s, t=%g', workdir, mesh.devices.size, rule,
+               float(lc.t))
+
+  # 1. Calibration on healthy validation images.
+  val_source = val_source if val_source is not None else input_pipeline.get_source(
+      config, config.data.validation_split)
+  tic = time.perf_counter()
+  stats = fit_stats(model, params, sde, config, val_source, mesh)
+  stats_seconds = time.perf_counter() - tic
+  localization.save_stats(stats, os.path.join(workdir, STATS_FILE))
+  logging.info('healthy score std %.4g over %d validation images', float(stats.std),
+               int(stats.n_images))
+
+  # 2. The baseline's mean training intensity.
+  do_baseline = bool(ec.get('baseline', True))
+  mean = None
+  if do_baseline:
+    train_source = train_source if train_source is not None else input_pipeline.get_source(
+        config, config.data.train_split)
+    mean = mean_intensity(config, train_source, mesh)
+
+  # 3. Scoring the test split.
+  test_source = test_source if test_source is not None else input_pipeline.get_source(
+      config, config.data.test_split)
+  if len(test_source) == 0:
+    raise ValueError(f'the test split {config.data.test_split!r} is empty: nothing to evaluate')
+  n_threshold = n_sigma
+  if rule == 'quantile':  # the rule's mask is A > q = (z = A / std) > q / std
+    n_threshold = float(stats.quantile(1.0 - float(lc.get('target_fpr', 1e-3))) / stats.std)
+
+  @jax.jit
+  def score_step(params, stats, images, mean):
+    score_fn = score_lib.make_score_fn(model, params, sde, float(lc.t))
+    z, _ = localization.localize(score_fn, images, stats, n_sigma=n_sigma, smoothing_sigma=sigma,
+                                 rule=rule, target_fpr=float(lc.get('target_fpr', 1e-3)))
+    base = baseline_map(images, mean, sigma) if mean is not None else None
+    return z, base
+
+  params_d = train.replicate(params, mesh)
+  stats_d = train.replicate(stats, mesh)
+  mean_d = None if mean is None else jnp.asarray(mean, jnp.float32)
+  h = w = int(config.data.image_size)
+  n_pixels = len(test_source) * h * w
+  exact = n_pixels <= int(ec.get('exact_max_pixels', 0))
+  n_batches = _num_batches(test_source, config)
+
+  def scored(desc):
+    """Yields (host batch, z [N,H,W], baseline [N,H,W] or None, device seconds) per batch."""
+    for batch in _progress(_batches(test_source, config, mesh), n_batches, desc):
+      images = train.shard_batch({'image': _unit_images(batch)}, mesh)['image']
+      tic = time.perf_counter()
+      z, base = score_step(params_d, stats_d, images, mean_d)
+      z = np.asarray(z)
+      base = None if base is None else np.asarray(base)
+      yield batch, z, base, time.perf_counter() - tic
+
+  score_range = None
+  passes = 1
+  if not exact:  # a first pass fixes the histogram range of the z-maps
+    rng = metrics_lib.StreamingRange()
+    for batch, z, _, _ in scored('test range pass'):
+      rng.add(z, _flat(batch['valid']))
+    lo, hi = rng.range
+    score_range = (min(lo, 0.0), max(hi, n_threshold * 1.01))
+    passes = 2
+  acc, base_acc = _make_accumulators(config, n_pixels, (n_threshold,), score_range, do_baseline)
+  fig_set = _FigureSet(int(ec.get('num_figures', 8)))
+  device_s, timed_images, n_anomalous, n_valid = 0.0, 0, 0, 0
+  tic_pass = time.perf_counter()
+  for b, (batch, z, base, dt) in enumerate(scored('test')):
+    valid = _flat(batch['valid'])
+    masks = _flat(batch['mask'])[..., 0]
+    subjects = _flat(batch['subject'])
+    acc.add(z, masks, subjects, valid)
+    if base_acc is not None:
+      base_acc.add(base, masks, subjects, valid)
+    if b > 0 or n_batches == 1:  # the first call compiles: keep it out of images/s if we can
+      device_s += dt
+      timed_images += int(valid.sum())
+    n_valid += int(valid.sum())
+    n_anomalous += int((masks[valid].reshape(int(valid.sum()), -1).any(axis=1)).sum())
+    fig_set.add(_flat(_unit_images(batch)), masks, z, _flat(batch['name']), _flat(batch['index']),
+                valid)
+  pass_s = time.perf_counter() - tic_pass
+
+  # 4. Metrics.
+  runs = int(ec.bootstrap_runs)
+  out = acc.compute(bootstrap_runs=runs, seed=int(config.get('seed', 0)))
+  out['n_sigma']['n'] = n_sigma
+  base_metrics = None
+  if base_acc is not None:
+    bm = base_acc.compute(bootstrap_runs=0)
+    base_metrics = {'auroc': bm['auroc'], 'auprc': bm['auprc'],
+                    'dice_at_op': bm['operating_point']['dice'],
+                    'mean_intensity': [float(v) for v in mean],
+                    'map': 'gaussian(mean_c |x - mean training intensity|)'}
+  out.update(
+      baseline=base_metrics,
+      num_anomalous_images=n_anomalous,
+      num_healthy_images=n_valid - n_anomalous,
+      localization={'t': float(lc.t), 'rule': rule, 'n_sigma': n_sigma,
+                    'n_sigma_threshold': n_threshold, 'smoothing_sigma': sigma,
+                    'use_ema': bool(lc.use_ema), 'target_fpr': float(lc.get('target_fpr', 1e-3))},
+      score_stats={'path': os.path.join(workdir, STATS_FILE), 'std': float(stats.std),
+                   'mean': float(stats.mean), 'num_images': int(stats.n_images)},
+      data={'dataset': str(config.data.dataset), 'test_split': str(config.data.test_split),
+            'validation_split': str(config.data.validation_split),
+            'image_size': int(config.data.image_size),
+            'num_channels': int(config.data.num_channels)},
+      timing={'images_per_s': timed_images / device_s if device_s > 0 else None,
+              'end_to_end_images_per_s': n_valid / pass_s if pass_s > 0 else None,
+              'score_stats_seconds': stats_seconds, 'test_passes': passes,
+              'total_seconds': None, 'num_devices': int(mesh.devices.size),
+              'batch_size': int(ec.batch_size)},
+  )
+
+  # 5. Figures and metrics.json.
+  eval_dir = os.path.join(workdir, 'eval')
+  os.makedirs(eval_dir, exist_ok=True)
+  figures = write_figures(fig_set, os.path.join(eval_dir, 'figures'),
+                          op_threshold=float(out['operating_point']['threshold']),
+                          n_sigma_threshold=n_threshold, n_sigma=n_sigma)
+  out['figures'] = figures
+  out['timing']['total_seconds'] = time.perf_counter() - t_start
+  out = _json_safe(out)
+  path = os.path.join(eval_dir, 'metrics.json')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(out, f, indent=2)
+  os.replace(tmp, path)
+  logging.info('AUROC %.4f AUPRC %.4f | OP dice %.4f iou %.4f | N=%g dice %.4f | baseline AUROC %s',
+               out['auroc'] or math.nan, out['auprc'] or math.nan,
+               out['operating_point']['dice'] or math.nan, out['operating_point']['iou'] or math.nan,
+               n_sigma, out['n_sigma']['dice'] or math.nan,
+               None if base_metrics is None else out['baseline']['auroc'])
+  logging.info('wrote %s', path)
+  return out

@@ -1,0 +1,205 @@
+r"""Localize anomalies in your own image files with a trained, calibrated SANO run.
+
+  python -m sano_jax.predict --workdir=workdirs/demo --images='photos/*.jpg' --out=predictions
+
+Each image (any size; any format Pillow reads; gray, RGB, RGBA, palette or 16-bit) is converted to
+the model's channel count, resized (anti-aliased) to the model's size, localized with
+`load_localizer(workdir)` in batches, and its z-map resized back to the original size (bilinear),
+its mask with nearest neighbour. Writes O/<stem>_mask.png (0/255), O/<stem>_heatmap.png (the z-map
+over the image) and O/predictions.json (per image: max z, anomalous fraction). The run needs
+WORKDIR/score_stats.npz, written by run_eval.py.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
+                    '.pgm')
+
+
+def find_images(pattern: str) -> list[str]:
+  """Files matching a glob (or all image files of a directory), sorted; FileNotFoundError if none."""
+  if os.path.isdir(pattern):
+    paths = [os.path.join(pattern, f) for f in sorted(os.listdir(pattern))
+             if f.lower().endswith(IMAGE_EXTENSIONS)]
+  else:
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(p))
+  if not paths:
+    raise FileNotFoundError(f'no image file matches {pattern!r} (quote the glob so that the shell '
+                            "does not expand it, e.g. --images='dir/*.jpg')")
+  return paths
+
+
+def read_image(path: str, channels: int) -> np.ndarray:
+  """float32 [H, W, channels] in [0, 1]. Alpha is composited over white; 16-bit is rescaled.
+
+  Raises ValueError naming the file when it cannot be read as an image.
+  """
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  if channels not in (1, 3):
+    raise ValueError(f'the model has {channels} channels; predict supports 1 (gray) or 3 (RGB)')
+  try:
+    with Image.open(path) as im:
+      im.load()
+      im = _to_8bit_mode(im)
+      if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
+        rgba = im.convert('RGBA')
+        white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+      im = im.convert('L' if channels == 1 else 'RGB')
+      arr = np.asarray(im, np.float32) / 255.0
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise ValueError(f'cannot read {path!r} as an image: {e}') from e
+  if arr.ndim == 2:
+    arr = arr[..., None]
+  if arr.shape[0] < 1 or arr.shape[1] < 1:
+    raise ValueError(f'{path!r} is an empty image ({arr.shape[1]}x{arr.shape[0]})')
+  return arr
+
+
+def _check_readable(path: str) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path):
+      pass
+  except (OSError, SyntaxError, ValueError) as e:
+    raise ValueError(f'cannot read {path!r} as an image: {e}') from e
+
+
+def _to_8bit_mode(im):
+  """16/32-bit integer and float gray images -> 'L' (scaled by their type's range, not clipped)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if im.mode.startswith('I;16') or im.mode in ('I', 'F'):
+    a = np.asarray(im).astype(np.float64)
+    if im.mode == 'F':
+      top = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
+    elif im.mode.startswith('I;16'):
+      top = 65535.0
+    else:
+      top = 255.0 if a.size and a.max() <= 255 else 65535.0
+    a = np.clip(np.nan_to_num(a) / top, 0.0, 1.0)
+    return Image.fromarray((a * 255.0 + 0.5).astype(np.uint8), 'L')
+  return im
+
+
+def _resize(x: np.ndarray, shape: tuple[int, int], order: int, anti_aliasing: bool) -> np.ndarray:
+  from skimage import transform  # pylint: disable=g-import-not-at-top
+  return transform.resize(x, shape, order=order, anti_aliasing=anti_aliasing, preserve_range=True,
+                          mode='edge').astype(np.float32)
+
+
+def heatmap_overlay(image: np.ndarray, z: np.ndarray, n_sigma: float) -> np.ndarray:
+  """uint8 RGB [H, W, 3]: the z-map (inferno, 0..max(2N, z_max)) blended over the image where z is
+  high (opacity rising to 0.7 at z >= N), the image alone where z is low."""
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  base = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+  vmax = max(2.0 * n_sigma, float(np.max(z)) if z.size else 0.0, 1e-6)
+  colour = colormaps['inferno'](np.clip(z / vmax, 0.0, 1.0))[..., :3]
+  alpha = 0.25 + 0.45 * np.clip(z / max(n_sigma, 1e-6), 0.0, 1.0)[..., None]
+  out = (1.0 - alpha) * base + alpha * colour
+  return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _out_names(paths: Sequence[str]) -> list[str]:
+  """Output stems: the file stem, made unique when two inputs share one (a.jpg, a.png)."""
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  counts: dict[str, int] = {}
+  for s in stems:
+    counts[s] = counts.get(s, 0) + 1
+  out = []
+  for p, s in zip(paths, stems):
+    if counts[s] > 1:
+      s = f'{s}_{os.path.splitext(p)[1].lstrip(".").lower() or "noext"}'
+    out.append(s)
+  if len(set(out)) != len(out):  # same stem and extension in different folders
+    out = [f'{s}_{i:04d}' for i, s in enumerate(out)]
+  return out
+
+
+def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_size: int = 16,
+            progress: bool = True) -> list[dict]:
+  """Localizes every image of `images` (a glob, a folder, or a list of paths) into `out_dir`.
+
+  Returns per image {path, mask, heatmap, height, width, max_z, anomalous_fraction}.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sano_jax import checkpointing
+  from sano_jax import localization
+
+  paths = find_images(images) if isinstance(images, str) else list(images)
+  if not paths:
+    raise FileNotFoundError('no image files given')
+  stats_path = os.path.join(workdir, 'score_stats.npz')
+  config = checkpointing.load_config(workdir)  # clear error when workdir is not a run
+  if not os.path.exists(stats_path):
+    raise FileNotFoundError(f'no score statistics at {stats_path}: run run_eval.py '
+                            f'--workdir={workdir} first (it fits them on the healthy validation '
+                            'split)')
+  size, channels = int(config.data.image_size), int(config.data.num_channels)
+  n_sigma = float(config.localize.n_sigma)
+  for p in paths:  # header-only check of every file before any work is done
+    _check_readable(p)
+  localizer = localization.load_localizer(workdir)
+  os.makedirs(out_dir, exist_ok=True)
+  names = _out_names(paths)
+  batch_size = max(1, int(batch_size))
+  results = []
+  import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm.tqdm(total=len(paths), unit='img', disable=not progress, dynamic_ncols=True)
+  try:
+    for start in range(0, len(paths), batch_size):
+      chunk = paths[start:start + batch_size]
+      originals = [read_image(p, channels) for p in chunk]
+      batch = np.zeros((batch_size, size, size, channels), np.float32)  # fixed shape: one compile
+      for i, im in enumerate(originals):
+        batch[i] = np.clip(_resize(im, (size, size), order=1, anti_aliasing=True), 0.0, 1.0)
+      z, mask = localizer(batch)
+      z, mask = np.asarray(z)[:len(chunk)], np.asarray(mask)[:len(chunk)]
+      for i, (path, im) in enumerate(zip(chunk, originals)):
+        h, w = im.shape[:2]
+        z_full = _resize(z[i], (h, w), order=1, anti_aliasing=False)
+        m_full = _resize(mask[i].astype(np.float32), (h, w), order=0, anti_aliasing=False) > 0.5
+        stem = names[start + i]
+        mask_path = os.path.join(out_dir, f'{stem}_mask.png')
+        heat_path = os.path.join(out_dir, f'{stem}_heatmap.png')
+        Image.fromarray(m_full.astype(np.uint8) * 255, 'L').save(mask_path)
+        Image.fromarray(heatmap_overlay(im, z_full, n_sigma), 'RGB').save(heat_path)
+        results.append({'path': path, 'mask': mask_path, 'heatmap': heat_path, 'height': h,
+                        'width': w, 'max_z': float(z[i].max()),
+                        'anomalous_fraction': float(m_full.mean())})
+      bar.update(len(chunk))
+  finally:
+    bar.close()
+  with open(os.path.join(out_dir, 'predictions.json'), 'w') as f:
+    json.dump({'workdir': workdir, 'n_sigma': n_sigma, 'images': results}, f, indent=2)
+  return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m sano_jax.predict',
+      description='Anomaly masks and heatmaps for image files with a trained SANO run.')
+  parser.add_argument('--workdir', required=True, help='run directory (trained and evaluated)')
+  parser.add_argument('--images', required=True, help="glob (quoted, e.g. 'dir/*.jpg') or folder")
+  parser.add_argument('--out', required=True, help='output folder')
+  parser.add_argument('--batch_size', type=int, default=16)
+  args = parser.parse_args(argv)
+  try:
+    results = predict(args.workdir, args.images, args.out, batch_size=args.batch_size)
+  except (FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(f'wrote masks and heatmaps of {len(results)} image(s) to {args.out}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

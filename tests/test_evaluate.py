@@ -1,0 +1,168 @@
+"""The evaluation run end to end: train a tiny model once, evaluate it, check metrics.json against an
+independent sklearn recomputation on z-maps pulled through `load_localizer`."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from sklearn import metrics as skm
+
+from sano_jax import checkpointing, evaluate, input_pipeline, localization, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data_dir):
+  from configs import tiny
+  config = tiny.get_config()
+  config.data.data_dir = str(data_dir)
+  t = config.training
+  t.num_train_steps, t.eval_every, t.checkpoint_every, t.log_every = 10, 10, 10, 5
+  t.eval_batches = 1
+  t.ema_rate = 0.5  # a few steps: let the EMA params move away from the zero-output init
+  config.eval.num_figures = 3
+  return config
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  root = tmp_path_factory.mktemp('eval')
+  config = _config(root / 'tfds')
+  workdir = str(root / 'wd')
+  train.train_and_evaluate(config, workdir)
+  out = evaluate.evaluate(config, workdir)
+  return config, workdir, out
+
+
+def _in01(x):
+  return x is not None and 0.0 <= x <= 1.0
+
+
+def test_metrics_json_schema(run):
+  config, workdir, out = run
+  with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+    m = json.load(f)
+  assert m == json.loads(json.dumps(out))
+  for k in ('auroc', 'auprc', 'operating_point', 'n_sigma', 'baseline', 'localization', 'timing',
+            'num_images', 'num_subjects'):
+    assert k in m, k
+  assert _in01(m['auroc']) and _in01(m['auprc'])
+  for k in ('auroc_std', 'auprc_std'):
+    assert m[k] is not None and m[k] >= 0
+  op = m['operating_point']
+  for k in ('threshold', 'dice', 'iou', 'threshold_std', 'dice_std', 'iou_std'):
+    assert op[k] is not None, k
+  assert _in01(op['dice']) and _in01(op['iou']) and op['iou'] <= op['dice'] + 1e-12
+  ns = m['n_sigma']
+  assert ns['n'] == config.localize.n_sigma
+  for k in ('dice', 'iou', 'dice_std', 'iou_std'):
+    assert ns[k] is not None, k
+  assert _in01(ns['dice']) and _in01(ns['iou'])
+  assert _in01(m['baseline']['auroc']) and _in01(m['baseline']['auprc'])
+  assert m['localization']['t'] == config.localize.t and m['localization']['rule'] == 'global'
+  assert m['timing']['images_per_s'] > 0 and m['timing']['num_devices'] == 4
+  src = input_pipeline.get_source(config, 'test')
+  assert m['num_images'] == len(src) == m['num_anomalous_images'] + m['num_healthy_images']
+  assert m['num_subjects'] == len({src[i]['subject'] for i in range(len(src))})
+  assert m['bootstrap_runs'] == config.eval.bootstrap_runs and m['method'] == 'exact'
+  # Figures: valid PNGs.
+  from PIL import Image
+  figs = sorted(os.listdir(os.path.join(workdir, 'eval', 'figures')))
+  assert figs and m['figures']
+  for p in m['figures']:
+    with Image.open(p) as im:
+      im.verify()
+      assert im.format == 'PNG'
+
+
+def _test_arrays(config):
+  src = input_pipeline.get_source(config, 'test')
+  ex = [src[i] for i in range(len(src))]
+  return (np.stack([e['image'] for e in ex]), np.stack([e['mask'][..., 0] for e in ex]),
+          np.array([e['subject'] for e in ex]))
+
+
+def test_metrics_match_sklearn_on_localize_maps(run):
+  config, workdir, out = run
+  assert os.path.exists(os.path.join(workdir, 'score_stats.npz'))
+  localizer = localization.load_localizer(workdir)
+  images, masks, _ = _test_arrays(config)
+  zs = []
+  for s in range(0, len(images), 50):
+    z, mask = localizer(images[s:s + 50])
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(z) > config.localize.n_sigma)
+    zs.append(np.asarray(z))
+  z = np.concatenate(zs).astype(np.float64)
+  y = masks.reshape(-1) > 0
+  assert abs(skm.roc_auc_score(y, z.reshape(-1)) - out['auroc']) < 1e-3
+  assert abs(skm.average_precision_score(y, z.reshape(-1)) - out['auprc']) < 1e-3
+  prec, rec, thr = skm.precision_recall_curve(y, z.reshape(-1))
+  f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-300), 0)[:-1]
+  k = int(np.argmax(f1))
+  assert abs(f1[k] - out['operating_point']['dice']) < 1e-3
+  pred = z.reshape(-1) >= thr[k]
+  assert abs(skm.jaccard_score(y, pred) - out['operating_point']['iou']) < 1e-3
+  pred_n = z.reshape(-1) > config.localize.n_sigma
+  dice_n = skm.f1_score(y, pred_n, zero_division=1.0)
+  assert abs(dice_n - out['n_sigma']['dice']) < 1e-3
+  # The trivial baseline: gaussian(|x - mean training intensity|).
+  tr = input_pipeline.get_source(config, 'train')
+  mean = np.mean([tr[i]['image'].astype(np.float64).mean() for i in range(len(tr))]) / 255
+  base = np.stack([ndi.gaussian_filter(np.abs(im[..., 0] / 255.0 - mean), 2.0) for im in images])
+  assert abs(mean - out['baseline']['mean_intensity'][0]) < 1e-6
+  assert abs(skm.roc_auc_score(y, base.reshape(-1)) - out['baseline']['auroc']) < 1e-3
+  assert abs(skm.average_precision_score(y, base.reshape(-1)) - out['baseline']['auprc']) < 1e-3
+
+
+def test_binned_two_pass_agrees_with_exact(run, tmp_path):
+  _, workdir, exact = run
+  wd = str(tmp_path / 'copy')
+  shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns('eval', 'score_stats.npz'))
+  config = checkpointing.load_config(wd)  # evaluate(None, ...) reads the same file
+  config.eval.exact_max_pixels = 0
+  config.eval.bootstrap_runs = 2
+  config.eval.num_figures = 0
+  config.eval.batch_size = 7  # indivisible by 4 devices: falls back to 1; 300 % 7 pads the last
+  out = evaluate.evaluate(config, wd)
+  assert out['method'] == 'binned' and out['timing']['test_passes'] == 2
+  for k in ('auroc', 'auprc'):
+    assert abs(out[k] - exact[k]) < 1e-3, k
+  assert abs(out['operating_point']['dice'] - exact['operating_point']['dice']) < 2e-3
+  assert abs(out['n_sigma']['dice'] - exact['n_sigma']['dice']) < 1e-3
+  assert out['timing']['num_devices'] == 1
+  assert out['num_images'] == exact['num_images']
+
+
+def test_empty_validation_is_a_clear_error(run):
+  config, workdir, _ = run
+  with pytest.raises(ValueError, match='validation split.*empty'):
+    evaluate.evaluate(config, workdir, val_source=[])
+
+
+def test_config_of_another_model_is_rejected(run):
+  config, workdir, _ = run
+  other = _config(config.data.data_dir)
+  other.model.nf = 16
+  with pytest.raises(ValueError, match='nf'):
+    evaluate.evaluate(other, workdir)
+
+
+def test_run_eval_without_checkpoint(tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, os.path.join(REPO, 'run_eval.py'), f'--workdir={empty}'],
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+  assert proc.returncode != 0
+  assert 'train first' in proc.stderr and str(empty) in proc.stderr
+  # A run directory with its config but no checkpoint yet.
+  wd = tmp_path / 'wd'
+  checkpointing.save_config(_config(tmp_path / 'tfds'), str(wd))
+  with pytest.raises(FileNotFoundError, match='no checkpoint.*train first'):
+    evaluate.evaluate(None, str(wd))
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    evaluate.evaluate(None, str(tmp_path / 'missing'))
