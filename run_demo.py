@@ -5,7 +5,6 @@ Builds the embedded texture dataset (offline), trains configs/demo.py, evaluates
 
   python run_demo.py --workdir=workdirs/demo [--config=configs/demo.py:grass] [--config.x.y=...]
 """
-import os
 import time
 
 from absl import app
@@ -16,23 +15,6 @@ from ml_collections import config_flags
 flags.DEFINE_string('workdir', 'workdirs/demo', 'Where the run writes checkpoints, metrics and figures.')
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Demo configuration.', lock_config=True)
 FLAGS = flags.FLAGS
-
-
-def summary(metrics: dict, workdir: str, seconds: float) -> str:
-  """The demo's closing table."""
-  op, ns, base = metrics['operating_point'], metrics['n_sigma'], metrics.get('baseline') or {}
-  pm = lambda key, d=metrics: f"{d[key]:.3f} ± {d.get(key + '_std') or 0:.3f}"
-  rows = [
-      f"SANO on {metrics.get('dataset', 'the embedded data')}: {metrics['num_images']} test images, "
-      f"{metrics['num_subjects']} subjects ({seconds / 60:.1f} min)",
-      f"  pixel AUROC   {pm('auroc')}     trivial baseline {base.get('auroc', float('nan')):.3f}",
-      f"  pixel AUPRC   {pm('auprc')}     trivial baseline {base.get('auprc', float('nan')):.3f}",
-      f"  operating point (best F1, uses test labels): Dice {pm('dice', op)}  IoU {pm('iou', op)}",
-      f"  N = {ns['n']:g} sigma (healthy data only):       Dice {pm('dice', ns)}  IoU {pm('iou', ns)}",
-      f"  metrics: {os.path.join(workdir, 'eval', 'metrics.json')}",
-      f"  figures: {os.path.join(workdir, 'eval', 'figures')}/",
-  ]
-  return '\n'.join(rows)
 
 
 def main(argv):
@@ -48,7 +30,7 @@ def main(argv):
   train.train_and_evaluate(config, workdir)
   print('[2/2] evaluating the best checkpoint on the test split', flush=True)
   metrics = evaluate.evaluate(config, workdir)
-  print('\n' + summary(metrics, workdir, time.perf_counter() - tic), flush=True)
+  print('\n' + evaluate.format_summary(metrics, workdir, time.perf_counter() - tic), flush=True)
 
 
 if __name__ == '__main__':

@@ -33,12 +33,7 @@ def main(argv):
   except FileNotFoundError as e:  # no run / no checkpoint: a message, not a traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  fmt = lambda v: 'n/a' if v is None else f'{v:.4f}'
-  print(f"AUROC {fmt(out['auroc'])}  AUPRC {fmt(out['auprc'])}  "
-        f"Dice@OP {fmt(out['operating_point']['dice'])}  "
-        f"Dice@{out['n_sigma']['n']:g}sigma {fmt(out['n_sigma']['dice'])}  "
-        f"baseline AUROC {fmt((out['baseline'] or {}).get('auroc'))}  -> "
-        f"{FLAGS.workdir}/eval/metrics.json")
+  print(evaluate.format_summary(out, FLAGS.workdir, out['timing']['total_seconds']))
 
 
 if __name__ == '__main__':

@@ -21,4 +21,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.training.eval_batches = 2
   config.eval.batch_size = 8
   config.eval.bootstrap_runs = 5
+  config.localize.stats = 'global'  # the paper's rule (the demo uses per-pixel statistics)
   return config

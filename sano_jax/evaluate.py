@@ -429,3 +429,22 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
                None if base_metrics is None else out['baseline']['auroc'])
   logging.info('wrote %s', path)
   return out
+
+
+def format_summary(metrics: dict, workdir: str, seconds: float) -> str:
+  """A short table of `metrics` (as written to metrics.json) for the end of a run."""
+  op, ns, base = metrics['operating_point'], metrics['n_sigma'], metrics.get('baseline') or {}
+  num = lambda v: 'n/a' if v is None else f'{v:.3f}'  # NaN is written as null
+  pm = lambda key, d=metrics: f"{num(d.get(key))} ± {num(d.get(key + '_std'))}"
+  rows = [
+      f"SANO on {metrics['data']['dataset']}: {metrics['num_images']} test images, "
+      f"{metrics['num_subjects']} subjects ({seconds / 60:.1f} min); "
+      f"t={metrics['localization']['t']:g}, {metrics['localization']['rule']} healthy statistics",
+      f"  pixel AUROC   {pm('auroc')}     trivial baseline {num(base.get('auroc'))}",
+      f"  pixel AUPRC   {pm('auprc')}     trivial baseline {num(base.get('auprc'))}",
+      f"  operating point (best F1, uses test labels): Dice {pm('dice', op)}  IoU {pm('iou', op)}",
+      f"  N = {ns['n']:g} sigma (healthy data only):       Dice {pm('dice', ns)}  IoU {pm('iou', ns)}",
+      f"  metrics: {os.path.join(workdir, 'eval', 'metrics.json')}",
+      f"  figures: {os.path.join(workdir, 'eval', 'figures')}/",
+  ]
+  return '\n'.join(rows)

@@ -166,3 +166,11 @@ def test_run_eval_without_checkpoint(tmp_path):
     evaluate.evaluate(None, str(wd))
   with pytest.raises(FileNotFoundError, match='does not exist'):
     evaluate.evaluate(None, str(tmp_path / 'missing'))
+
+
+def test_summary_reports_the_metrics(run):
+  _, workdir, out = run
+  text = evaluate.format_summary(out, workdir, 90.0)
+  assert f"pixel AUROC   {out['auroc']:.3f}" in text
+  assert f"trivial baseline {out['baseline']['auroc']:.3f}" in text
+  assert 'N = 3 sigma' in text and os.path.join(workdir, 'eval', 'metrics.json') in text
