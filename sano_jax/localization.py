@@ -427,7 +427,10 @@ def localize(score_fn: ScoreFn, images: jax.Array, stats: ScoreStats, *, n_sigma
 
 def _rule_from_config(lc) -> str:
   kind = lc.get('stats', 'global')
-  if kind == 'global' and lc.get('two_sided', False):
+  if lc.get('two_sided', False):
+    if kind != 'global':
+      raise ValueError(f"localize.two_sided=True needs localize.stats='global' (got {kind!r}): "
+                       'the two-sided rule uses the healthy anomaly map\'s global mean and std')
     return 'two_sided'
   return kind
 

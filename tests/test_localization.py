@@ -223,3 +223,14 @@ def test_load_localizer_missing_stats(tmp_path, monkeypatch):
     loc(images)
   # Under an outer jit it traces (no host check) and still matches.
   np.testing.assert_allclose(jax.jit(loc)(images[:1])[0], z0[:1], rtol=1e-5)
+
+
+def test_rule_from_config():
+  import ml_collections
+  lc = ml_collections.ConfigDict(dict(stats='global', two_sided=True))
+  assert L._rule_from_config(lc) == 'two_sided'
+  lc.stats = 'per_pixel'
+  with pytest.raises(ValueError, match="two_sided=True needs localize.stats='global'"):
+    L._rule_from_config(lc)
+  lc.two_sided = False
+  assert L._rule_from_config(lc) == 'per_pixel'
