@@ -41,18 +41,9 @@ class VPSDE:
     """sigma(t) = sqrt(1 - alpha(t)^2), computed stably for small t."""
     return jnp.sqrt(-jnp.expm1(2.0 * self.log_mean_coeff(t)))
 
-  def drift_diffusion(self, x, t):
-    """f(x, t) = -1/2 beta(t) x and g(t) = sqrt(beta(t))   (eq. 2)."""
-    b = self.beta(t)
-    return -0.5 * _bcast(b, x) * x, jnp.sqrt(b)
-
   def perturb(self, x0, t, noise):
     """x(t) = alpha(t) x0 + sigma(t) noise, t of shape [B]."""
     return _bcast(self.mean_coeff(t), x0) * x0 + _bcast(self.marginal_std(t), x0) * noise
-
-  def prior_sample(self, rng, shape):
-    import jax
-    return jax.random.normal(rng, shape)
 
   def discrete_betas(self) -> np.ndarray:
     """DDPM's betas for `num_scales` steps: linear from b_min/N to b_max/N (1e-4..0.02 at N=1000)."""
