@@ -9,7 +9,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 flags.DEFINE_string('workdir', 'workdirs/demo', 'Where the run writes checkpoints, metrics and figures.')

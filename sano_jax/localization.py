@@ -23,7 +23,6 @@ neighbourhood (and the mask False there, since NaN > N is False). Called eagerly
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Callable, Iterable
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import logging
 import zipfile
@@ -32,6 +31,8 @@ import zipfile
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from sano_jax.datasets import split_subjects
 
 _CSV = 'HandInfo.csv'
 _COLUMNS = ('id', 'age', 'gender', 'skinColor', 'accessories', 'nailPolish', 'aspectOfHand',
@@ -65,23 +66,6 @@ class Hands11kConfig(tfds.core.BuilderConfig):
 
 def _stem(name: str) -> str:
   return name.rsplit('/', 1)[-1].rsplit('.', 1)[0]
-
-
-def split_subjects(counts: dict[str, int], holdout_fraction: float) -> tuple[set, set]:
-  """(kept, held_out): held-out subjects hold ~holdout_fraction of the images (deterministic)."""
-  order = sorted(counts, key=lambda s: hashlib.sha256(s.encode()).hexdigest())
-  target = holdout_fraction * sum(counts.values())
-  held, total = [], 0
-  for s in order:
-    if total + counts[s] / 2 > target:
-      break
-    held.append(s)
-    total += counts[s]
-  if not held and holdout_fraction > 0 and len(order) >= 2:
-    held = [order[0]]
-  if len(held) == len(order) and len(order) >= 2:
-    held = held[:-1]
-  return set(order) - set(held), set(held)
 
 
 class _Files:

@@ -12,6 +12,7 @@ holds the anomalous images with their masks (and may hold healthy ones).
 Builders register themselves with TFDS when their module is imported; ``register_builders()``
 imports them all.
 """
+import hashlib
 
 _GPUS_HIDDEN = False
 
@@ -30,6 +31,27 @@ def hide_gpus_from_tf() -> None:
   except (RuntimeError, ValueError):  # Already initialized: nothing more we can do.
     pass
   _GPUS_HIDDEN = True
+
+
+def split_subjects(counts: dict[str, int], holdout_fraction: float) -> tuple[set, set]:
+  """Deterministic subject split: (kept, held_out) with ~holdout_fraction of the images held out.
+
+  Subjects are ordered by sha256 of their id; held-out subjects are taken in that order while the
+  held-out image count stays closest to the target. With >= 2 subjects both parts are nonempty.
+  """
+  order = sorted(counts, key=lambda s: hashlib.sha256(s.encode()).hexdigest())
+  target = holdout_fraction * sum(counts.values())
+  held, total = [], 0
+  for s in order:
+    if total + counts[s] / 2 > target:
+      break
+    held.append(s)
+    total += counts[s]
+  if not held and holdout_fraction > 0 and len(order) >= 2:
+    held = [order[0]]
+  if len(held) == len(order) and len(order) >= 2:
+    held = held[:-1]
+  return set(order) - set(held), set(held)
 
 
 def register_builders() -> None:

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sano_jax.datasets import hide_gpus_from_tf
+from sano_jax.datasets import split_subjects
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.gif', '.webp', '.ppm',
                     '.pgm')
@@ -104,27 +105,6 @@ def builder_from_config(data, data_dir=None) -> 'SanoFolder':
       image_size=data.image_size, num_channels=data.num_channels,
       validation_fraction=data.get('validation_fraction', 0.2))
   return SanoFolder(config=cfg, data_dir=data_dir)
-
-
-def split_subjects(counts: dict[str, int], holdout_fraction: float) -> tuple[set, set]:
-  """Deterministic subject split: (kept, held_out) with ~holdout_fraction of the images held out.
-
-  Subjects are ordered by sha256 of their id; held-out subjects are taken in that order while the
-  held-out image count stays closest to the target. With >= 2 subjects both parts are nonempty.
-  """
-  order = sorted(counts, key=lambda s: hashlib.sha256(s.encode()).hexdigest())
-  target = holdout_fraction * sum(counts.values())
-  held, total = [], 0
-  for s in order:
-    if total + counts[s] / 2 > target:
-      break
-    held.append(s)
-    total += counts[s]
-  if not held and holdout_fraction > 0 and len(order) >= 2:
-    held = [order[0]]
-  if len(held) == len(order) and len(order) >= 2:
-    held = held[:-1]
-  return set(order) - set(held), set(held)
 
 
 def _open(path: Path):
