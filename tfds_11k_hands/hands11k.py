@@ -32,6 +32,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sano_jax.datasets.base import ArrayRecordBuilder
+
 from sano_jax.datasets import split_subjects
 
 _CSV = 'HandInfo.csv'
@@ -117,7 +119,7 @@ def _decode(data: bytes, where: str, draft_size: int | None = None):
   return img
 
 
-class Hands11k(tfds.core.GeneratorBasedBuilder):
+class Hands11k(ArrayRecordBuilder):
   """11k Hands with jewelry masks: healthy train/validation, jewelry test (SANO)."""
 
   name = 'hands11k'
@@ -130,15 +132,6 @@ class Hands11k(tfds.core.GeneratorBasedBuilder):
   ]
   DEFAULT_BUILDER_CONFIG_NAME = '256'
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):  # pylint: disable=no-self-argument
-    # tfds 4.9.10 would look this up with the `importlib_resources` backport, which it only
-    # requires on Python < 3.9.
-    return epath.Path(__file__)
-
-  def __init__(self, *, file_format=None, **kwargs):
-    super().__init__(file_format=file_format or 'array_record', **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size

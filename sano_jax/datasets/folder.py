@@ -31,9 +31,10 @@ import logging
 import os
 from pathlib import Path
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from sano_jax.datasets.base import ArrayRecordBuilder
 
 from sano_jax.datasets import hide_gpus_from_tf
 from sano_jax.datasets import split_subjects
@@ -174,7 +175,7 @@ def _read_subjects(csv_path: str) -> dict[str, str]:
     return {row['name'].strip(): row['subject'].strip() for row in reader}
 
 
-class SanoFolder(tfds.core.GeneratorBasedBuilder):
+class SanoFolder(ArrayRecordBuilder):
   """A folder of healthy images (+ test images and masks) as a dataset of the data contract."""
 
   name = 'sano_folder'
@@ -182,15 +183,6 @@ class SanoFolder(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = []  # Configs are made per set of folders: see make_config.
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):  # pylint: disable=no-self-argument
-    # tfds 4.9.10 would look this up with the `importlib_resources` backport, which it only
-    # requires on Python < 3.9.
-    return epath.Path(__file__)
-
-  def __init__(self, *, file_format=None, **kwargs):
-    super().__init__(file_format=file_format or 'array_record', **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config

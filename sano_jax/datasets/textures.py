@@ -27,9 +27,10 @@ import dataclasses
 import functools
 import hashlib
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from sano_jax.datasets.base import ArrayRecordBuilder
 
 from sano_jax.datasets import hide_gpus_from_tf
 
@@ -252,7 +253,7 @@ def make_split(config: TexturesConfig, split: str) -> list[dict]:
   return examples
 
 
-class SanoTextures(tfds.core.GeneratorBasedBuilder):
+class SanoTextures(ArrayRecordBuilder):
   """Crops of real CC0 textures with real content pasted in as anomalies (exact masks)."""
 
   name = 'sano_textures'
@@ -261,15 +262,6 @@ class SanoTextures(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = _make_configs()
   DEFAULT_BUILDER_CONFIG_NAME = 'brick_32'
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):  # pylint: disable=no-self-argument
-    # tfds 4.9.10 would look this up with the `importlib_resources` backport, which it only
-    # requires on Python < 3.9.
-    return epath.Path(__file__)
-
-  def __init__(self, *, file_format=None, **kwargs):
-    super().__init__(file_format=file_format or 'array_record', **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
