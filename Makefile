@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 WORKDIR ?= workdirs/demo
 
-.PHONY: demo test install clean
+COMPARE_ROOT ?= workdirs/compare
+COMPARE_CONFIG ?= configs/demo.py
+
+.PHONY: demo test compare install clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +21,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) run_demo.py --workdir=$(WORKDIR)
+
+# Table 1 on the embedded data: every method trained like the demo (same data, steps, batch), evaluated
+# the same way, one table (Markdown + JSON) and one figure in $(COMPARE_ROOT).
+compare: $(STAMP)
+	$(PY) run_compare.py --config=$(COMPARE_CONFIG) --root=$(COMPARE_ROOT)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -q

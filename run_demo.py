@@ -33,4 +33,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from sano_jax import cli
+  app.run(main, flags_parser=cli.parse_flags)

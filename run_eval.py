@@ -1,4 +1,4 @@
-r"""Evaluate the best checkpoint of a SANO run: calibrate, score the test split, metrics and figures.
+r"""Evaluate the best checkpoint of a run (SANO or a baseline): calibrate, score the test split, report.
 
   python run_eval.py --workdir=workdirs/demo            # the run's own config.json
   python run_eval.py --config=configs/demo.py --workdir=workdirs/demo [--config.eval.bootstrap_runs=10]
@@ -15,6 +15,8 @@ from ml_collections import config_flags
 flags.DEFINE_string('workdir', None, 'Run directory holding config.json and the checkpoints.')
 config_flags.DEFINE_config_file('config', None, 'Evaluation configuration file (default: the '
                                 "run's WORKDIR/config.json).", lock_config=True)
+flags.DEFINE_string('method', None, 'The method WORKDIR must hold (sano, ae, vae, cevae, vqvae, '
+                    'anovaegan, anoddpm); default: config.method of the run or of --config.')
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 
@@ -28,13 +30,22 @@ def main(argv):
   config = FLAGS.config  # None: evaluate() reads WORKDIR/config.json
   if config is not None:
     logging.info('config:\n%s', config)
+  if FLAGS.method is not None:
+    from sano_jax import checkpointing, methods
+    held = methods.method_name(config if config is not None else
+                               checkpointing.load_config(FLAGS.workdir))
+    if methods.check_name(FLAGS.method) != held:
+      print(f'error: --method={FLAGS.method} but {"--config" if config is not None else FLAGS.workdir} '
+            f'holds method {held!r}', file=sys.stderr)
+      sys.exit(1)
   try:
     out = evaluate.evaluate(config, FLAGS.workdir)
-  except FileNotFoundError as e:  # no run / no checkpoint: a message, not a traceback
+  except (FileNotFoundError, ValueError) as e:  # no run, another method: a message, not a traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   print(evaluate.format_summary(out, FLAGS.workdir, out['timing']['total_seconds']))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from sano_jax import cli
+  app.run(main, flags_parser=cli.parse_flags)

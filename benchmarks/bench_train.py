@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from benchmarks import common
-from sano_jax import losses, models, sde as sde_lib, train
+from sano_jax import methods, train
 
 def apply_preset(config, preset: str | None, argv=None) -> None:
   """Applies a PRESETS shape, then re-applies explicit --config.x=y flags so that they win."""
@@ -60,11 +60,11 @@ def synthetic_images(config, k: int = 1, seed: int = 0) -> np.ndarray:
   return np.asarray(jnp.asarray(x, jnp.dtype(config.model.dtype)))  # as the input pipeline's dtype
 
 
-def make_train_fn(config, model, sde, tx, mesh, donate: bool):
+def make_train_fn(config, method, tx, mesh, donate: bool):
   """train.make_steps' train step, or the same jit + shard_map without donation."""
   if donate:
-    return train.make_steps(config, model, sde, tx, mesh)[0]
-  kw = dict(model=model, sde=sde, tx=tx, config=config)
+    return train.make_steps(config, method, tx, mesh)[0]
+  kw = dict(method=method, tx=tx, config=config)
   multi = config.training.steps_per_call > 1
   step_fn = functools.partial(train.train_steps if multi else train.train_step, **kw)
   spec = P(None, train.AXIS) if multi else P(train.AXIS)
@@ -72,29 +72,26 @@ def make_train_fn(config, model, sde, tx, mesh, donate: bool):
                                check_vma=False))
 
 
-def make_grad_fn(config, model, sde):
-  """jit(value_and_grad(mean DSM loss)): the forward + backward of one step, nothing else."""
+def make_grad_fn(method):
+  """jit(value_and_grad(mean loss)) of the method: the forward + backward of one step, nothing else."""
   def loss_fn(params, images, rng):
-    eps_fn = lambda x, t: model.apply({'params': params}, x, t, train=True,
-                                      rngs={'dropout': jax.random.fold_in(rng, 1)})
     ids = jnp.arange(images.shape[0])
-    return jnp.mean(losses.dsm_loss_per_example(eps_fn, sde, images, rng, ids,
-                                                t_eps=config.sde.eps))
+    return jnp.mean(method.losses(params, images, ids, rng, train=True,
+                                  dropout_rng=jax.random.fold_in(rng, 1))['loss'])
   return jax.jit(jax.value_and_grad(loss_fn))
 
 
 def prepare(config, *, mode: str = 'step', donate: bool = True) -> tuple:
   """Builds and compiles one configuration: (call, info); call() runs one (blocked-on-able) call."""
-  model = models.create_model(config)
-  sde = sde_lib.from_config(config)
-  tx = train.create_optimizer(config)
+  method = methods.create(config)
+  tx = train.create_optimizer(config, method)
   k = config.training.steps_per_call if mode == 'step' else 1
-  state = train.create_train_state(config, model, tx, jax.random.PRNGKey(0))
+  state = train.create_train_state(config, method, tx, jax.random.PRNGKey(0))
   n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
   images = synthetic_images(config, k)
   if mode == 'step':
     mesh = train.make_mesh()
-    fn = make_train_fn(config, model, sde, tx, mesh, donate)
+    fn = make_train_fn(config, method, tx, mesh, donate)
     spec = P(None, train.AXIS) if k > 1 else P(train.AXIS)
     args = [train.replicate(state, mesh),
             {'image': jax.device_put(images, NamedSharding(mesh, spec))}]
@@ -104,7 +101,7 @@ def prepare(config, *, mode: str = 'step', donate: bool = True) -> tuple:
       args[0], metrics = compiled(*args)
       return metrics
   else:
-    fn = make_grad_fn(config, model, sde)
+    fn = make_grad_fn(method)
     args = [state.params, jnp.asarray(images), jax.random.PRNGKey(1)]
     compiled, compile_s, flops = common.compile_with_cost(fn, *args)
     call = lambda: compiled(*args)

@@ -26,7 +26,6 @@ from sano_jax import checkpointing
 from sano_jax import input_pipeline
 from sano_jax import localization
 from sano_jax import metrics
-from sano_jax import sde as sde_lib
 
 flags.DEFINE_string('workdir', None, 'A trained run directory (best/ or checkpoints/).')
 flags.DEFINE_list('ts', ['0.001', '0.003', '0.01', '0.02', '0.05', '0.1'], 'Localization times t.')
@@ -74,9 +73,9 @@ def curve(z, masks, n_sigma):
 def main(argv):
   del argv
   tic = time.perf_counter()
-  config, model, params = checkpointing.restore_for_inference(
+  config, method, params = checkpointing.restore_for_inference(
       FLAGS.workdir, ema=False if FLAGS.no_ema else None)
-  sde = sde_lib.from_config(config)
+  model, sde = method.model, method.sde  # a SANO run
   val_x, _ = load_split(config, config.data.validation_split)
   test_x, test_m = load_split(config, config.data.test_split)
   sig = FLAGS.smoothing_sigma

@@ -9,6 +9,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   config = ml_collections.ConfigDict()
   config.seed = 42
+  # 'sano' (the paper) or a baseline of Table 1: 'ae', 'vae', 'cevae', 'vqvae', 'anovaegan', 'anoddpm'.
+  # Each method reads its own block below; the blocks of the other methods are ignored.
+  config.method = 'sano'
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'hands11k/256'  # any TFDS name of the data contract (DESIGN.md)
@@ -37,6 +40,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.scale_shift_norm = True
   model.num_groups = 32
   model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
+
+  # The reconstruction baselines' network (sano_jax/models/autoencoder.py): latent at H / 2^levels.
+  config.autoencoder = ae = ml_collections.ConfigDict()
+  ae.nf = 32
+  ae.ch_mult = (1, 2, 4, 4)
+  ae.latent_channels = 16
+  ae.num_groups = 8
+  config.vae = ml_collections.ConfigDict({'kl_weight': 1.0})
+  config.cevae = ml_collections.ConfigDict({'kl_weight': 1.0, 'ce_weight': 1.0,
+                                            'max_box_fraction': 0.5})
+  config.vqvae = ml_collections.ConfigDict({'num_codes': 128, 'commitment': 0.25})
+  config.anovaegan = ml_collections.ConfigDict({'kl_weight': 1.0, 'adv_weight': 0.01,
+                                                'disc_lr': 1e-4, 'disc_nf': 32, 'disc_layers': 3})
+  # AnoDDPM (Wyatt et al. 2022): SANO's model, localizing by reconstruction from t_start.
+  config.anoddpm = ml_collections.ConfigDict({'t_start': 0.25, 'num_steps': 25,
+                                              'clip_denoised': True, 'seed': 0})
 
   config.sde = sde = ml_collections.ConfigDict()
   sde.beta_min = 0.1

@@ -47,6 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.training.checkpoint_every = 200
   config.eval.batch_size = 64
 
+  # The reconstruction baselines (--config.method=ae|vae|cevae|vqvae|anovaegan): latent 4x4x16.
+  config.autoencoder.ch_mult = (1, 2, 4)
+
   config.localize.t = 0.02
   # The paper's global rule (z = A / std of the signed healthy scores) ranks well (brick AUROC 0.958)
   # but its N=3 threshold is far too strict at this size (best-F1 threshold ~1.7 sigma: Dice@3 0.26).

@@ -22,4 +22,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.batch_size = 8
   config.eval.bootstrap_runs = 5
   config.localize.stats = 'global'  # the paper's rule (the demo uses per-pixel statistics)
+  # The baselines at the same tiny size (config.method=...).
+  config.autoencoder.nf = 8
+  config.autoencoder.ch_mult = (1, 2)
+  config.autoencoder.latent_channels = 4
+  config.autoencoder.num_groups = 4
+  config.vqvae.num_codes = 16
+  config.anovaegan.disc_nf = 8
+  config.anovaegan.disc_layers = 2
+  config.anoddpm.num_steps = 3
   return config

@@ -80,32 +80,42 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def model_signature(config) -> dict:
-  """The config fields a checkpoint's shapes depend on."""
-  m = config.model
-  return {'image_size': config.data.image_size, 'num_channels': config.data.num_channels,
-          'nf': m.nf, 'ch_mult': list(m.ch_mult), 'num_res_blocks': m.num_res_blocks,
-          'attn_resolutions': list(m.attn_resolutions), 'num_head_channels': m.num_head_channels,
-          'resblock_updown': m.resblock_updown, 'scale_shift_norm': m.scale_shift_norm,
-          'num_groups': m.num_groups}
+  """The method and the config values its checkpoint's shapes depend on."""
+  from sano_jax import methods  # pylint: disable=g-import-not-at-top
+  return methods.create(config).signature()
 
 
 def check_same_model(config, workdir: str) -> None:
-  """A clear error when `workdir` holds a run of another model than `config` describes."""
+  """A clear error when `workdir` holds a run of another method or model than `config` describes."""
   if not os.path.exists(os.path.join(workdir, 'config.json')):
     return
-  old = model_signature(load_config(workdir))
+  from sano_jax import methods  # pylint: disable=g-import-not-at-top
+  saved = load_config(workdir)
+  old_name, new_name = methods.method_name(saved), methods.method_name(config)
+  if old_name != new_name:
+    raise ValueError(f'workdir {workdir!r} holds a {old_name!r} run, but config.method={new_name!r}: '
+                     f'use --config.method={old_name} (or omit --config to use the run\'s own '
+                     'config), or a fresh --workdir for the other method.')
+  old = model_signature(saved)
   new = model_signature(config)
-  diff = {k: (old[k], new[k]) for k in new if json.dumps(old.get(k)) != json.dumps(new[k])}
+  diff = {k: (old.get(k), new[k]) for k in new if json.dumps(old.get(k)) != json.dumps(new[k])}
   if diff:
     detail = ', '.join(f'{k}: checkpoint {a} vs config {b}' for k, (a, b) in diff.items())
     raise ValueError(f'workdir {workdir!r} holds a checkpoint of a different model ({detail}). '
                      'Use a fresh --workdir, or the config that trained it.')
 
 
-def restore_for_inference(workdir: str, *, best: bool = True, ema: bool | None = None):
-  """(config, model, params) of a trained run: the best-by-validation (else latest) EMA params."""
-  from sano_jax import models
-  config = load_config(workdir)
+def restore_for_inference(workdir: str, *, best: bool = True, ema: bool | None = None,
+                          config=None):
+  """(config, method, params) of a trained run: the best-by-validation (else latest) EMA params.
+
+  config: the config to build the method from (default: the run's own config.json); it must
+  describe the same method and model (`check_same_model`)."""
+  from sano_jax import methods  # pylint: disable=g-import-not-at-top
+  if config is None:
+    config = load_config(workdir)
+  else:
+    check_same_model(config, workdir)
   ema = config.localize.use_ema if ema is None else ema
   key = 'ema_params' if ema else 'params'
   restored = None
@@ -123,4 +133,21 @@ def restore_for_inference(workdir: str, *, best: bool = True, ema: bool | None =
                               'train first with run_train.py --workdir=' + workdir)
     restored = mngr.restore(step, args=ocp.args.StandardRestore())[key]
     mngr.close()
-  return config, models.create_model(config), restored
+  method = methods.create(config)
+  _check_params_fit(method, restored, workdir)
+  return config, method, restored
+
+
+def _check_params_fit(method, params, workdir: str) -> None:
+  """A clear error when restored params do not have the shapes config.json's model describes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape)
+                         for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  got, want = shapes(params), shapes(jax.eval_shape(method.init, jax.random.PRNGKey(0)))
+  if got != want:
+    diff = [(k, got.get(k), want.get(k)) for k in sorted(set(got) | set(want))
+            if got.get(k) != want.get(k)][:3]
+    raise ValueError(f'the checkpoint in {workdir!r} does not fit the {method.name!r} model that '
+                     f'{os.path.join(workdir, "config.json")} describes (first differences, as '
+                     f'(param, checkpoint shape, config shape): {diff}); was another run copied '
+                     'into it?')

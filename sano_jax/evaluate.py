@@ -1,8 +1,9 @@
 """The evaluation run (SANO §3.3, Table 1, Fig. 1): calibrate, score the test split, report.
 
-`evaluate(config, workdir)`:
+`evaluate(config, workdir)`, the same for every method (`config.method`, `sano_jax.methods`):
   1. restores the best checkpoint of WORKDIR (EMA params if config.localize.use_ema);
-  2. fits the healthy `ScoreStats` on the validation split (streaming, jitted batches, padding masked
+  2. fits the healthy `ScoreStats` of the method's field (SANO's score, a baseline's residual
+     x - x_hat) on the validation split (streaming, jitted batches, padding masked
      by 'valid') and writes WORKDIR/score_stats.npz, so that `load_localizer(workdir)` works after;
   3. scores the test split in jitted batches (data-parallel over the local devices: the batch is
      sharded over a 1-D mesh and jit partitions the forward pass) into z-maps, and streams them into
@@ -31,8 +32,8 @@ import numpy as np
 from sano_jax import checkpointing
 from sano_jax import localization
 from sano_jax import metrics as metrics_lib
-from sano_jax import score as score_lib
-from sano_jax import sde as sde_lib
+from sano_jax import methods as methods_lib
+from sano_jax import sharding
 
 STATS_FILE = 'score_stats.npz'
 
@@ -50,16 +51,6 @@ def _check_workdir(workdir: str) -> None:
   if not has_ckpt:
     raise FileNotFoundError(f'no checkpoint in {workdir!r} (best/ and checkpoints/ are missing or '
                             f'empty): train first with run_train.py --config=... --workdir={workdir}')
-
-
-def _mesh_for(batch_size: int):
-  """A 1-D mesh over as many local devices as divide the eval batch size."""
-  from sano_jax import train
-  devices = jax.local_devices()
-  n = len(devices)
-  while batch_size % n:
-    n -= 1
-  return train.make_mesh(devices[:n])
 
 
 def _batches(source, config, mesh) -> Iterator[dict]:
@@ -105,9 +96,9 @@ def _json_safe(x):
 # Calibration: the healthy score statistics.
 
 
-def fit_stats(model, params, sde, config, source, mesh) -> localization.ScoreStats:
-  """Streams the healthy `source` through a jitted, batch-sharded update of `ScoreStats`."""
-  from sano_jax import train
+def fit_stats(method: methods_lib.Method, params, config, source, mesh) -> localization.ScoreStats:
+  """Streams the healthy `source` through a jitted, batch-sharded update of `ScoreStats` (the
+  statistics of the method's field: SANO's score, a baseline's residual)."""
   lc = config.localize
   if len(source) == 0:
     raise ValueError('cannot fit the score statistics: the healthy validation split '
@@ -115,17 +106,17 @@ def fit_stats(model, params, sde, config, source, mesh) -> localization.ScoreSta
 
   @jax.jit
   def step(stats, params, images, valid):
-    score_fn = score_lib.make_score_fn(model, params, sde, float(lc.t))
-    return localization.make_stats_step(score_fn, float(lc.smoothing_sigma))(stats, images, valid)
+    return localization.make_stats_step(method.field_fn(params), float(lc.smoothing_sigma))(
+        stats, images, valid)
 
   h = w = int(config.data.image_size)
   stats = localization.init_stats((h, w, int(config.data.num_channels)),
                                   smoothing_sigma=float(lc.smoothing_sigma))
-  stats = train.replicate(stats, mesh)
-  params = train.replicate(params, mesh)
+  stats = sharding.replicate(stats, mesh)
+  params = sharding.replicate(params, mesh)
   for batch in _progress(_batches(source, config, mesh), _num_batches(source, config),
                          'score stats (validation)'):
-    arrays = train.shard_batch({'image': _unit_images(batch), 'valid': batch['valid']}, mesh)
+    arrays = sharding.shard_batch({'image': _unit_images(batch), 'valid': batch['valid']}, mesh)
     stats = step(stats, params, arrays['image'], arrays['valid'])
   stats = jax.device_get(stats)
   try:
@@ -134,8 +125,9 @@ def fit_stats(model, params, sde, config, source, mesh) -> localization.ScoreSta
     raise ValueError(f'cannot fit the score statistics on the validation split: {e}') from e
   std = float(stats.std)
   if not (math.isfinite(std) and std > 0):
-    raise ValueError(f'the healthy score std is {std}: the model predicts no noise (untrained?) '
-                     'or produced NaN; cannot normalise the anomaly maps')
+    raise ValueError(f'the healthy std of the {method.name!r} field is {std}: the model is constant '
+                     '(untrained? a perfect reconstruction?) or produced NaN; cannot normalise the '
+                     'anomaly maps')
   return stats
 
 
@@ -275,7 +267,6 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   `input_pipeline.get_source(config, split)`; tests may pass in-memory lists of contract dicts.
   """
   from sano_jax import input_pipeline
-  from sano_jax import train
   _check_workdir(workdir)
   if jax.process_count() > 1:
     raise NotImplementedError('evaluation runs in one process (any number of local devices); '
@@ -289,17 +280,17 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   sigma = float(lc.smoothing_sigma)
   t_start = time.perf_counter()
 
-  _, model, params = checkpointing.restore_for_inference(workdir, ema=bool(lc.use_ema))
-  sde = sde_lib.from_config(config)
-  mesh = _mesh_for(int(ec.batch_size))
-  logging.info('evaluating %s on %d device(s), rule=%s, t=%g', workdir, mesh.devices.size, rule,
-               float(lc.t))
+  _, method, params = checkpointing.restore_for_inference(workdir, ema=bool(lc.use_ema),
+                                                         config=config)
+  mesh = sharding.local_mesh_for(int(ec.batch_size))
+  logging.info('evaluating %s (%s) on %d device(s), rule=%s, t=%g', workdir, method.name,
+               mesh.devices.size, rule, float(lc.t))
 
   # 1. Calibration on healthy validation images.
   val_source = val_source if val_source is not None else input_pipeline.get_source(
       config, config.data.validation_split)
   tic = time.perf_counter()
-  stats = fit_stats(model, params, sde, config, val_source, mesh)
+  stats = fit_stats(method, params, config, val_source, mesh)
   stats_seconds = time.perf_counter() - tic
   localization.save_stats(stats, os.path.join(workdir, STATS_FILE))
   logging.info('healthy score std %.4g over %d validation images', float(stats.std),
@@ -324,14 +315,13 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
 
   @jax.jit
   def score_step(params, stats, images, mean):
-    score_fn = score_lib.make_score_fn(model, params, sde, float(lc.t))
-    z, _ = localization.localize(score_fn, images, stats, n_sigma=n_sigma, smoothing_sigma=sigma,
+    z, _ = localization.localize(method.field_fn(params), images, stats, n_sigma=n_sigma, smoothing_sigma=sigma,
                                  rule=rule, target_fpr=float(lc.get('target_fpr', 1e-3)))
     base = baseline_map(images, mean, sigma) if mean is not None else None
     return z, base
 
-  params_d = train.replicate(params, mesh)
-  stats_d = train.replicate(stats, mesh)
+  params_d = sharding.replicate(params, mesh)
+  stats_d = sharding.replicate(stats, mesh)
   mean_d = None if mean is None else jnp.asarray(mean, jnp.float32)
   h = w = int(config.data.image_size)
   n_pixels = len(test_source) * h * w
@@ -341,7 +331,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   def scored(desc):
     """Yields (host batch, z [N,H,W], baseline [N,H,W] or None, device seconds) per batch."""
     for batch in _progress(_batches(test_source, config, mesh), n_batches, desc):
-      images = train.shard_batch({'image': _unit_images(batch)}, mesh)['image']
+      images = sharding.shard_batch({'image': _unit_images(batch)}, mesh)['image']
       tic = time.perf_counter()
       z, base = score_step(params_d, stats_d, images, mean_d)
       z = np.asarray(z)
@@ -392,7 +382,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
       baseline=base_metrics,
       num_anomalous_images=n_anomalous,
       num_healthy_images=n_valid - n_anomalous,
-      localization={'t': float(lc.t), 'rule': rule, 'n_sigma': n_sigma,
+      localization={'method': method.name, 't': float(lc.t), 'rule': rule, 'n_sigma': n_sigma,
                     'n_sigma_threshold': n_threshold, 'smoothing_sigma': sigma,
                     'use_ema': bool(lc.use_ema), 'target_fpr': float(lc.get('target_fpr', 1e-3))},
       score_stats={'path': os.path.join(workdir, STATS_FILE), 'std': float(stats.std),
@@ -422,10 +412,10 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   with open(tmp, 'w') as f:
     json.dump(out, f, indent=2)
   os.replace(tmp, path)
+  num = lambda v: math.nan if v is None else v  # JSON null (undefined) -> nan; 0.0 stays 0.0
   logging.info('AUROC %.4f AUPRC %.4f | OP dice %.4f iou %.4f | N=%g dice %.4f | baseline AUROC %s',
-               out['auroc'] or math.nan, out['auprc'] or math.nan,
-               out['operating_point']['dice'] or math.nan, out['operating_point']['iou'] or math.nan,
-               n_sigma, out['n_sigma']['dice'] or math.nan,
+               num(out['auroc']), num(out['auprc']), num(out['operating_point']['dice']),
+               num(out['operating_point']['iou']), n_sigma, num(out['n_sigma']['dice']),
                None if base_metrics is None else out['baseline']['auroc'])
   logging.info('wrote %s', path)
   return out
@@ -436,10 +426,12 @@ def format_summary(metrics: dict, workdir: str, seconds: float) -> str:
   op, ns, base = metrics['operating_point'], metrics['n_sigma'], metrics.get('baseline') or {}
   num = lambda v: 'n/a' if v is None else f'{v:.3f}'  # NaN is written as null
   pm = lambda key, d=metrics: f"{num(d.get(key))} ± {num(d.get(key + '_std'))}"
+  name = metrics['localization'].get('method', 'sano')
   rows = [
-      f"SANO on {metrics['data']['dataset']}: {metrics['num_images']} test images, "
+      f"{name} on {metrics['data']['dataset']}: {metrics['num_images']} test images, "
       f"{metrics['num_subjects']} subjects ({seconds / 60:.1f} min); "
-      f"t={metrics['localization']['t']:g}, {metrics['localization']['rule']} healthy statistics",
+      + (f"t={metrics['localization']['t']:g}, " if name == 'sano' else '')
+      + f"{metrics['localization']['rule']} healthy statistics",
       f"  pixel AUROC   {pm('auroc')}     trivial baseline {num(base.get('auroc'))}",
       f"  pixel AUPRC   {pm('auprc')}     trivial baseline {num(base.get('auprc'))}",
       f"  operating point (best F1, uses test labels): Dice {pm('dice', op)}  IoU {pm('iou', op)}",

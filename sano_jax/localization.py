@@ -338,14 +338,18 @@ def load_stats(path: str) -> ScoreStats:
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'no score statistics at {path}: run run_eval.py first or fit_score_stats + save_stats')
-  with np.load(path) as f:
-    missing = [k for k in _ARRAY_FIELDS + ('image_shape',) if k not in f]
-    if missing:
-      raise ValueError(f'{path} is not a ScoreStats file (missing {missing})')
-    kw = {k: jnp.asarray(f[k]) for k in _ARRAY_FIELDS}
-    return ScoreStats(**kw, image_shape=tuple(int(s) for s in f['image_shape']),
-                      smoothing_sigma=float(f['smoothing_sigma']), hist_lo=float(f['hist_lo']),
-                      hist_hi=float(f['hist_hi']))
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      missing = [k for k in _ARRAY_FIELDS + ('image_shape',) if k not in f]
+      if missing:
+        raise ValueError(f'missing {missing}')
+      kw = {k: jnp.asarray(f[k]) for k in _ARRAY_FIELDS}
+      return ScoreStats(**kw, image_shape=tuple(int(s) for s in f['image_shape']),
+                        smoothing_sigma=float(f['smoothing_sigma']), hist_lo=float(f['hist_lo']),
+                        hist_hi=float(f['hist_hi']))
+  except (ValueError, OSError, EOFError, KeyError) as e:
+    raise ValueError(f'{path} is not a readable ScoreStats file ({e}); rerun run_eval.py to fit '
+                     'the healthy statistics again') from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,28 +438,39 @@ def _rule_from_config(lc) -> str:
   return kind
 
 
-def load_localizer(workdir: str) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+def load_localizer(workdir: str, *, method: str | None = None
+                   ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
   """images -> (z_map, mask), jitted, with the best (EMA) params and WORKDIR/score_stats.npz bound.
 
-  Concrete inputs are checked on the host first (check_images); under an outer jit/vmap it traces.
+  Works for every method (`config.method` of the workdir's config.json says which one it holds:
+  its `field` replaces the score, e.g. x - x_hat for the reconstruction baselines). `method`, when
+  given, must name that method (a clear error naming both otherwise). Concrete inputs are checked
+  on the host first (check_images); under an outer jit/vmap it traces.
 
   Uses config.localize.{t, n_sigma, smoothing_sigma, stats, two_sided, target_fpr}.
   """
-  from sano_jax import checkpointing, score
-  from sano_jax import sde as sde_lib
-  config, model, params = checkpointing.restore_for_inference(workdir)
+  from sano_jax import checkpointing, methods
+  if method is not None:
+    held = methods.method_name(checkpointing.load_config(workdir))
+    if methods.check_name(method) != held:
+      raise ValueError(f'workdir {workdir!r} holds a {held!r} run, not {method!r}')
+  config, method_obj, params = checkpointing.restore_for_inference(workdir)
   lc = config.localize
   path = os.path.join(workdir, 'score_stats.npz')
   if not os.path.exists(path):
     raise FileNotFoundError(f'no score statistics at {path}: run run_eval.py first '
                             '(or fit_score_stats + save_stats)')
   stats = load_stats(path)
-  sde = sde_lib.from_config(config)
+  size, channels = int(config.data.image_size), int(config.data.num_channels)
+  if tuple(stats.image_shape) != (size, size, channels):
+    h, w, c = stats.image_shape
+    raise ValueError(f'{path} was fitted on {h}x{w}x{c} images, but the run in {workdir!r} is '
+                     f'{size}x{size}x{channels}: rerun run_eval.py --workdir={workdir}')
 
   @jax.jit
   def localize_with(params, stats, images):
     # params and stats are arguments, not constants baked into the compiled program.
-    return localize(score.make_score_fn(model, params, sde, lc.t), images, stats,
+    return localize(method_obj.field_fn(params), images, stats,
                     n_sigma=float(lc.n_sigma), smoothing_sigma=float(lc.smoothing_sigma),
                     rule=_rule_from_config(lc), target_fpr=float(lc.get('target_fpr', 1e-3)))
   def localizer(images):

@@ -41,22 +41,23 @@ def find_images(pattern: str) -> list[str]:
 def read_image(path: str, channels: int) -> np.ndarray:
   """float32 [H, W, channels] in [0, 1]. Alpha is composited over white; 16-bit is rescaled.
 
-  Raises ValueError naming the file when it cannot be read as an image.
+  Decoded as the folder builder decodes training images (``sano_jax.datasets.images``): EXIF
+  orientation applied (a phone photo is upright, as viewers show it), 16-bit scaled by 1/65535,
+  float by its range, CMYK converted to RGB. Raises ValueError naming the file when it cannot be
+  read as an image (corrupt, truncated, or over Pillow's decompression-bomb limit).
   """
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  from sano_jax.datasets import images as images_lib  # pylint: disable=g-import-not-at-top
   if channels not in (1, 3):
     raise ValueError(f'the model has {channels} channels; predict supports 1 (gray) or 3 (RGB)')
   try:
-    with Image.open(path) as im:
-      im.load()
-      im = _to_8bit_mode(im)
-      if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
-        rgba = im.convert('RGBA')
-        white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba)
-      im = im.convert('L' if channels == 1 else 'RGB')
-      arr = np.asarray(im, np.float32) / 255.0
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    im = images_lib.open_image(path, repr(path))
+  except ValueError as e:
+    raise ValueError(f'cannot read {path!r} as an image: {e.__cause__ or e}') from e
+  try:
+    im = images_lib.flatten_alpha(_to_8bit_mode(im))
+    im = im.convert('L' if channels == 1 else 'RGB')
+    arr = np.asarray(im, np.float32) / 255.0
+  except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f'cannot read {path!r} as an image: {e}') from e
   if arr.ndim == 2:
     arr = arr[..., None]
@@ -66,28 +67,19 @@ def read_image(path: str, channels: int) -> np.ndarray:
 
 
 def _check_readable(path: str) -> None:
+  """Header-only check (cheap); a file cut off after its header fails later, in read_image."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(path):
       pass
-  except (OSError, SyntaxError, ValueError) as e:
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f'cannot read {path!r} as an image: {e}') from e
 
 
 def _to_8bit_mode(im):
   """16/32-bit integer and float gray images -> 'L' (scaled by their type's range, not clipped)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  if im.mode.startswith('I;16') or im.mode in ('I', 'F'):
-    a = np.asarray(im).astype(np.float64)
-    if im.mode == 'F':
-      top = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
-    elif im.mode.startswith('I;16'):
-      top = 65535.0
-    else:
-      top = 255.0 if a.size and a.max() <= 255 else 65535.0
-    a = np.clip(np.nan_to_num(a) / top, 0.0, 1.0)
-    return Image.fromarray((a * 255.0 + 0.5).astype(np.uint8), 'L')
-  return im
+  from sano_jax.datasets import images as images_lib  # pylint: disable=g-import-not-at-top
+  return images_lib.to_8bit(im)
 
 
 def _resize(x: np.ndarray, shape: tuple[int, int], order: int, anti_aliasing: bool) -> np.ndarray:
@@ -125,7 +117,7 @@ def _out_names(paths: Sequence[str]) -> list[str]:
 
 
 def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_size: int = 16,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, method: str | None = None) -> list[dict]:
   """Localizes every image of `images` (a glob, a folder, or a list of paths) into `out_dir`.
 
   Returns per image {path, mask, heatmap, height, width, max_z, anomalous_fraction}.
@@ -147,7 +139,7 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
   n_sigma = float(config.localize.n_sigma)
   for p in paths:  # header-only check of every file before any work is done
     _check_readable(p)
-  localizer = localization.load_localizer(workdir)
+  localizer = localization.load_localizer(workdir, method=method)
   os.makedirs(out_dir, exist_ok=True)
   names = _out_names(paths)
   batch_size = max(1, int(batch_size))
@@ -191,9 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--images', required=True, help="glob (quoted, e.g. 'dir/*.jpg') or folder")
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--batch_size', type=int, default=16)
+  parser.add_argument('--method', default=None,
+                      help='check that WORKDIR holds this method (sano, ae, vae, cevae, vqvae, '
+                      'anovaegan, anoddpm); default: whatever its config.json says')
   args = parser.parse_args(argv)
   try:
-    results = predict(args.workdir, args.images, args.out, batch_size=args.batch_size)
+    results = predict(args.workdir, args.images, args.out, batch_size=args.batch_size,
+                      method=args.method)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -1,8 +1,10 @@
-"""Training the score model on healthy images (SANO §3.2): pmapped denoising score matching.
+"""Training on healthy images (SANO §3.2): data-parallel steps of the selected method's loss.
 
-`train_step` is a pure function of (state, batch) pmapped over local devices (axis 'batch'): gradients
-and metrics are averaged with `lax.pmean`, so one step on a global batch gives the same params whatever
-the number of devices or hosts. `train_and_evaluate(config, workdir)` is the whole run.
+`train_step` is a pure function of (state, batch) shard_mapped over all devices (axis 'batch'):
+gradients and metrics are averaged with `lax.pmean`, so one step on a global batch gives the same
+params whatever the number of devices or hosts. The loss comes from `config.method`
+(`sano_jax.methods`: SANO's denoising score matching, eq. 1, or a baseline's objective).
+`train_and_evaluate(config, workdir)` is the whole run.
 """
 from __future__ import annotations
 
@@ -21,14 +23,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from sano_jax import checkpointing
-from sano_jax import losses
-from sano_jax import models
-from sano_jax import sde as sde_lib
-
-AXIS = 'batch'
+from sano_jax import methods
+from sano_jax.sharding import AXIS, make_mesh, replicate, shard_batch, to_host  # pylint: disable=unused-import
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -39,9 +38,8 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array  # raw uint32[2] key, so that it checkpoints as a plain array
 
 
-def create_optimizer(config) -> optax.GradientTransformation:
-  """Adam (lr 2e-4 in the paper) with linear warm-up and global-norm clipping."""
-  o = config.optim
+def _adam(o) -> optax.GradientTransformation:
+  """Adam (lr 2e-4 in the paper) with linear warm-up and global-norm clipping, from an optim block."""
   schedule = optax.linear_schedule(0.0, o.lr, max(1, o.warmup_steps)) if o.warmup_steps else o.lr
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []
   if o.weight_decay:
@@ -51,19 +49,29 @@ def create_optimizer(config) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def create_train_state(config, model, tx, rng: jax.Array) -> TrainState:
+def create_optimizer(config, method: methods.Method | None = None) -> optax.GradientTransformation:
+  """`config.optim`'s Adam; a method with several networks gets one per network (multi_transform)."""
+  groups = method.optimizer_groups() if method is not None else None
+  if groups is None:
+    return _adam(config.optim)
+  labels, optims = groups
+  return optax.multi_transform({k: _adam(o if o is not None else config.optim)
+                                for k, o in optims.items()}, labels)
+
+
+def create_train_state(config, method: methods.Method, tx, rng: jax.Array) -> TrainState:
   """Initial state (on the host): params from `rng`, EMA params = params, step 0."""
   init_rng, state_rng = jax.random.split(rng)
-  size, ch = config.data.image_size, config.data.num_channels
-  params = jax.jit(model.init)(init_rng, jnp.zeros((1, size, size, ch)), jnp.ones((1,)))['params']
+  params = method.init(init_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params),  # own buffers: the state is donated
                     opt_state=tx.init(params), rng=state_rng)
 
 
-def train_step(state: TrainState, batch: dict, *, model, sde: sde_lib.VPSDE,
+def train_step(state: TrainState, batch: dict, *, method: methods.Method,
                tx: optax.GradientTransformation, config) -> tuple[TrainState, dict]:
-  """One step of eq. (1) on this device's batch['image'] [b,H,W,C], inside shard_map/pmap over 'batch'."""
+  """One step of the method's loss on this device's batch['image'] [b,H,W,C], inside shard_map over
+  'batch'; metrics are the batch means of every loss term, plus the gradient norm."""
   images = batch['image']
   step_rng = jax.random.fold_in(state.rng, state.step)
   noise_rng, dropout_rng = jax.random.split(step_rng)
@@ -73,22 +81,20 @@ def train_step(state: TrainState, batch: dict, *, model, sde: sde_lib.VPSDE,
   ids = device * images.shape[0] + jnp.arange(images.shape[0])
 
   def loss_fn(params):
-    eps_fn = lambda x, t: model.apply({'params': params}, x, t, train=True, rngs={'dropout': dropout_rng})
-    per_example = losses.dsm_loss_per_example(
-        eps_fn, sde, images, noise_rng, ids, t_eps=config.sde.eps,
-        likelihood_weighting=config.sde.likelihood_weighting)
-    return jnp.mean(per_example)
+    terms = method.losses(params, images, ids, noise_rng, train=True, dropout_rng=dropout_rng)
+    terms = {k: jnp.mean(v) for k, v in terms.items()}
+    return terms['loss'], terms
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
-  loss = jax.lax.pmean(loss, AXIS)
+  terms = jax.lax.pmean(terms, AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   rate = config.training.ema_rate
   ema_params = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state.ema_params, params)
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                             opt_state=opt_state)
-  return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+  return new_state, {**terms, 'grad_norm': optax.global_norm(grads)}
 
 
 def train_steps(state: TrainState, batches: dict, **kwargs) -> tuple[TrainState, dict]:
@@ -100,68 +106,35 @@ def train_steps(state: TrainState, batches: dict, **kwargs) -> tuple[TrainState,
   return state, jax.tree.map(lambda m: m[-1], metrics)
 
 
-def eval_step(params, batch: dict, rng: jax.Array, *, model, sde: sde_lib.VPSDE, config) -> dict:
-  """Sum and count of the per-example loss on a validation batch (padded examples masked by 'valid').
+def eval_step(params, batch: dict, rng: jax.Array, *, method: methods.Method) -> dict:
+  """Sum and count of the per-example validation objective ('select', else 'loss') on a batch
+  (padded examples masked by 'valid').
 
-  t and z of example i depend only on (rng, batch['index'][i]), so the validation loss is the same
-  number whatever the batch size or device count."""
-  eps_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
-  per_example = losses.dsm_loss_per_example(
-      eps_fn, sde, batch['image'], rng, batch['index'], t_eps=config.sde.eps,
-      likelihood_weighting=config.sde.likelihood_weighting)
+  The randomness of example i depends only on (rng, batch['index'][i]), so the validation loss is
+  the same number whatever the batch size or device count."""
+  terms = method.losses(params, batch['image'], batch['index'], rng, train=False)
+  per_example = terms.get('select', terms['loss'])
   valid = batch['valid'].astype(jnp.float32)
   return jax.lax.psum({'loss_sum': jnp.sum(per_example * valid), 'count': jnp.sum(valid)}, AXIS)
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over all (global) devices, axis 'batch': data parallelism over devices and hosts."""
-  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (AXIS,))
-
-
-def make_steps(config, model, sde, tx, mesh: Mesh):
+def make_steps(config, method: methods.Method, tx, mesh: Mesh):
   """(train, evaluate): `train_step` (scanned when steps_per_call > 1) and `eval_step`, each
   shard_mapped over the mesh's 'batch' axis and jitted; the train state is replicated and donated,
   batches are sharded along their batch axis ([k, B, ...] for k steps per call).
 
   This is pmap's data parallelism written with jit + shard_map, which is how jax.pmap itself is
   implemented since JAX 0.8 and what works across hosts with global arrays."""
-  kw = dict(model=model, sde=sde, tx=tx, config=config)
   multi = config.training.steps_per_call > 1
-  step_fn = functools.partial(train_steps if multi else train_step, **kw)
+  step_fn = functools.partial(train_steps if multi else train_step, method=method, tx=tx,
+                              config=config)
   batch_spec = P(None, AXIS) if multi else P(AXIS)
   train = jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), batch_spec), out_specs=(P(), P()),
                                 check_vma=False), donate_argnums=(0,))
   evaluate = jax.jit(jax.shard_map(
-      functools.partial(eval_step, model=model, sde=sde, config=config), mesh=mesh,
+      functools.partial(eval_step, method=method), mesh=mesh,
       in_specs=(P(), P(AXIS), P()), out_specs=P(), check_vma=False))
   return train, evaluate
-
-
-def replicate(tree, mesh: Mesh):
-  """Put a host pytree (the same on every process) on every device of the mesh."""
-  return jax.device_put(jax.device_get(tree), NamedSharding(mesh, P()))  # never aliases `tree`
-
-
-def shard_batch(batch: dict, mesh: Mesh, *, stacked: bool = False) -> dict:
-  """A process-local batch [local_devices, b, ...] (or [local_devices, k, b, ...]) -> global arrays
-  [B, ...] ([k, B, ...]) sharded over 'batch'; process p's rows follow process p-1's."""
-  spec = P(None, AXIS) if stacked else P(AXIS)
-  sharding = NamedSharding(mesh, spec)
-
-  def put(x):
-    x = np.asarray(x)
-    if stacked:  # [ndev, k, b, ...] -> [k, ndev*b, ...]
-      x = np.swapaxes(x, 0, 1)
-      local = x.reshape((x.shape[0], -1) + x.shape[3:])
-    else:
-      local = x.reshape((-1,) + x.shape[2:])
-    return jax.make_array_from_process_local_data(sharding, local)
-  return {k: put(v) for k, v in batch.items()}
-
-
-def to_host(tree):
-  """A replicated pytree as numpy (this process's first copy)."""
-  return jax.device_get(jax.tree.map(lambda x: x.addressable_data(0), tree))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,10 +159,22 @@ def check_config(config, num_devices: int) -> None:
   if config.eval.batch_size % num_devices:
     raise ValueError(f'eval.batch_size={config.eval.batch_size} is not divisible by the {num_devices} '
                      'devices; use a multiple.')
-  levels = len(config.model.ch_mult) - 1
+  name = methods.method_name(config)  # a clear error for an unknown method
+  rates = {'optim.lr': config.optim.lr}
+  if name == 'anovaegan':
+    rates['anovaegan.disc_lr'] = config.anovaegan.disc_lr
+  for key, lr in rates.items():
+    if not lr > 0:
+      raise ValueError(f'{key}={lr}: the learning rate must be > 0')
+  if not 0.0 <= float(config.training.ema_rate) < 1.0:
+    raise ValueError(f'training.ema_rate={config.training.ema_rate} must lie in [0, 1)')
+  if name in ('sano', 'anoddpm'):
+    block, levels = 'model', len(config.model.ch_mult) - 1
+  else:
+    block, levels = 'autoencoder', len(config.autoencoder.ch_mult)
   if config.data.image_size % (2 ** levels):
     raise ValueError(f'data.image_size={config.data.image_size} is not divisible by 2^{levels} '
-                     f'(model.ch_mult has {levels + 1} levels)')
+                     f'({block}.ch_mult={tuple(getattr(config, block).ch_mult)} of method {name!r})')
 
 
 class MetricsLog:
@@ -278,10 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_source = train_source or input_pipeline.get_source(config, config.data.train_split)
   val_source = val_source or input_pipeline.get_source(config, config.data.validation_split)
 
-  model = models.create_model(config)
-  sde = sde_lib.from_config(config)
-  tx = create_optimizer(config)
-  state = create_train_state(config, model, tx, jax.random.PRNGKey(config.seed))
+  method = methods.create(config)
+  tx = create_optimizer(config, method)
+  state = create_train_state(config, method, tx, jax.random.PRNGKey(config.seed))
   store = checkpointing.CheckpointStore(workdir, keep=config.training.keep_checkpoints)
   if store.latest_step() is not None:
     try:
@@ -294,11 +278,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   log = MetricsLog(workdir, is_chief)
   if is_chief:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info('model: %.2fM params; %d devices; global batch %d', n_params / 1e6, num_devices,
-                 config.training.batch_size)
+    logging.info('method %s: %.2fM params; %d devices; global batch %d', method.name,
+                 n_params / 1e6, num_devices, config.training.batch_size)
 
   mesh = make_mesh()
-  train_fn, eval_fn = make_steps(config, model, sde, tx, mesh)
+  train_fn, eval_fn = make_steps(config, method, tx, mesh)
   state = replicate(state, mesh)
   k = config.training.steps_per_call
   batches = input_pipeline.train_iterator(
@@ -315,11 +299,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   progress = _progress(start_step, t.num_train_steps, is_chief)
   last_good = store.latest_step()
   tic, step, last_logged = time.perf_counter(), start_step, start_step
+  run_start = tic
+  in_flight = None  # the metrics of the last dispatched call: the bar counts COMPLETED steps
   try:
     while step < t.num_train_steps:
       state, metrics = train_fn(state, next(batches))
       step += k
-      progress.update(k)
+      if in_flight is not None:  # one call stays queued behind this one, so dispatch still overlaps
+        jax.block_until_ready(in_flight)
+        progress.update(k)
+      in_flight = metrics
       if step == start_step + k:  # the first call compiles: keep it out of images/s
         jax.block_until_ready(metrics)
         log.write(step, {'perf/compile_and_first_step_s': time.perf_counter() - tic})
@@ -333,24 +322,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               f'non-finite loss ({loss}) at step {step}; stopped without saving. {kept} Lower '
               '--config.optim.lr, enable --config.optim.grad_clip, or check the data for NaN/inf.')
         if step % t.log_every == 0 or step == t.num_train_steps:
-          elapsed = time.perf_counter() - tic
-          n = step - last_logged
-          log.write(step, {'train/loss': loss,
-                           'train/grad_norm': float(to_host(metrics['grad_norm'])),
-                           'perf/steps_per_s': n / elapsed,
-                           'perf/images_per_s': n * t.batch_size / elapsed})
-          progress.set_postfix(loss=f'{loss:.4f}', img_s=f'{n * t.batch_size / elapsed:.1f}')
+          scalars = {f'train/{name}': v for name, v in to_host(metrics).items()}
+          scalars['perf/wall_s'] = time.perf_counter() - run_start
+          n, elapsed = step - last_logged, time.perf_counter() - tic
+          if n > 0:  # no timed step since the last log (e.g. the compile step): no rate to report
+            scalars.update({'perf/steps_per_s': n / elapsed,
+                            'perf/images_per_s': n * t.batch_size / elapsed})
+            progress.set_postfix(loss=f'{loss:.4f}', img_s=f'{n * t.batch_size / elapsed:.1f}')
+          log.write(step, scalars)
           tic, last_logged = time.perf_counter(), step
       if step % t.eval_every == 0 or step == t.num_train_steps:
         val_loss = evaluate_loss(eval_fn, eval_params(state), val_source, config, mesh)
         log.write(step, {'validation/loss': val_loss})
         host = to_host(state)
         store.save_best(step, {'params': host.params, 'ema_params': host.ema_params}, val_loss)
-        tic = time.perf_counter()
+        tic, last_logged = time.perf_counter(), step
       if step % t.checkpoint_every == 0 or step == t.num_train_steps:
         store.save(step, to_host(state))
         last_good = step
-        tic = time.perf_counter()
+        tic, last_logged = time.perf_counter(), step
+    if in_flight is not None:
+      jax.block_until_ready(in_flight)
+      progress.update(k)
   finally:
     progress.close()
     log.close()

@@ -7,6 +7,7 @@ import os
 import sys
 
 out, local_devices = sys.argv[1], int(sys.argv[2])
+# Always CPU, whatever the parent environment says (e.g. JAX_PLATFORMS=cuda on a GPU machine).
 os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={local_devices}'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -14,19 +15,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sano_jax import distributed  # noqa: E402
 
 distributed.maybe_initialize()
+if 'JAX_COORDINATOR_ADDRESS' in os.environ:  # the test retries a pair that fails before this line
+  print('process', os.environ['JAX_PROCESS_ID'], 'initialized', flush=True)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sano_jax import input_pipeline, models, sde as sde_lib, train  # noqa: E402
+from sano_jax import input_pipeline, methods, train  # noqa: E402
 from tests.helpers import grating_source, tiny_config  # noqa: E402
 
 config = tiny_config(**{'optim.warmup_steps': 0, 'model.dropout': 0.1})
 assert jax.device_count() == 4, jax.devices()
-model, tx = models.create_model(config), train.create_optimizer(config)
-state = train.create_train_state(config, model, tx, jax.random.PRNGKey(0))
+method = methods.create(config)
+tx = train.create_optimizer(config, method)
+state = train.create_train_state(config, method, tx, jax.random.PRNGKey(0))
 mesh = train.make_mesh()
-step, _ = train.make_steps(config, model, sde_lib.from_config(config), tx, mesh)
+step, _ = train.make_steps(config, method, tx, mesh)
 state = train.replicate(state, mesh)
 batches = input_pipeline.train_iterator(
     grating_source(32), global_batch_size=8, seed=0, num_local_devices=jax.local_device_count(),

@@ -77,6 +77,46 @@ def test_textures_build_splits_and_masks(brick16):
   assert len(src) / len(subjects['test']) >= 2  # several crops per subject
 
 
+def _cell(subject):
+  split, cell = subject.split('/')
+  return split, cell
+
+
+def test_textures_splits_come_from_disjoint_regions(brick16):
+  """Subject ids carry their split as a prefix, so prefixed ids are disjoint whatever the regions:
+  check what the prefix hides. Each crop is the texture at the (y, x) its name gives (verified on the
+  pixels), the splits' crops cover disjoint sets of source columns, and the un-prefixed subject
+  cells (crop centre // cell size) are disjoint between splits."""
+  _, sources = brick16
+  cfg = _config('brick_16')
+  tex = textures.load_texture(cfg.texture, cfg.scale)
+  cell = max(8, min(16, 16 // 2))
+  columns, cells = {}, {}
+  for split, src in sources.items():
+    columns[split], cells[split] = np.zeros(tex.shape[1], bool), set()
+    for i in range(len(src)):
+      ex = src[i]
+      m = _NAME.match(_decode(ex['name']))
+      y, x = int(m.group(3)), int(m.group(4))
+      healthy = ~ex['mask'][..., 0].astype(bool)
+      np.testing.assert_array_equal(ex['image'][healthy], tex[y:y + 16, x:x + 16][healthy])
+      if split != 'test':
+        assert healthy.all()
+        np.testing.assert_array_equal(ex['image'], tex[y:y + 16, x:x + 16])
+      columns[split][x:x + 16] = True
+      prefix, rc = _cell(_decode(ex['subject']))
+      assert prefix == split
+      assert rc == f'r{(y + 8) // cell:02d}c{(x + 8) // cell:02d}'
+      cells[split].add(rc)
+  for a, b in (('train', 'validation'), ('train', 'test'), ('validation', 'test')):
+    assert not (columns[a] & columns[b]).any(), (a, b, np.flatnonzero(columns[a] & columns[b]))
+    assert not cells[a] & cells[b], (a, b, sorted(cells[a] & cells[b])[:5])
+  # No crop of one split is a crop of another (pixel content), even shifted within a band.
+  val_crops = {sources['validation'][i]['image'].tobytes() for i in range(len(sources['validation']))}
+  assert not any(sources['train'][i]['image'].tobytes() in val_crops
+                 for i in range(0, len(sources['train']), 3))
+
+
 def test_textures_deterministic(brick16, tmp_path):
   _, a = brick16
   _, b = _build(tmp_path)
@@ -103,9 +143,31 @@ def test_textures_anomalies_are_not_intensity_blobs():
 
 
 def test_retina_is_rgb():
+  """Real colour: the crops are cut from the RGB fundus photo (not a gray image in 3 channels)."""
+  from skimage import data  # pylint: disable=g-import-not-at-top
   cfg = _config('retina_16')
+  assert textures.num_channels(cfg.texture) == 3
+  raw = data.retina().astype(np.float64)
+  field = raw[raw.sum(-1) > 60]  # the fundus, not the black surround
+  raw_means = field.mean(0)
+  assert raw_means[0] > raw_means[1] > raw_means[2]  # reddish: R > G > B
+  for split in ('train', 'test'):
+    examples = textures.make_split(cfg, split)
+    images = np.stack([e['image'] for e in examples]).astype(np.float64)
+    assert images.shape[1:] == (16, 16, 3)
+    gray = (np.ptp(images, axis=-1) == 0).mean()
+    assert gray < 0.01, gray  # almost no pixel has equal channels
+    means = images.mean((0, 1, 2))
+    assert means[0] - means[1] > 50 and means[1] - means[2] > 5, means
+    # Each crop's channels keep the photo's order of channel means.
+    per_crop = images.mean((1, 2))
+    assert (np.argsort(-per_crop, axis=-1) == [0, 1, 2]).mean() > 0.9
+  tex = textures.load_texture(cfg.texture, cfg.scale)
+  train = textures.make_split(cfg, 'train')
+  m = _NAME.match(train[5]['name'])
+  y, x = int(m.group(3)), int(m.group(4))
+  np.testing.assert_array_equal(train[5]['image'], tex[y:y + 16, x:x + 16])
   test = textures.make_split(cfg, 'test')
-  assert test[0]['image'].shape == (16, 16, 3)
   anom = [e for e in test if e['name'].endswith('anom')]
   assert anom and all(e['mask'].any() for e in anom)
 
@@ -171,8 +233,18 @@ def test_folder_builds(tmp_path):
   expected[np.ix_((ys >= 10) & (ys < 20), (xs >= 12) & (xs < 30))] = 1
   np.testing.assert_array_equal(ex['mask'][..., 0], expected)
   assert not train[0]['mask'].any()
-  # Same folders -> same prepared dataset; a second call does not rebuild.
-  assert len(ip.get_source(cfg, 'train')) == len(train)
+  # Same folders -> same prepared dataset; a second call does not rebuild: the prepared files are
+  # the same files, untouched, and no second dataset directory appears.
+  def listing():
+    root = tmp_path / 'tfds'
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_ino, p.stat().st_size)
+            for p in root.rglob('*') if p.is_file()}
+  before = listing()
+  assert len(list((tmp_path / 'tfds' / 'sano_folder').iterdir())) == 1
+  again = ip.get_source(cfg, 'train')
+  assert listing() == before
+  assert len(again) == len(train)
+  assert [again[i]['name'] for i in range(len(again))] == [train[i]['name'] for i in range(len(train))]
 
 
 def test_folder_subject_is_stem_without_csv(tmp_path):

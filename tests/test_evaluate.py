@@ -174,3 +174,20 @@ def test_summary_reports_the_metrics(run):
   assert f"pixel AUROC   {out['auroc']:.3f}" in text
   assert f"trivial baseline {out['baseline']['auroc']:.3f}" in text
   assert 'N = 3 sigma' in text and os.path.join(workdir, 'eval', 'metrics.json') in text
+
+
+def test_compare_writes_table_and_side_by_side_figure(run, tmp_path):
+  """run_compare.py on a real evaluated run (twice, as two columns): the table repeats its metrics
+  and the figure localizes the same test images through load_localizer."""
+  _, workdir, out = run
+  proc = subprocess.run([sys.executable, os.path.join(REPO, 'run_compare.py'),
+                         f'--workdirs={workdir},{workdir}', f'--out={tmp_path}'],
+                        capture_output=True, text=True, cwd=REPO, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = json.load(open(tmp_path / 'compare.json'))['rows']
+  assert len(rows) == 2 and rows[0]['auroc'] == out['auroc'] and rows[0]['method'] == 'sano'
+  assert f"{out['auroc']:.3f}" in proc.stdout
+  from PIL import Image
+  with Image.open(tmp_path / 'compare.png') as im:
+    assert im.size[0] > 400 and im.size[1] > 300

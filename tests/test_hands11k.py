@@ -81,7 +81,18 @@ def test_masks_line_up_with_images(built32):
     assert blueness[mask].mean() > 100 > blueness[~mask].mean()
 
 
-def test_zipped_inputs(tmp_path):
+def _by_name(src):
+  out = {}
+  for i in range(len(src)):
+    ex = src[i]
+    out[ex['name']] = ex
+  assert len(out) == len(src)
+  return out
+
+
+def test_zipped_inputs(tmp_path, built32):
+  """Hands.zip (images in a folder inside the zip) and masks.zip (at its root) give exactly the
+  dataset built from the unzipped folders: every feature of every example, byte for byte."""
   manual = tmp_path / 'manual'
   manual.mkdir()
   shutil.copy(DUMMY / 'HandInfo.csv', manual)
@@ -89,8 +100,22 @@ def test_zipped_inputs(tmp_path):
     with zipfile.ZipFile(manual / zip_name, 'w') as zf:
       for p in sorted((DUMMY / folder).iterdir()):
         zf.write(p, inner + p.name)
-  builder = _build(manual, tmp_path / 'data')
+  assert not (manual / 'Hands').exists() and not (manual / 'masks').exists()
+  builder = _build(manual, tmp_path / 'data', size=32)
   assert {s: v.num_examples for s, v in builder.info.splits.items()} == SPLITS
+  for split, folder_src in built32.items():
+    zipped, unzipped = _by_name(builder.as_data_source(split=split)), _by_name(folder_src)
+    assert set(zipped) == set(unzipped), split
+    for name, ex in unzipped.items():
+      other = zipped[name]
+      assert set(other) == set(ex), name
+      for key, value in ex.items():
+        a, b = np.asarray(value), np.asarray(other[key])
+        assert a.dtype == b.dtype and a.shape == b.shape, (name, key)
+        assert a.tobytes() == b.tobytes(), (split, name, key)
+    # Not a dataset of blank images: the masks of the test split hold the rings.
+    if split == 'test':
+      assert all(ex['mask'].any() for ex in zipped.values())
 
 
 def test_missing_csv(tmp_path):

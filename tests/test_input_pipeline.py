@@ -64,20 +64,46 @@ def test_train_start_step_equals_skipping():
 
 
 def test_train_start_step_reads_no_earlier_batch():
+  """Resuming at step k reads batches k, k+1, ... (and a bounded prefetch), never batch < k."""
+
   class Recording(ListSource):
     def __init__(self, n):
       super().__init__(n)
-      self.read = []
+      self.reads = []  # one entry per read call: the indices it asked for, as a tuple
 
     def __getitem__(self, i):
-      self.read.append(int(i))
+      self.reads.append((int(i),))
       return super().__getitem__(i)
 
-  src = Recording(16)
-  it = ip.train_iterator(src, global_batch_size=4, seed=0, start_step=1000, num_local_devices=1)
-  batch = next(it)
-  expected = ip.epoch_permutation(16, 0, 1000 // 4)[0:4]
-  np.testing.assert_array_equal(_ids(batch['image']), expected)
+    def __getitems__(self, indices):
+      self.reads.append(tuple(int(i) for i in indices))
+      return [super(Recording, self).__getitem__(i) for i in indices]
+
+  n, gbs, start = 16, 4, 1000
+  per_epoch = n // gbs
+
+  def batch_indices(step):
+    epoch, b = divmod(step, per_epoch)
+    return tuple(int(i) for i in ip.epoch_permutation(n, 0, epoch)[b * gbs:(b + 1) * gbs])
+
+  src = Recording(n)
+  it = ip.train_iterator(src, global_batch_size=gbs, seed=0, start_step=start, num_local_devices=1)
+  batches = _take(it, 3)
+  if hasattr(it, 'close'):
+    it.close()
+  for j, batch in enumerate(batches):
+    np.testing.assert_array_equal(_ids(batch['image']), batch_indices(start + j))
+  # Every read is one whole batch of step >= start (the prefetch may read a few steps ahead; an
+  # iterator that skipped by reading steps 0..999 would have made >= 1000 reads of earlier steps).
+  window = {batch_indices(k): k for k in range(start - 2 * per_epoch, start + 64)}
+  assert window[batch_indices(start - 1)] == start - 1  # batches of nearby steps are distinct
+  steps = []
+  for r in src.reads:
+    assert r in window, f'read {r} is not a batch of a step near {start}'
+    steps.append(window[r])
+  assert min(steps) == start, sorted(steps)[:5]
+  assert set(range(start, start + 3)) <= set(steps)
+  assert len(steps) <= 40, len(steps)
 
 
 def test_train_seed_and_dtype():
@@ -154,17 +180,42 @@ def brick16(tmp_path_factory):
 
 
 def test_get_source_builds_and_reads(brick16):
-  train = ip.get_source(brick16, 'train')
-  test = ip.get_source(brick16, 'test')
-  assert len(train) > 1000 and 200 <= len(test) <= 400
-  ex = test[0]
-  assert ex['image'].shape == (16, 16, 1) and ex['image'].dtype == np.uint8
-  assert ex['mask'].shape == (16, 16, 1) and isinstance(ex['subject'], str)
-  batch = next(ip.train_iterator(train, global_batch_size=8, seed=0, num_local_devices=1))
+  """Each split holds exactly the examples the generator makes for it, byte for byte."""
+  from sano_jax.datasets import textures  # pylint: disable=g-import-not-at-top
+  tex_cfg = next(c for c in textures.SanoTextures.BUILDER_CONFIGS if c.name == 'brick_16')
+  sources = {s: ip.get_source(brick16, s) for s in ('train', 'validation', 'test')}
+  assert ip.get_source(brick16, 'val').split == 'validation'
+  for split, src in sources.items():
+    want = {e['name']: e for e in textures.make_split(tex_cfg, split)}
+    assert len(src) == len(want), split
+    # All of the (small) validation and test splits, a spread of the training split.
+    idx = range(len(src)) if split != 'train' else range(0, len(src), max(1, len(src) // 60))
+    names = set()
+    for i in idx:
+      ex = src[i]
+      assert ex['image'].shape == (16, 16, 1) and ex['image'].dtype == np.uint8
+      assert ex['mask'].shape == (16, 16, 1) and ex['mask'].dtype == np.uint8
+      assert isinstance(ex['subject'], str) and isinstance(ex['name'], str)
+      assert ex['name'].startswith(split + '_') and ex['subject'].startswith(split + '/')
+      w = want[ex['name']]
+      np.testing.assert_array_equal(ex['image'], w['image'])
+      np.testing.assert_array_equal(ex['mask'], w['mask'])
+      assert ex['subject'] == w['subject']
+      names.add(ex['name'])
+    if split != 'train':
+      assert names == set(want)
+  test = sources['test']
+  assert sum(bool(test[i]['mask'].any()) for i in range(len(test))) == sum(
+      bool(e['mask'].any()) for e in textures.make_split(tex_cfg, 'test'))
+  batch = next(ip.train_iterator(sources['train'], global_batch_size=8, seed=0, num_local_devices=1))
   assert batch['image'].shape == (1, 8, 16, 16, 1)
-  total = sum(int(b['valid'].sum()) for b in ip.eval_iterator(
-      test, global_batch_size=64, num_local_devices=1))
-  assert total == len(test)
+  order = ip.epoch_permutation(len(sources['train']), 0, 0)[:8]
+  expected = np.stack([sources['train'][int(i)]['image'] for i in order]) / 127.5 - 1
+  np.testing.assert_allclose(batch['image'][0], expected, atol=1e-6)
+  seen = []
+  for b in ip.eval_iterator(test, global_batch_size=64, num_local_devices=1):
+    seen.extend(b['name'][b['valid']].tolist())
+  assert seen == [test[i]['name'] for i in range(len(test))]
 
 
 def test_get_source_validates(brick16):

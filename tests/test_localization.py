@@ -195,26 +195,28 @@ def test_localize_bad_inputs(setup):
 
 def test_load_localizer_missing_stats(tmp_path, monkeypatch):
   import ml_collections
-  from sano_jax import checkpointing, score
+  from sano_jax import checkpointing
   config = ml_collections.ConfigDict()
   config.sde = ml_collections.ConfigDict(dict(beta_min=0.1, beta_max=20.0, num_scales=1000))
+  config.data = ml_collections.ConfigDict(dict(image_size=12, num_channels=3))
   config.localize = ml_collections.ConfigDict(
       dict(t=0.01, n_sigma=3.0, smoothing_sigma=2.0, stats='global', two_sided=False,
            target_fpr=1e-3))
   model = TinyScore()
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 10, 3)))
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 3)))
+
+  class FieldOnly:  # the one piece of the method interface that load_localizer uses
+    field_fn = staticmethod(lambda params: (lambda x: model.apply(params, x)))
   monkeypatch.setattr(checkpointing, 'restore_for_inference',
-                      lambda workdir: (config, model, params))
-  monkeypatch.setattr(score, 'make_score_fn',
-                      lambda model, params, sde, t: (lambda x: model.apply(params, x)))
+                      lambda workdir: (config, FieldOnly(), params))
   with pytest.raises(FileNotFoundError, match='run_eval.py'):
     L.load_localizer(str(tmp_path))
   rng = np.random.default_rng(0)
   stats = L.fit_score_stats(lambda x: model.apply(params, x),
-                            [rng.uniform(size=(2, 12, 10, 3)).astype(np.float32)])
+                            [rng.uniform(size=(2, 12, 12, 3)).astype(np.float32)])
   L.save_stats(stats, str(tmp_path / 'score_stats.npz'))
   loc = L.load_localizer(str(tmp_path))
-  images = rng.uniform(size=(2, 12, 10, 3)).astype(np.float32)
+  images = rng.uniform(size=(2, 12, 12, 3)).astype(np.float32)
   z, m = loc(images)
   z0, m0 = L.localize(lambda x: model.apply(params, x), images, stats)
   np.testing.assert_allclose(z, z0, rtol=1e-5)

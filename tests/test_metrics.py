@@ -161,6 +161,50 @@ def test_accumulator_streaming_padding_and_schema():
     acc.add(np.full((1, 4), np.nan), np.zeros((1, 4)), ['x'])
 
 
+def _sklearn_bootstrap(s, y, subj, runs, seed, threshold=3.0):
+  """The documented resampling, recomputed with scikit-learn: run r draws subject multiplicities
+  m_r ~ Multinomial(S, 1/S) from np.random.default_rng(seed) (subjects in order of first
+  appearance, which in `_data` is also their sorted order), and weights every pixel by its
+  subject's multiplicity; the std is over the runs with ddof=1."""
+  _, first = np.unique(subj, return_index=True)
+  order = subj[np.sort(first)]
+  row = {k: i for i, k in enumerate(order)}
+  pixel_row = np.repeat([row[k] for k in subj], s[0].size)
+  mult = np.random.default_rng(seed).multinomial(len(order), np.full(len(order), 1 / len(order)),
+                                                 size=runs)
+  ss, yy = s.reshape(-1).astype(np.float64), y.reshape(-1)
+  pred = ss > threshold
+  out = {k: [] for k in ('auroc', 'auprc', 'f1', 'dice', 'iou')}
+  for m in mult:
+    w = m[pixel_row].astype(np.float64)
+    keep = w > 0
+    out['auroc'].append(roc_auc_score(yy[keep], ss[keep], sample_weight=w[keep]))
+    out['auprc'].append(average_precision_score(yy[keep], ss[keep], sample_weight=w[keep]))
+    p, r, _ = precision_recall_curve(yy[keep], ss[keep], sample_weight=w[keep])
+    with np.errstate(divide='ignore', invalid='ignore'):
+      out['f1'].append(np.nanmax(np.where(p + r > 0, 2 * p * r / (p + r), 0.0)))
+    tp, fp, fn = (w * (pred & yy)).sum(), (w * (pred & ~yy)).sum(), (w * (~pred & yy)).sum()
+    out['dice'].append(2 * tp / (2 * tp + fp + fn))
+    out['iou'].append(tp / (tp + fp + fn))
+  return {k: np.std(v, ddof=1) for k, v in out.items()}
+
+
+@pytest.mark.parametrize('num_bins', [None, 2**16])
+def test_bootstrap_stds_match_sklearn_resamples(num_bins):
+  s, y, subj = _data()
+  runs, seed = 20, 5
+  a = M.bootstrap(s, y, subj, runs=runs, seed=seed, num_bins=num_bins)
+  ref = _sklearn_bootstrap(s, y, subj, runs, seed)
+  tol = 1e-9 if num_bins is None else 2e-3  # binned: thresholds at bin edges
+  assert a['auroc_std'] == pytest.approx(ref['auroc'], abs=tol)
+  assert a['auprc_std'] == pytest.approx(ref['auprc'], abs=tol)
+  assert a['operating_point']['f1_std'] == pytest.approx(ref['f1'], abs=tol)
+  # Fixed thresholds are exact counts in both paths.
+  assert a['n_sigma']['dice_std'] == pytest.approx(ref['dice'], abs=1e-9)
+  assert a['n_sigma']['iou_std'] == pytest.approx(ref['iou'], abs=1e-9)
+  assert min(ref.values()) > 0
+
+
 def test_bootstrap_seeded_and_positive():
   s, y, subj = _data()
   a = M.bootstrap(s, y, subj, runs=20, seed=5)
@@ -170,6 +214,10 @@ def test_bootstrap_seeded_and_positive():
   for k in ('auroc_std', 'auprc_std'):
     assert a[k] > 0
   assert a['operating_point']['dice_std'] > 0 and a['n_sigma']['dice_std'] > 0
+  # The seed is the resampling's: seed 6 gives sklearn's stds of seed 6's resamples.
+  assert c['auroc_std'] == pytest.approx(_sklearn_bootstrap(s, y, subj, 20, 6)['auroc'], abs=1e-9)
+  # The point estimates are the unresampled metrics.
+  assert a['auroc'] == pytest.approx(roc_auc_score(y.ravel(), s.ravel()), abs=1e-9)
 
 
 def test_bootstrap_one_subject_has_zero_std():

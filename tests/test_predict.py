@@ -15,6 +15,15 @@ from sano_jax import checkpointing, localization, models, predict, score
 from sano_jax import sde as sde_lib
 
 
+def _z_maps(workdir, images_u8):
+  z, mask = localization.load_localizer(workdir)(images_u8)
+  return np.asarray(z), np.asarray(mask)
+
+
+def _random_u8(seed, shape):
+  return np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)
+
+
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   from configs import tiny
@@ -37,6 +46,11 @@ def workdir(tmp_path_factory):
   batches = [rng.uniform(0.3, 0.7, (8, 16, 16, 1)).astype(np.float32) for _ in range(2)]
   stats = localization.fit_score_stats(score_fn, batches)
   localization.save_stats(stats, os.path.join(wd, 'score_stats.npz'))
+  # With N = 3 the random model flags no pixel at all (max z ~ 1), and two empty masks always
+  # agree: put N at the median z of random images so that masks are neither empty nor full.
+  z, _ = _z_maps(wd, _random_u8(10, (4, 16, 16, 1)))
+  config.localize.n_sigma = float(np.median(z))
+  checkpointing.save_config(config, wd)
   return wd
 
 
@@ -55,32 +69,72 @@ def _write_images(folder):
   return sizes
 
 
+def _nearest_candidates(n_out, n_in):
+  """Source indices of a nearest-neighbour resize n_in -> n_out (pixel centres aligned): (lo, hi),
+  equal except at exact ties, where either neighbour is a correct answer."""
+  c = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+  lo = np.clip(np.ceil(c - 0.5 - 1e-9), 0, n_in - 1).astype(int)
+  hi = np.clip(np.floor(c + 0.5 + 1e-9), 0, n_in - 1).astype(int)
+  return lo, hi
+
+
 def test_predict_writes_masks_of_original_size(workdir, tmp_path):
+  from skimage import transform  # pylint: disable=g-import-not-at-top
   sizes = _write_images(tmp_path / 'in')
   out = tmp_path / 'out'
   results = predict.predict(workdir, str(tmp_path / 'in' / '*'), str(out), batch_size=3,
                             progress=False)
   assert len(results) == len(sizes)
-  for stem, (h, w) in sizes.items():
-    with Image.open(out / f'{stem}_mask.png') as m:
-      assert m.size == (w, h) and m.mode == 'L'
-      assert set(np.unique(np.asarray(m))) <= {0, 255}
-    with Image.open(out / f'{stem}_heatmap.png') as hm:
-      assert hm.size == (w, h) and hm.mode == 'RGB'
+  by_stem = {os.path.splitext(os.path.basename(r['path']))[0]: r for r in results}
   summary = json.loads((out / 'predictions.json').read_text())
   assert len(summary['images']) == len(sizes)
-  assert all(np.isfinite(r['max_z']) for r in summary['images'])
+  n_sigma = float(checkpointing.load_config(workdir).localize.n_sigma)
+  assert summary['n_sigma'] == pytest.approx(n_sigma)
+  localizer = localization.load_localizer(workdir)
+  for stem, (h, w) in sizes.items():
+    # The localizer's own answer at the model's size: the image anti-aliased down to 16 x 16.
+    im = predict.read_image(str(next((tmp_path / 'in').glob(stem + '.*'))), 1)
+    small = np.clip(transform.resize(im, (16, 16), order=1, anti_aliasing=True, mode='edge',
+                                     preserve_range=True), 0, 1).astype(np.float32)
+    z, small_mask = (np.asarray(a)[0] for a in localizer(small[None]))
+    assert 0 < small_mask.sum() < small_mask.size, (stem, small_mask.sum())
+    with Image.open(out / f'{stem}_mask.png') as m:
+      assert m.size == (w, h) and m.mode == 'L'
+      got = np.asarray(m)
+    assert set(np.unique(got)) <= {0, 255}
+    got = got > 0
+    # Nearest-neighbour upsampling of the 16 x 16 mask to the original size.
+    (ylo, yhi), (xlo, xhi) = _nearest_candidates(h, 16), _nearest_candidates(w, 16)
+    allowed = [small_mask[np.ix_(ys, xs)] for ys in (ylo, yhi) for xs in (xlo, xhi)]
+    wrong = ~np.any([got == a for a in allowed], axis=0)
+    assert not wrong.any(), f'{stem}: {int(wrong.sum())} of {wrong.size} pixels differ'
+    assert 0 < got.sum() < got.size
+    r = by_stem[stem]
+    assert (r['height'], r['width']) == (h, w)
+    assert r['anomalous_fraction'] == pytest.approx(got.mean(), abs=1e-12)
+    assert r['max_z'] == pytest.approx(float(z.max()), rel=1e-5)
+    with Image.open(out / f'{stem}_heatmap.png') as hm:
+      assert hm.size == (w, h) and hm.mode == 'RGB'
+  assert [r['path'] for r in summary['images']] == [r['path'] for r in results]
 
 
 def test_predict_matches_localizer_at_model_size(workdir, tmp_path):
-  """An image already at the model's size: the mask is exactly the localizer's."""
+  """An image already at the model's size: the mask and the z-map are exactly the localizer's."""
   (tmp_path / 'in').mkdir()
-  img = np.random.default_rng(3).integers(0, 255, (16, 16), dtype=np.uint8)
+  img = _random_u8(3, (16, 16))
   Image.fromarray(img, 'L').save(tmp_path / 'in' / 'x.png')
-  predict.predict(workdir, str(tmp_path / 'in'), str(tmp_path / 'out'), progress=False)
-  _, mask = localization.load_localizer(workdir)(img[None, ..., None])
+  results = predict.predict(workdir, str(tmp_path / 'in'), str(tmp_path / 'out'), progress=False)
+  z, mask = (np.asarray(a)[0] for a in localization.load_localizer(workdir)(img[None, ..., None]))
+  assert 0 < mask.sum() < mask.size  # neither test is about an empty (or full) mask
   got = np.asarray(Image.open(tmp_path / 'out' / 'x_mask.png')) > 0
-  np.testing.assert_array_equal(got, np.asarray(mask)[0])
+  np.testing.assert_array_equal(got, mask)
+  assert results[0]['anomalous_fraction'] == pytest.approx(mask.mean(), abs=1e-12)
+  assert results[0]['max_z'] == pytest.approx(float(z.max()), rel=1e-5)
+  # The heatmap is the overlay of exactly this z-map (up to uint8 rounding).
+  n_sigma = float(checkpointing.load_config(workdir).localize.n_sigma)
+  expected = predict.heatmap_overlay(img[..., None] / 255.0, z, n_sigma).astype(int)
+  heat = np.asarray(Image.open(tmp_path / 'out' / 'x_heatmap.png')).astype(int)
+  assert np.abs(heat - expected).max() <= 1
 
 
 def test_predict_errors(workdir, tmp_path, capsys):
@@ -107,12 +161,24 @@ def test_read_image_conversions(tmp_path):
   rgba[..., 3] = 0  # fully transparent: composited over white
   Image.fromarray(rgba, 'RGBA').save(tmp_path / 't.png')
   np.testing.assert_allclose(predict.read_image(str(tmp_path / 't.png'), 3), 1.0)
-  Image.fromarray(np.full((3, 3), 65535, np.uint16)).save(tmp_path / 'd.png')
-  np.testing.assert_allclose(predict.read_image(str(tmp_path / 'd.png'), 1), 1.0)
-  rgb = np.zeros((3, 3, 3), np.uint8)
-  rgb[..., 0] = 255
+  # 16-bit: scaled by 65535 (a divide-by-255-then-clip would give 1 everywhere but 0).
+  deep = np.array([[0, 257, 32768], [65535, 16384, 49151]], np.uint16)
+  Image.fromarray(deep).save(tmp_path / 'd.png')
+  got = predict.read_image(str(tmp_path / 'd.png'), 1)
+  assert got.shape == (2, 3, 1) and got.dtype == np.float32
+  np.testing.assert_allclose(got[..., 0], deep / 65535.0, atol=0.5 / 255 + 1e-6)
+  assert abs(float(got[0, 2, 0]) - 0.5) <= 1 / 255
+  # Colour to gray: ITU-R 601-2 luma, L = R 299/1000 + G 587/1000 + B 114/1000 (rounded to 8 bit).
+  rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]],
+                  [[10, 200, 77], [250, 128, 3], [31, 62, 240]]], np.uint8)
   Image.fromarray(rgb, 'RGB').save(tmp_path / 'r.png')
   g = predict.read_image(str(tmp_path / 'r.png'), 1)
-  assert g.shape == (3, 3, 1) and 0.2 < g.mean() < 0.4  # ITU-R 601 luma of pure red
+  assert g.shape == (2, 3, 1)
+  luma = rgb.astype(np.float64) @ np.array([299, 587, 114]) / 1000
+  np.testing.assert_allclose(g[..., 0] * 255, luma, atol=0.5 + 1e-4)
+  # Gray to RGB: three equal channels.
+  c3 = predict.read_image(str(tmp_path / 'd.png'), 3)
+  assert c3.shape == (2, 3, 3)
+  np.testing.assert_array_equal(c3, np.repeat(got, 3, axis=-1))
   with pytest.raises(ValueError, match='channels'):
     predict.read_image(str(tmp_path / 'r.png'), 2)

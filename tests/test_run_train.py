@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from sano_jax import checkpointing, models, sde as sde_lib, train
-from tests.helpers import grating_source, tiny_config
+from sano_jax import checkpointing, methods, train
+from tests.helpers import (grating_source, read_log, subprocess_env, subprocess_timeout,
+                           tiny_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,10 +30,11 @@ def test_200_steps_lower_the_validation_loss(tmp_path):
                           'optim.lr': 1e-3, 'training.ema_rate': 0.9, 'seed': 7})
   train_src, val_src = grating_source(64), grating_source(32, seed=1, subject_offset=100)
   # Untrained: the zero-initialised output predicts eps_hat = 0, so the loss is E|z|^2 / D ~ 1.
-  model, sde, tx = models.create_model(config), sde_lib.from_config(config), train.create_optimizer(config)
-  state = train.create_train_state(config, model, tx, jax.random.PRNGKey(config.seed))
+  method = methods.create(config)
+  tx = train.create_optimizer(config, method)
+  state = train.create_train_state(config, method, tx, jax.random.PRNGKey(config.seed))
   mesh = train.make_mesh()
-  _, evaluate = train.make_steps(config, model, sde, tx, mesh)
+  _, evaluate = train.make_steps(config, method, tx, mesh)
   initial = train.evaluate_loss(evaluate, train.replicate(state.ema_params, mesh), val_src, config, mesh)
   final_state = train.train_and_evaluate(config, str(tmp_path), train_source=train_src, val_source=val_src)
   losses = _val_losses(tmp_path)
@@ -44,6 +46,7 @@ def test_200_steps_lower_the_validation_loss(tmp_path):
   assert best.best_step() == 100 + 100 * int(np.argmin(losses))
 
 
+@pytest.mark.four_devices
 def test_errors_are_clear(tmp_path):
   src = grating_source(32)
   with pytest.raises(ValueError, match='batch_size=6 is not divisible by the 4 devices'):
@@ -62,17 +65,33 @@ def test_errors_are_clear(tmp_path):
     train.train_and_evaluate(tiny_config(**{'model.nf': 16}), wd, train_source=src, val_source=src)
 
 
-def _run_train(workdir, data_dir, *extra, **popen):
+def _run_train(workdir, data_dir, *extra, log):
+  """run_train.py in a child on 4 simulated CPU devices, its output to the file `log` (a pipe that
+  nobody reads while the test polls could fill and block the child)."""
   cmd = [sys.executable, os.path.join(ROOT, 'run_train.py'), '--config=configs/tiny.py',
          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *extra]
-  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          **popen)
+  with open(log, 'w') as f:  # the child keeps its own copy of the descriptor
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                            env=subprocess_env(4))
+
+
+def _finish(proc, log):
+  """Waits for the child (generous, configurable limit); returns (returncode, its whole output)."""
+  try:
+    proc.wait(timeout=subprocess_timeout())
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+    pytest.fail(f'{proc.args[1]} did not finish in {subprocess_timeout():.0f} s '
+                f'(SANO_TEST_SUBPROCESS_TIMEOUT):\n{read_log(log)}')
+  return proc.returncode, read_log(log, tail=10**7)
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):
-  proc = _run_train(tmp_path / 'w', tmp_path / 'd', '--config.training.bogus_key=3')
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode != 0
+  log = tmp_path / 'log.txt'
+  proc = _run_train(tmp_path / 'w', tmp_path / 'd', '--config.training.bogus_key=3', log=log)
+  code, out = _finish(proc, log)
+  assert code != 0
   assert 'bogus_key' in out
 
 
@@ -93,25 +112,28 @@ def test_killed_run_resumes_and_matches_uninterrupted(tmp_path, data_dir):
            '--config.training.eval_every=10', '--config.training.log_every=10']
   # Run 1: SIGKILL as soon as its checkpoint at step 10 is on disk.
   killed = tmp_path / 'killed'
-  proc = _run_train(killed, data_dir, *steps)
-  deadline = time.time() + 300
+  log = tmp_path / 'killed.log'
+  proc = _run_train(killed, data_dir, *steps, log=log)
+  deadline = time.monotonic() + subprocess_timeout()
   while not (killed / 'checkpoints' / '10').is_dir():
-    assert proc.poll() is None, proc.stdout.read()
-    assert time.time() < deadline
+    assert proc.poll() is None, read_log(log)
+    if time.monotonic() > deadline:
+      proc.kill()
+      pytest.fail(f'no checkpoint at step 10 after {subprocess_timeout():.0f} s:\n{read_log(log)}')
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   saved = sorted(int(s) for s in os.listdir(killed / 'checkpoints') if s.isdigit())
   assert saved and saved[-1] < 60, saved
   # Run 2: the same command resumes from the latest checkpoint and finishes.
-  proc = _run_train(killed, data_dir, *steps)
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out
+  log = tmp_path / 'resumed.log'
+  code, out = _finish(_run_train(killed, data_dir, *steps, log=log), log)
+  assert code == 0, out[-4000:]
   assert f'at step {saved[-1]}' in out  # "resumed from ... at step k"
   # Run 3: uninterrupted, same seed.
-  proc = _run_train(tmp_path / 'straight', data_dir, *steps)
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out
+  log = tmp_path / 'straight.log'
+  code, out = _finish(_run_train(tmp_path / 'straight', data_dir, *steps, log=log), log)
+  assert code == 0, out[-4000:]
   a = checkpointing.CheckpointStore(str(killed)).latest
   b = checkpointing.CheckpointStore(str(tmp_path / 'straight')).latest
   assert a.latest_step() == b.latest_step() == 60

@@ -6,21 +6,21 @@ import jax
 import numpy as np
 import pytest
 
-from sano_jax import models, sde as sde_lib, train
+from sano_jax import methods, train
 from tests.helpers import grating_source, tiny_config
 
 
 def _setup(config):
-  model = models.create_model(config)
-  tx = train.create_optimizer(config)
-  state = train.create_train_state(config, model, tx, jax.random.PRNGKey(0))
-  return model, tx, state
+  method = methods.create(config)
+  tx = train.create_optimizer(config, method)
+  state = train.create_train_state(config, method, tx, jax.random.PRNGKey(0))
+  return method, tx, state
 
 
 def _run_steps(config, state, batches, devices):
-  model, tx, _ = _setup(config)
+  method, tx, _ = _setup(config)
   mesh = train.make_mesh(devices)
-  step, _ = train.make_steps(config, model, sde_lib.from_config(config), tx, mesh)
+  step, _ = train.make_steps(config, method, tx, mesh)
   s = train.replicate(state, mesh)
   stacked = config.training.steps_per_call > 1
   for b in batches:
@@ -33,6 +33,7 @@ def _global_batches(n, bs, seed=0):
   return [rng.uniform(-1, 1, (bs, 16, 16, 1)).astype(np.float32) for _ in range(n)]
 
 
+@pytest.mark.four_devices
 def test_four_device_step_equals_one_device_step():
   assert jax.device_count() == 4
   config = tiny_config(**{'model.dropout': 0.0, 'optim.warmup_steps': 0})
@@ -50,6 +51,7 @@ def test_four_device_step_equals_one_device_step():
              zip(jax.tree.leaves(one.params), jax.tree.leaves(state.params))) > 1e-4
 
 
+@pytest.mark.four_devices
 def test_scanned_steps_equal_single_steps():
   config = tiny_config(**{'optim.warmup_steps': 0})
   _, _, state = _setup(config)

@@ -14,6 +14,13 @@ def init(model, shape=(2, 16, 16, 3)):
   return model.init(jax.random.PRNGKey(0), jnp.zeros(shape), jnp.ones(shape[:1]))['params']
 
 
+@pytest.fixture(scope='module')
+def tiny_params():
+  """init(UNet(**TINY)) with every weight perturbed (the output convolution starts at zero)."""
+  params = init(UNet(**TINY))
+  return jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+
+
 @pytest.mark.parametrize('updown', [True, False])
 def test_output_shape_and_zero_init(updown):
   model = UNet(**TINY, resblock_updown=updown)
@@ -27,27 +34,40 @@ def test_output_shape_and_zero_init(updown):
   assert any('AttentionBlock' in p for p in paths)  # attention at 8x8 = attn_resolutions
 
 
-def test_depends_on_time_and_input_and_uses_dropout():
-  model = UNet(**TINY)
-  params = init(model)
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+def test_depends_on_time_and_input_and_uses_dropout(tiny_params):
+  model, params = UNet(**TINY), tiny_params
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 16, 3))
+  t = jnp.array([0.1, 0.5, 0.9])
   f = jax.jit(lambda x, t: model.apply({'params': params}, x, t))
-  a, b = f(x, jnp.array([0.1, 0.1])), f(x, jnp.array([0.9, 0.9]))
-  assert float(jnp.abs(a - b).max()) > 1e-3
-  assert float(jnp.abs(f(x * 0.5, jnp.array([0.1, 0.1])) - a).max()) > 1e-3
-  d1 = model.apply({'params': params}, x, jnp.array([0.1, 0.1]), train=True,
-                   rngs={'dropout': jax.random.PRNGKey(0)})
-  d2 = model.apply({'params': params}, x, jnp.array([0.1, 0.1]), train=True,
-                   rngs={'dropout': jax.random.PRNGKey(1)})
+  a = f(x, t)
+  # Time and input conditioning: changing example 1's t or image changes example 1's output...
+  t2 = t.at[1].set(0.3)
+  x2 = x.at[1].multiply(0.5)
+  for b in (f(x, t2), f(x2, t)):
+    assert float(jnp.abs(b[1] - a[1]).max()) > 1e-3
+    # ... and nothing else: examples are independent (no statistics across the batch).
+    np.testing.assert_allclose(b[0], a[0], atol=1e-5)
+    np.testing.assert_allclose(b[2], a[2], atol=1e-5)
+  # The same example gives the same output at any position in the batch.
+  np.testing.assert_allclose(f(x[::-1], t[::-1])[::-1], a, atol=1e-5)
+  # Dropout in training: different rngs, different outputs; the same rng, the same output.
+  train = jax.jit(lambda key: model.apply({'params': params}, x, t, train=True,
+                                          rngs={'dropout': key}))
+  d1, d2 = train(jax.random.PRNGKey(0)), train(jax.random.PRNGKey(1))
   assert float(jnp.abs(d1 - d2).max()) > 1e-4
+  np.testing.assert_array_equal(train(jax.random.PRNGKey(0)), d1)
+  assert float(jnp.abs(d1 - a).max()) > 1e-4
+  # Eval mode ignores any dropout rng: the deterministic output, whatever the key.
+  evaluate = jax.jit(lambda key: model.apply({'params': params}, x, t, train=False,
+                                             rngs={'dropout': key}))
+  for key in (0, 1):
+    np.testing.assert_allclose(evaluate(jax.random.PRNGKey(key)), a, atol=1e-5)
 
 
-def test_bfloat16_compute_keeps_float32_params():
-  params = init(UNet(**TINY))
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+def test_bfloat16_compute_keeps_float32_params(tiny_params):
+  params = tiny_params
   bf16 = UNet(**TINY, dtype='bfloat16')
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(init(bf16)))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(jax.eval_shape(lambda: init(bf16))))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
   t = jnp.array([0.3, 0.6])
   ref = UNet(**TINY).apply({'params': params}, x, t)

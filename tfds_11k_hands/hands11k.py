@@ -7,7 +7,10 @@ irregularities}``.
 
 Images (1600x1200) are resized to a SQUARE S x S (stretched, no crop, as in the paper's 256x256)
 with anti-aliasing (JPEG draft decoding to >= S, then Lanczos); masks, of any size with the image's
-aspect ratio, are binarized (nonzero = jewelry) and resized with nearest neighbour.
+aspect ratio, are binarized (nonzero = jewelry; with alpha, transparent = healthy) and resized with
+nearest neighbour. A mask must hold 0 and ONE nonzero value (``sano_jax.datasets.images.
+mask_to_binary``): a JPEG-compressed or anti-aliased mask is an error naming it. Each image has one
+row in HandInfo.csv (an imageName listed twice is an error naming both lines).
 
 Splits (all deterministic; subjects ordered by the sha256 of their id):
 * ``test``: every image that has a jewelry mask.
@@ -27,14 +30,16 @@ import dataclasses
 import io
 import logging
 import zipfile
+import zlib
 
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sano_jax.datasets import images as images_lib
 from sano_jax.datasets.base import ArrayRecordBuilder
-
-from sano_jax.datasets import split_subjects
+from sano_jax.datasets.splits import hide_gpus_from_tf
+from sano_jax.datasets.splits import split_subjects
 
 _CSV = 'HandInfo.csv'
 _COLUMNS = ('id', 'age', 'gender', 'skinColor', 'accessories', 'nailPolish', 'aspectOfHand',
@@ -55,7 +60,8 @@ the jewelry masks of SANO (Gonzalez-Jimenez et al., 2022). Put them in the manua
     or DIR/masks/           (Hand_0000002.png for Hand_0000002.jpg), any size with the image's
                             aspect ratio; nonzero pixels = jewelry
 
-Images listed in HandInfo.csv must all be present; masks must decode.
+Images listed in HandInfo.csv must all be present, each on one row; masks must decode and be
+binary (0 and one nonzero value; with alpha, transparent pixels are healthy).
 """
 
 
@@ -102,9 +108,13 @@ class _Files:
     entry = self.names[name]
     if isinstance(entry, epath.Path):
       return entry.read_bytes()
-    if self._zip is None:
-      self._zip = zipfile.ZipFile(self.zip_path.open('rb'))
-    return self._zip.read(entry)
+    try:
+      if self._zip is None:
+        self._zip = zipfile.ZipFile(self.zip_path.open('rb'))
+      return self._zip.read(entry)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:  # bad CRC, cut-off member
+      raise ValueError(f'Cannot read {self.describe(name)}: the zip file is damaged ({e}). '
+                       f'Download {self.zip_path.name} again.') from e
 
 
 def _decode(data: bytes, where: str, draft_size: int | None = None):
@@ -123,8 +133,12 @@ class Hands11k(ArrayRecordBuilder):
   """11k Hands with jewelry masks: healthy train/validation, jewelry test (SANO)."""
 
   name = 'hands11k'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'Masks with alpha: transparent = healthy; non-binary masks and duplicate image '
+               'names in HandInfo.csv are errors.',
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
       Hands11kConfig(name=str(s), image_size=s, description=f'Images resized to {s}x{s}.')
@@ -165,7 +179,7 @@ class Hands11k(ArrayRecordBuilder):
     missing = [c for c in _COLUMNS if c not in have]
     if missing:
       raise ValueError(f'{path} lacks column(s) {missing}; it has {have}; expected {list(_COLUMNS)}.')
-    rows = []
+    rows, first_line = [], {}
     for line, raw in enumerate(reader, start=2):
       row = {k.strip(): (v or '').strip() for k, v in raw.items() if k is not None}
       try:
@@ -182,14 +196,18 @@ class Hands11k(ArrayRecordBuilder):
         })
       except ValueError as e:
         raise ValueError(f'{path}, line {line}: bad value ({e}): {row}') from e
+      if not row['id'] or not row['imageName']:
+        raise ValueError(f'{path}, line {line}: empty id or imageName: {row}')
+      if row['imageName'] in first_line:
+        raise ValueError(
+            f'{path}, line {line}: imageName {row["imageName"]} is listed twice (also on line '
+            f'{first_line[row["imageName"]]}); each image must have one row. (Repeated ids are '
+            'fine: id is the subject, who has many images.)')
+      first_line[row['imageName']] = line
     return rows
 
   def _split_generators(self, dl_manager):
-    try:  # TF only writes here; keep it off the accelerators.
-      from sano_jax.datasets import hide_gpus_from_tf  # pylint: disable=g-import-not-at-top
-      hide_gpus_from_tf()
-    except ImportError:
-      pass
+    hide_gpus_from_tf()  # TF only writes here; keep it off the accelerators.
     root = epath.Path(dl_manager.manual_dir)
     rows = self._read_csv(root)
     images = _Files(root, 'Hands', 'Hands.zip', 'the 11k Hands images')
@@ -253,12 +271,8 @@ class Hands11k(ArrayRecordBuilder):
         if abs(w / h - iw / ih) > 0.01 * (iw / ih):
           raise ValueError(f'Mask {mwhere} is {w}x{h} (aspect {w / h:.3f}) but its image {where} '
                            f'is {iw}x{ih} (aspect {iw / ih:.3f}).')
-        arr = np.asarray(m)
-        if arr.ndim == 3:
-          if m.mode in ('RGBA', 'LA', 'PA'):
-            arr = arr[..., :-1]  # drop alpha
-          arr = arr.any(axis=-1)
-        binary = Image.fromarray(((arr != 0) * 255).astype(np.uint8))
+        arr = images_lib.mask_to_binary(m, mwhere)
+        binary = Image.fromarray(arr.astype(np.uint8) * 255)
         binary = binary.resize((size, size), Image.NEAREST)
         mask = (np.asarray(binary) > 0).astype(np.uint8)[..., None]
       yield row['name'], {**row, 'image': image, 'mask': mask}

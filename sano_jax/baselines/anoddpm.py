@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from sano_jax import localization
+from sano_jax import methods
 from sano_jax.sde import VPSDE
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x [B,H,W,C], t [B]) -> eps_hat
@@ -37,15 +38,24 @@ def make_eps_fn(model, params) -> EpsFn:
   return lambda x, t: model.apply({'params': params}, x, t, train=False)
 
 
-def noise_to(sde: VPSDE, x0: jax.Array, rng: jax.Array, t_start: float = 0.5) -> jax.Array:
+def _normal(rng, shape, shared: bool):
+  """N(0, I) of `shape` [B, ...]; shared: one draw for the whole batch, so that each example's
+  reconstruction does not depend on its position in the batch (deterministic localization)."""
+  if shared:
+    return jnp.broadcast_to(jax.random.normal(rng, (1,) + tuple(shape[1:]), jnp.float32), shape)
+  return jax.random.normal(rng, shape, jnp.float32)
+
+
+def noise_to(sde: VPSDE, x0: jax.Array, rng: jax.Array, t_start: float = 0.5, *,
+             shared_noise: bool = False) -> jax.Array:
   """x(t0) = alpha(t0) x0 + sigma(t0) z, z ~ N(0, I)."""
   t = jnp.float32(t_start)
-  z = jax.random.normal(rng, x0.shape, jnp.float32)
+  z = _normal(rng, x0.shape, shared_noise)
   return sde.mean_coeff(t) * x0.astype(jnp.float32) + sde.marginal_std(t) * z
 
 
 def denoise(eps_fn: EpsFn, sde: VPSDE, x_t: jax.Array, rng: jax.Array, *, t_start: float = 0.5,
-            num_steps: int = 50, clip_denoised: bool = True) -> jax.Array:
+            num_steps: int = 50, clip_denoised: bool = True, shared_noise: bool = False) -> jax.Array:
   """K = num_steps ancestral steps from x(t_start) down to t = 0 (the last one returns x0_hat)."""
   if num_steps < 1:
     raise ValueError(f'num_steps must be >= 1, got {num_steps}')
@@ -69,19 +79,20 @@ def denoise(eps_fn: EpsFn, sde: VPSDE, x_t: jax.Array, rng: jax.Array, *, t_star
       x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
     mean = (jnp.exp(log_a_t - log_a_s) * var_s / var_t) * x + (a_s * var_ts / var_t) * x0_hat
     std = jnp.sqrt(var_ts * var_s / var_t)
-    z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
+    z = _normal(jax.random.fold_in(rng, i), x.shape, shared_noise)
     return mean + std * z
 
   return jax.lax.fori_loop(0, num_steps, body, x_t.astype(jnp.float32))
 
 
 def reconstruct(eps_fn: EpsFn, sde: VPSDE, x0: jax.Array, rng: jax.Array, *, t_start: float = 0.5,
-                num_steps: int = 50, clip_denoised: bool = True) -> jax.Array:
+                num_steps: int = 50, clip_denoised: bool = True,
+                shared_noise: bool = False) -> jax.Array:
   """x0 [B,H,W,C] in [-1, 1] -> its reconstruction after noising to t_start and K steps back."""
   noise_rng, loop_rng = jax.random.split(rng)
-  x_t = noise_to(sde, x0, noise_rng, t_start)
+  x_t = noise_to(sde, x0, noise_rng, t_start, shared_noise=shared_noise)
   return denoise(eps_fn, sde, x_t, loop_rng, t_start=t_start, num_steps=num_steps,
-                 clip_denoised=clip_denoised)
+                 clip_denoised=clip_denoised, shared_noise=shared_noise)
 
 
 def anomaly_map(eps_fn: EpsFn, sde: VPSDE, images: jax.Array, rng: jax.Array, *,
@@ -104,3 +115,23 @@ def make_localizer(model, sde: VPSDE, *, t_start: float = 0.5, num_steps: int = 
                        num_steps=num_steps, smoothing_sigma=smoothing_sigma,
                        clip_denoised=clip_denoised)
   return localize
+
+
+class AnoDDPM(methods.SANO):
+  """config.method='anoddpm': SANO's U-Net, trained exactly like SANO (eq. 1), localizing by
+  reconstruction: field = x - x_rec, x_rec from `reconstruct` (config.anoddpm.{t_start, num_steps},
+  a fixed key and one noise draw shared by the batch, so the map is deterministic per image)."""
+  name = 'anoddpm'
+
+  def __init__(self, config):
+    super().__init__(config)
+    c = config.anoddpm
+    self.t_start, self.num_steps = float(c.t_start), int(c.num_steps)
+    self.clip_denoised, self.seed = bool(c.clip_denoised), int(c.seed)
+
+  def field(self, params, x):
+    x = x.astype(jnp.float32)
+    x_rec = reconstruct(self.eps_fn(params), self.sde, x, jax.random.PRNGKey(self.seed),
+                        t_start=self.t_start, num_steps=self.num_steps,
+                        clip_denoised=self.clip_denoised, shared_noise=True)
+    return x - x_rec

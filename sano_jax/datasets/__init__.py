@@ -12,46 +12,12 @@ holds the anomalous images with their masks (and may hold healthy ones).
 Builders register themselves with TFDS when their module is imported; ``register_builders()``
 imports them all.
 """
-import hashlib
+# The helpers live in a module that imports nothing of this package (the builders import them
+# from there; register_builders below imports the builders): no import circle.
+from sano_jax.datasets.splits import hide_gpus_from_tf
+from sano_jax.datasets.splits import split_subjects
 
-_GPUS_HIDDEN = False
-
-
-def hide_gpus_from_tf() -> None:
-  """Makes TensorFlow (used only to write TFDS datasets) never take accelerator memory."""
-  global _GPUS_HIDDEN
-  if _GPUS_HIDDEN:
-    return
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  except ImportError:  # Reading needs no TF; only writing does.
-    return
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except (RuntimeError, ValueError):  # Already initialized: nothing more we can do.
-    pass
-  _GPUS_HIDDEN = True
-
-
-def split_subjects(counts: dict[str, int], holdout_fraction: float) -> tuple[set, set]:
-  """Deterministic subject split: (kept, held_out) with ~holdout_fraction of the images held out.
-
-  Subjects are ordered by sha256 of their id; held-out subjects are taken in that order while the
-  held-out image count stays closest to the target. With >= 2 subjects both parts are nonempty.
-  """
-  order = sorted(counts, key=lambda s: hashlib.sha256(s.encode()).hexdigest())
-  target = holdout_fraction * sum(counts.values())
-  held, total = [], 0
-  for s in order:
-    if total + counts[s] / 2 > target:
-      break
-    held.append(s)
-    total += counts[s]
-  if not held and holdout_fraction > 0 and len(order) >= 2:
-    held = [order[0]]
-  if len(held) == len(order) and len(order) >= 2:
-    held = held[:-1]
-  return set(order) - set(held), set(held)
+__all__ = ['hide_gpus_from_tf', 'register_builders', 'split_subjects']
 
 
 def register_builders() -> None:

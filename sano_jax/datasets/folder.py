@@ -13,8 +13,11 @@ Inputs (``configs/folder.py``: ``--config.data.normal_dir=... --config.data.test
   it (or for files it does not list), the subject is the file stem.
 
 Images are resized (stretched, no crop) to ``image_size`` x ``image_size`` with anti-aliasing
-(Lanczos), masks with nearest neighbour. ``num_channels`` 3 reads RGB (alpha dropped); 1 reads
-grayscale; an image with the other number of channels is an error naming it.
+(Lanczos), masks with nearest neighbour. Files are decoded as ``sano_jax.predict`` decodes them
+(``sano_jax/datasets/images.py``): EXIF orientation applied, 16-bit scaled by 1/65535, float by its
+range, alpha composited over white. ``num_channels`` 3 reads RGB (and CMYK); 1 reads grayscale; an
+image with the other number of channels is an error naming it. A mask must hold 0 and at most one
+nonzero value (a JPEG-compressed or anti-aliased mask is an error naming it).
 
 The builder config carries the folders and the size; its name is a fingerprint of them and of the
 listing (names, sizes, modification times) so a changed folder is rebuilt into a new directory:
@@ -25,7 +28,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -34,10 +36,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sano_jax.datasets import images as images_lib
 from sano_jax.datasets.base import ArrayRecordBuilder
 
-from sano_jax.datasets import hide_gpus_from_tf
-from sano_jax.datasets import split_subjects
+from sano_jax.datasets.splits import hide_gpus_from_tf
+from sano_jax.datasets.splits import split_subjects
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.gif', '.webp', '.ppm',
                     '.pgm')
@@ -109,37 +112,31 @@ def builder_from_config(data, data_dir=None) -> 'SanoFolder':
 
 
 def _open(path: Path):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  try:
-    img = Image.open(io.BytesIO(path.read_bytes()))
-    img.load()
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'Cannot decode image file {path}: {e}') from e
-  return img
+  """Decoded and EXIF-oriented (as predict reads it); ValueError naming the file."""
+  return images_lib.open_image(path, str(path))
 
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-  """uint8 [size, size, channels]; anti-aliased resize; error naming the file on bad input."""
+  """uint8 [size, size, channels]; anti-aliased resize; error naming the file on bad input.
+
+  Decoded as ``sano_jax.predict`` decodes (``sano_jax.datasets.images``): EXIF orientation
+  applied, 16-bit scaled by 1/65535 and float by its range (not per-image min-max), alpha
+  composited over white, CMYK converted to RGB.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   img = _open(path)
   mode = img.mode
-  if mode in ('RGB', 'RGBA', 'P', 'CMYK', 'YCbCr', 'PA'):
+  if mode in ('RGB', 'RGBA', 'RGBa', 'P', 'CMYK', 'YCbCr', 'PA', 'LAB', 'HSV'):
     have = 3
-  elif mode in ('L', 'LA', '1', 'I', 'I;16', 'I;16B', 'I;16L', 'F'):
+  elif mode in ('L', 'LA', 'La', '1', 'I', 'F') or mode.startswith('I;16'):
     have = 1
   else:
     raise ValueError(f'Image file {path} has unsupported mode {mode!r}.')
   if have != channels:
     raise ValueError(f'Image file {path} has {have} channel(s) (mode {mode}) but the dataset '
                      f'expects {channels} (config.data.num_channels).')
-  if have == 3:
-    img = img.convert('RGB')
-  elif mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
-    arr = np.asarray(img, np.float64)
-    lo, hi = arr.min(), arr.max()
-    img = Image.fromarray(np.uint8(np.round(255 * (arr - lo) / max(hi - lo, 1e-12))))
-  else:
-    img = img.convert('L')
+  img = images_lib.flatten_alpha(images_lib.to_8bit(img))
+  img = img.convert('RGB' if have == 3 else 'L')
   if img.size != (size, size):
     img = img.resize((size, size), Image.LANCZOS, reducing_gap=3.0)
   arr = np.asarray(img, np.uint8)
@@ -147,7 +144,11 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
 
 
 def load_mask(path: Path, size: int, image_wh: tuple[int, int], image_path: Path) -> np.ndarray:
-  """uint8 {0,1} [size, size, 1]: nonzero = anomalous, nearest-neighbour resize."""
+  """uint8 {0,1} [size, size, 1]: nonzero = anomalous, nearest-neighbour resize.
+
+  ValueError naming the file when the aspect ratio differs from the image's or the mask is not
+  binary (see ``sano_jax.datasets.images.mask_to_binary``).
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   img = _open(path)
   w, h = img.size
@@ -155,32 +156,45 @@ def load_mask(path: Path, size: int, image_wh: tuple[int, int], image_path: Path
   if abs(w / h - iw / ih) > 0.01 * (iw / ih):
     raise ValueError(f'Mask file {path} is {w}x{h} (aspect {w / h:.3f}) but its image '
                      f'{image_path} is {iw}x{ih} (aspect {iw / ih:.3f}).')
-  arr = np.asarray(img)
-  if arr.ndim == 3:
-    arr = arr.any(axis=-1) if img.mode not in ('LA', 'RGBA') else arr[..., :-1].any(axis=-1)
-  binary = Image.fromarray(((arr != 0) * 255).astype(np.uint8))
+  arr = images_lib.mask_to_binary(img, str(path))
+  binary = Image.fromarray(arr.astype(np.uint8) * 255)
   binary = binary.resize((size, size), Image.NEAREST)
   return (np.asarray(binary) > 0).astype(np.uint8)[..., None]
 
 
 def _read_subjects(csv_path: str) -> dict[str, str]:
+  """name -> subject; ValueError naming the file on missing columns, empty or conflicting rows."""
   if not csv_path:
     return {}
-  with open(csv_path, newline='') as f:
+  with open(csv_path, newline='', encoding='utf-8-sig') as f:
     reader = csv.DictReader(f)
-    cols = set(reader.fieldnames or ())
+    cols = {c.strip() for c in (reader.fieldnames or ()) if c is not None}
     if not {'name', 'subject'} <= cols:
       raise ValueError(f'subjects_csv {csv_path} needs columns name,subject; it has '
                        f'{sorted(cols)}.')
-    return {row['name'].strip(): row['subject'].strip() for row in reader}
+    table: dict[str, str] = {}
+    for line, raw in enumerate(reader, start=2):
+      row = {k.strip(): (v or '').strip() for k, v in raw.items() if k is not None}
+      name, subject = row['name'], row['subject']
+      if not name or not subject:
+        raise ValueError(f'subjects_csv {csv_path}, line {line}: empty name or subject: {row}.')
+      if name in table and table[name] != subject:
+        raise ValueError(f'subjects_csv {csv_path}, line {line}: {name!r} is listed again with '
+                         f'subject {subject!r} (earlier: {table[name]!r}).')
+      table[name] = subject
+    return table
 
 
 class SanoFolder(ArrayRecordBuilder):
   """A folder of healthy images (+ test images and masks) as a dataset of the data contract."""
 
   name = 'sano_folder'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'Decoded as predict decodes: EXIF orientation, 16-bit / float scaled by their '
+               'range, alpha over white; non-binary masks are an error.',
+  }
   BUILDER_CONFIGS = []  # Configs are made per set of folders: see make_config.
 
 

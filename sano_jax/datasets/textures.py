@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 
 from sano_jax.datasets.base import ArrayRecordBuilder
 
-from sano_jax.datasets import hide_gpus_from_tf
+from sano_jax.datasets.splits import hide_gpus_from_tf
 
 TEXTURES = ('brick', 'grass', 'gravel', 'retina')
 CROP_SIZES = (16, 32, 64)

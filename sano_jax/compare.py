@@ -1,0 +1,170 @@
+"""Table 1 of the paper for any set of evaluated runs: one table (Markdown + JSON) and one figure.
+
+`compare(workdirs, out_dir)` reads each run's eval/metrics.json (written by run_eval.py, the same
+evaluation for every method), checks that all runs were tested on the same data, and writes
+  OUT/compare.md    AUROC, AUPRC, Dice and IoU at the operating point and at N sigma (label-free),
+                    each +- the subject-stratified bootstrap std; training img/s and wall seconds
+  OUT/compare.json  the same numbers
+  OUT/compare.png   the same test images localized by every method side by side (rows chosen across
+                    anomaly sizes: largest, median, smallest, and a healthy image)
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+COLUMNS = (('auroc', 'AUROC'), ('auprc', 'AUPRC'), ('op_dice', 'Dice @ OP'), ('op_iou', 'IoU @ OP'),
+           ('ns_dice', 'Dice @ Nσ*'), ('ns_iou', 'IoU @ Nσ*'))
+
+
+def _read_json(path: str, what: str) -> dict:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: {what}')
+  with open(path) as f:
+    return json.load(f)
+
+
+def training_summary(workdir: str) -> dict:
+  """Median training img/s and the wall seconds of the training steps, from WORKDIR/metrics.jsonl."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return {'train_images_per_s': None, 'train_seconds': None}
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  speeds = [r['perf/images_per_s'] for r in rows if 'perf/images_per_s' in r]
+  timing = [r for r in rows if 'perf/wall_s' in r]
+  return {'train_images_per_s': float(np.median(speeds)) if speeds else None,
+          'train_seconds': float(timing[-1]['perf/wall_s']) if timing else None}
+
+
+def row_of(workdir: str) -> dict:
+  """One table row from a run's eval/metrics.json."""
+  m = _read_json(os.path.join(workdir, 'eval', 'metrics.json'),
+                 f'evaluate the run first: python run_eval.py --workdir={workdir}')
+  op, ns = m['operating_point'], m['n_sigma']
+  row = {'workdir': workdir, 'method': m['localization'].get('method', 'sano'), 'dataset': m['data']['dataset'],
+         'test_split': m['data']['test_split'], 'num_images': m['num_images'],
+         'rule': m['localization']['rule'], 'n_sigma': ns['n']}
+  for key, src, name in (('auroc', m, 'auroc'), ('auprc', m, 'auprc'), ('op_dice', op, 'dice'),
+                         ('op_iou', op, 'iou'), ('ns_dice', ns, 'dice'), ('ns_iou', ns, 'iou')):
+    row[key], row[key + '_std'] = src.get(name), src.get(name + '_std')
+  row['baseline_auroc'] = (m.get('baseline') or {}).get('auroc')
+  row.update(training_summary(workdir))
+  return row
+
+
+def check_same_test_data(rows: Sequence[dict]) -> None:
+  keys = {(r['dataset'], r['test_split'], r['num_images']) for r in rows}
+  if len(keys) > 1:
+    detail = '; '.join(f"{r['workdir']}: {r['dataset']}/{r['test_split']} ({r['num_images']} images)"
+                       for r in rows)
+    raise ValueError(f'the runs were not evaluated on the same test data: {detail}')
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+  """Table 1's layout; the best value of each column in bold."""
+  fmt = lambda v: 'n/a' if v is None else f'{v:.3f}'
+  best = {k: max((r[k] for r in rows if r[k] is not None), default=None) for k, _ in COLUMNS}
+  head = ['method'] + [name for _, name in COLUMNS] + ['train img/s', 'train s']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for r in rows:
+    cells = [r['method']]
+    for k, _ in COLUMNS:
+      cell = f'{fmt(r[k])} ± {fmt(r[k + "_std"])}'
+      cells.append(f'**{cell}**' if r[k] is not None and r[k] == best[k] else cell)
+    speed, secs = r['train_images_per_s'], r['train_seconds']
+    cells += ['n/a' if speed is None else f'{speed:.0f}', 'n/a' if secs is None else f'{secs:.0f}']
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  r0 = rows[0]
+  lines.append('')
+  lines.append(f"{r0['dataset']} ({r0['test_split']}, {r0['num_images']} images); ± is the std of "
+               'the subject-stratified bootstrap. OP: the best-F1 threshold (uses test labels); '
+               f"Nσ*: the label-free threshold, N = {r0['n_sigma']:g} of the healthy statistics "
+               f"('{r0['rule']}' rule), for every method. Trivial baseline AUROC: "
+               f"{fmt(r0['baseline_auroc'])}.")
+  return '\n'.join(lines) + '\n'
+
+
+def pick_examples(masks: np.ndarray) -> list[int]:
+  """Indices of the test images with the largest, median and smallest anomaly, and a healthy one."""
+  sizes = masks.reshape(len(masks), -1).sum(axis=1)
+  anomalous = np.flatnonzero(sizes > 0)
+  order = anomalous[np.argsort(-sizes[anomalous], kind='stable')]
+  picks = []
+  if len(order):
+    picks = [int(order[0]), int(order[len(order) // 2]), int(order[-1])]
+  healthy = np.flatnonzero(sizes == 0)
+  if len(healthy):
+    picks.append(int(healthy[0]))
+  return list(dict.fromkeys(picks))
+
+
+def write_figure(workdirs: Sequence[str], path: str, max_images: int = 256) -> str:
+  """The same test images (from the first run's test split) localized by every run side by side:
+  image | ground truth | each method's z-map with its N-sigma mask outlined."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from sano_jax import checkpointing, input_pipeline, localization  # pylint: disable=g-import-not-at-top
+
+  config = checkpointing.load_config(workdirs[0])
+  source = input_pipeline.get_source(config, config.data.test_split)
+  n = min(len(source), max_images)
+  examples = [source[i] for i in range(n)]
+  masks = np.stack([ex['mask'][..., 0] for ex in examples])
+  picks = pick_examples(masks)
+  images = np.stack([examples[i]['image'] for i in picks]).astype(np.float32) / 255.0
+  maps = []
+  for wd in workdirs:
+    cfg = checkpointing.load_config(wd)
+    z, mask = localization.load_localizer(wd)(images)
+    maps.append((str(cfg.get('method', 'sano')), np.asarray(z), np.asarray(mask)))
+  cols = 2 + len(maps)
+  fig, axes = plt.subplots(len(picks), cols, figsize=(2.2 * cols, 2.2 * len(picks) + 0.4),
+                           squeeze=False)
+  for r, i in enumerate(picks):
+    img = images[r][..., 0] if images.shape[-1] == 1 else images[r]
+    panels = [('image', img, dict(cmap='gray', vmin=0, vmax=1)),
+              ('ground truth', masks[i], dict(cmap='gray', vmin=0, vmax=1))]
+    for name, z, _ in maps:
+      panels.append((name, z[r], dict(cmap='inferno', vmin=0,
+                                       vmax=max(float(np.percentile(z, 99.5)), 1e-6))))
+    for c, (title, data, kw) in enumerate(panels):
+      ax = axes[r, c]
+      ax.imshow(data, interpolation='nearest', **kw)
+      if c >= 2 and maps[c - 2][2][r].any():
+        ax.contour(maps[c - 2][2][r].astype(float), levels=[0.5], colors='cyan', linewidths=0.8)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if r == 0:
+        ax.set_title(title, fontsize=10)
+    size = int(masks[i].sum())
+    axes[r, 0].set_ylabel(f"{examples[i]['name']}\n{size} anomalous px" if size else
+                          f"{examples[i]['name']}\nhealthy", fontsize=8)
+  fig.suptitle('z-maps (each in its own healthy-std units); cyan: mask at N sigma', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def compare(workdirs: Sequence[str], out_dir: str, *, figure: bool = True) -> dict:
+  """Writes OUT/compare.{md,json,png}; returns {'rows': [...], 'markdown': str, 'figure': path}."""
+  if not workdirs:
+    raise ValueError('no workdirs to compare')
+  rows = [row_of(wd) for wd in workdirs]
+  check_same_test_data(rows)
+  os.makedirs(out_dir, exist_ok=True)
+  table = markdown_table(rows)
+  with open(os.path.join(out_dir, 'compare.md'), 'w') as f:
+    f.write(table)
+  fig_path = write_figure(workdirs, os.path.join(out_dir, 'compare.png')) if figure else None
+  out = {'rows': rows, 'markdown': table, 'figure': fig_path}
+  tmp = os.path.join(out_dir, 'compare.json.tmp')
+  with open(tmp, 'w') as f:
+    json.dump({'rows': rows, 'figure': fig_path}, f, indent=2)
+  os.replace(tmp, os.path.join(out_dir, 'compare.json'))
+  return out

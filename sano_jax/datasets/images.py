@@ -1,0 +1,102 @@
+"""Decoding image and mask files, the same way for training data and for prediction.
+
+Imports nothing of this package and no TensorFlow: ``sano_jax.predict`` uses it too, so that an
+image file becomes the same pixels whether the folder builder reads it for training or
+``predict`` reads it for localization.
+
+* ``open_image``: decodes fully (a truncated file fails here, not later), applies the EXIF
+  orientation (a phone photo is seen upright, as every viewer shows it) and turns any failure
+  (including Pillow's decompression-bomb guard) into a ValueError naming the file.
+* ``to_8bit``: 16/32-bit integer and float gray images -> 'L', scaled by their type's range
+  (65535 for 16-bit; 1.0 for float images in [0, 1], else 255), never per-image min-max.
+* ``flatten_alpha``: alpha composited over white.
+* ``mask_to_binary``: a mask file -> bool [H, W]; it must hold 0 (healthy) and at most one
+  nonzero value (anomalous), else a ValueError naming the file and its values.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+_ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa', 'La')
+
+
+def open_image(source: str | os.PathLike | bytes, where: str | None = None):
+  """A fully decoded, EXIF-oriented PIL image; ValueError naming `where` (or the path) on failure."""
+  from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
+  if where is None:
+    where = os.fspath(source) if not isinstance(source, bytes) else '<bytes>'
+  try:
+    if isinstance(source, bytes):
+      data = source
+    else:
+      with open(source, 'rb') as f:
+        data = f.read()
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    ImageOps.exif_transpose(img, in_place=True)  # no-op without an orientation tag
+  except Exception as e:  # pylint: disable=broad-except
+    # UnidentifiedImageError, OSError (truncated), SyntaxError, DecompressionBombError, ...
+    raise ValueError(f'cannot decode image file {where}: {e}') from e
+  return img
+
+
+def to_8bit(im):
+  """16/32-bit integer and float gray images -> 'L' (scaled by their type's range, not clipped)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if im.mode.startswith('I;16') or im.mode in ('I', 'F'):
+    a = np.asarray(im).astype(np.float64)
+    if im.mode == 'F':
+      top = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
+    elif im.mode.startswith('I;16'):
+      top = 65535.0
+    else:
+      top = 255.0 if a.size and a.max() <= 255 else 65535.0
+    a = np.clip(np.nan_to_num(a) / top, 0.0, 1.0)
+    return Image.fromarray((a * 255.0 + 0.5).astype(np.uint8), 'L')
+  return im
+
+
+def has_alpha(im) -> bool:
+  return im.mode in _ALPHA_MODES or (im.mode == 'P' and 'transparency' in im.info)
+
+
+def flatten_alpha(im):
+  """Alpha composited over white (RGBA -> RGBA, opaque); other images unchanged."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not has_alpha(im):
+    return im
+  rgba = im.convert('RGBA')
+  white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+  return Image.alpha_composite(white, rgba)
+
+
+def mask_to_binary(im, where: str) -> np.ndarray:
+  """bool [H, W] (True = anomalous) from a decoded mask image.
+
+  Gray, 16-bit, float and palette masks: nonzero value (palette index) = anomalous. Colour masks:
+  nonzero in any channel. Masks with alpha: transparent pixels are healthy; opaque pixels are
+  anomalous where their colour is nonzero, or, when every opaque pixel is black (a mask drawn in
+  the alpha channel only), wherever alpha is nonzero. The values must be 0 and at most ONE nonzero
+  value: a JPEG-compressed, anti-aliased or multi-label mask raises ValueError naming the file.
+  """
+  arr = np.asarray(im)
+  if im.mode in _ALPHA_MODES and arr.ndim == 3:
+    alpha, colour = arr[..., -1], arr[..., :-1].max(axis=-1)
+    opaque = alpha != 0
+    values = alpha if not colour[opaque].any() else np.where(opaque, colour, 0)
+  elif arr.ndim == 3:
+    values = arr.max(axis=-1)
+  else:
+    values = arr
+  nonzero = np.unique(values[values != 0])
+  if nonzero.size > 1:
+    shown = ', '.join(str(v) for v in nonzero[:5]) + (', ...' if nonzero.size > 5 else '')
+    raise ValueError(
+        f'mask {where} is not binary: besides 0 it holds {nonzero.size} distinct values ({shown}). '
+        'A mask must hold 0 (healthy) and one nonzero value (anomalous); JPEG compression and '
+        'anti-aliasing make other values. Binarize it (e.g. np.where(mask > 127, 255, 0)) and '
+        'save it as PNG.')
+  return values != 0

@@ -1,0 +1,60 @@
+"""The comparison table (Table 1's layout) from evaluated runs' metrics.json."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sano_jax import compare
+
+
+def _write_run(workdir, method, auroc, dataset='sano_textures/brick_32', speeds=(10.0, 30.0, 20.0)):
+  os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+  metrics = {
+      'auroc': auroc, 'auroc_std': 0.01, 'auprc': auroc / 2, 'auprc_std': 0.02,
+      'operating_point': {'threshold': 2.0, 'dice': 0.5, 'dice_std': 0.03, 'iou': 0.33,
+                          'iou_std': 0.02},
+      'n_sigma': {'n': 3.0, 'dice': None, 'dice_std': None, 'iou': 0.1, 'iou_std': 0.01},
+      'baseline': {'auroc': 0.65}, 'num_images': 300,
+      'data': {'dataset': dataset, 'test_split': 'test'},
+      'localization': {'method': method, 'rule': 'per_pixel'}}
+  with open(os.path.join(workdir, 'eval', 'metrics.json'), 'w') as f:
+    json.dump(metrics, f)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    for i, s in enumerate(speeds):
+      f.write(json.dumps({'step': i, 'perf/images_per_s': s, 'perf/wall_s': 10.0 * (i + 1)}) + '\n')
+  return str(workdir)
+
+
+def test_table_json_and_best_values(tmp_path):
+  a = _write_run(tmp_path / 'a', 'sano', 0.9)
+  b = _write_run(tmp_path / 'b', 'vqvae', 0.8, speeds=(50.0,))
+  out = compare.compare([a, b], str(tmp_path / 'out'), figure=False)
+  md = open(tmp_path / 'out' / 'compare.md').read()
+  assert md == out['markdown']
+  lines = md.splitlines()
+  assert lines[0].startswith('| method | AUROC | AUPRC | Dice @ OP | IoU @ OP | Dice @ Nσ* | IoU @ Nσ*')
+  sano, vq = lines[2].split(' | '), lines[3].split(' | ')
+  assert sano[0] == '| sano' and sano[1] == '**0.900 ± 0.010**' and vq[1] == '0.800 ± 0.010'
+  assert sano[5] == 'n/a ± n/a'  # a null Dice (no positive pixel) is n/a, not 0 or NaN
+  assert sano[-2:] == ['20', '30 |'] and vq[-2] == '50'  # median img/s, last wall seconds
+  rows = json.load(open(tmp_path / 'out' / 'compare.json'))['rows']
+  assert [r['method'] for r in rows] == ['sano', 'vqvae'] and rows[1]['auroc'] == 0.8
+
+
+def test_errors_name_the_problem(tmp_path):
+  a = _write_run(tmp_path / 'a', 'sano', 0.9)
+  b = _write_run(tmp_path / 'b', 'ae', 0.8, dataset='sano_textures/grass_32')
+  with pytest.raises(ValueError, match='not evaluated on the same test data.*brick_32.*grass_32'):
+    compare.compare([a, b], str(tmp_path / 'out'), figure=False)
+  with pytest.raises(FileNotFoundError, match='run_eval.py --workdir=.*missing'):
+    compare.compare([a, str(tmp_path / 'missing')], str(tmp_path / 'out'), figure=False)
+
+
+def test_pick_examples_spans_anomaly_sizes():
+  sizes = [0, 5, 40, 0, 12, 1, 7]
+  masks = np.zeros((len(sizes), 8, 8), np.uint8)
+  for i, s in enumerate(sizes):
+    masks[i].flat[:s] = 1
+  # anomalous by size: 40 (2), 12 (4), 7 (6), 5 (1), 1 (5): largest, median, smallest; healthy 0.
+  assert compare.pick_examples(masks) == [2, 6, 5, 0]
