@@ -11,7 +11,6 @@ first workdir's parent folder).
 """
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -28,27 +27,6 @@ config_flags.DEFINE_config_file('config', None, 'Config to train every method wi
 FLAGS = flags.FLAGS
 
 
-def train_all(config, root: str, names) -> list[str]:
-  """Trains and evaluates each method (same data, steps and batch) into ROOT/<method>."""
-  from sano_jax import evaluate, methods, train  # pylint: disable=g-import-not-at-top
-  workdirs = []
-  for name in names:
-    methods.check_name(name)
-    cfg = config.copy_and_resolve_references()
-    cfg.method = name
-    workdir = os.path.join(root, name)
-    if not os.path.exists(os.path.join(workdir, 'eval', 'metrics.json')):
-      tic, cpu = time.perf_counter(), time.process_time()
-      print(f'[{name}] training {cfg.data.dataset} for {cfg.training.num_train_steps} steps in '
-            f'{workdir}', flush=True)
-      train.train_and_evaluate(cfg, workdir)
-      print(f'[{name}] trained in {time.perf_counter() - tic:.0f} s wall, '
-            f'{time.process_time() - cpu:.0f} CPU-s; evaluating', flush=True)
-      evaluate.evaluate(cfg, workdir)
-    workdirs.append(workdir)
-  return workdirs
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -59,7 +37,7 @@ def main(argv):
     if FLAGS.config is not None:
       if not FLAGS.root:
         raise app.UsageError('--config needs --root (one run per method goes in ROOT/<method>)')
-      workdirs += train_all(FLAGS.config, FLAGS.root, FLAGS.methods)
+      workdirs += compare.train_all(FLAGS.config, FLAGS.root, FLAGS.methods)
     if not workdirs:
       raise app.UsageError('give --workdirs=W1,W2,... or --config=... --root=...')
     out = FLAGS.out or FLAGS.root or os.path.dirname(os.path.abspath(workdirs[0]))

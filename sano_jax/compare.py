@@ -1,5 +1,8 @@
 """Table 1 of the paper for any set of evaluated runs: one table (Markdown + JSON) and one figure.
 
+`train_all(config, root, methods)` first trains and evaluates every method on one config (same
+data, steps and batch) into ROOT/<method>, skipping runs already evaluated.
+
 `compare(workdirs, out_dir)` reads each run's eval/metrics.json (written by run_eval.py, the same
 evaluation for every method), checks that all runs were tested on the same data, and writes
   OUT/compare.md    AUROC, AUPRC, Dice and IoU at the operating point and at N sigma (label-free),
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from typing import Sequence
 
 import numpy as np
@@ -149,6 +154,46 @@ def write_figure(workdirs: Sequence[str], path: str, max_images: int = 256) -> s
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def reuse_sano_model(sano_dir: str, workdir: str, config) -> bool:
+  """AnoDDPM trains exactly SANO's model with SANO's loss: copy a trained SANO run's checkpoints
+  (not its statistics or evaluation) instead of training the same model twice."""
+  from sano_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(os.path.join(sano_dir, 'best')) or os.path.exists(workdir):
+    return False
+  if checkpointing.model_signature(checkpointing.load_config(sano_dir)) != {
+      **checkpointing.model_signature(config), 'method': 'sano'}:
+    return False
+  shutil.copytree(sano_dir, workdir, ignore=shutil.ignore_patterns('eval', 'score_stats.npz',
+                                                                    'config.json'))
+  checkpointing.save_config(config, workdir)
+  return True
+
+
+def train_all(config, root: str, names) -> list[str]:
+  """Trains and evaluates each method (same data, steps and batch) into ROOT/<method>."""
+  from sano_jax import evaluate, methods, train  # pylint: disable=g-import-not-at-top
+  workdirs = []
+  for name in names:
+    methods.check_name(name)
+    cfg = config.copy_and_resolve_references()
+    cfg.method = name
+    workdir = os.path.join(root, name)
+    if name == 'anoddpm' and reuse_sano_model(os.path.join(root, 'sano'), workdir, cfg):
+      print(f'[{name}] uses the SANO model trained in {os.path.join(root, "sano")} (same model, '
+            'same loss); evaluating', flush=True)
+      evaluate.evaluate(cfg, workdir)
+    if not os.path.exists(os.path.join(workdir, 'eval', 'metrics.json')):
+      tic, cpu = time.perf_counter(), time.process_time()
+      print(f'[{name}] training {cfg.data.dataset} for {cfg.training.num_train_steps} steps in '
+            f'{workdir}', flush=True)
+      train.train_and_evaluate(cfg, workdir)
+      print(f'[{name}] trained in {time.perf_counter() - tic:.0f} s wall, '
+            f'{time.process_time() - cpu:.0f} CPU-s; evaluating', flush=True)
+      evaluate.evaluate(cfg, workdir)
+    workdirs.append(workdir)
+  return workdirs
 
 
 def compare(workdirs: Sequence[str], out_dir: str, *, figure: bool = True) -> dict:

@@ -58,3 +58,25 @@ def test_pick_examples_spans_anomaly_sizes():
     masks[i].flat[:s] = 1
   # anomalous by size: 40 (2), 12 (4), 7 (6), 5 (1), 1 (5): largest, median, smallest; healthy 0.
   assert compare.pick_examples(masks) == [2, 6, 5, 0]
+
+
+def test_anoddpm_reuses_a_trained_sano_model(tmp_path):
+  """AnoDDPM trains SANO's model with SANO's loss: train_all copies SANO's checkpoints (not its
+  statistics or evaluation) and writes the anoddpm config; a different model is never reused."""
+  from sano_jax import checkpointing
+  from tests.helpers import tiny_config
+  sano = tmp_path / 'sano'
+  (sano / 'best' / '10').mkdir(parents=True)
+  (sano / 'best' / '10' / 'params').write_text('checkpoint bytes')
+  (sano / 'eval').mkdir()
+  (sano / 'score_stats.npz').write_text('stats')
+  checkpointing.save_config(tiny_config(method='sano'), str(sano))
+  assert compare.reuse_sano_model(str(sano), str(tmp_path / 'anoddpm'),
+                                  tiny_config(method='anoddpm'))
+  copied = tmp_path / 'anoddpm'
+  assert (copied / 'best' / '10' / 'params').read_text() == 'checkpoint bytes'
+  assert not (copied / 'eval').exists() and not (copied / 'score_stats.npz').exists()
+  assert checkpointing.load_config(str(copied)).method == 'anoddpm'
+  assert not compare.reuse_sano_model(str(sano), str(tmp_path / 'other'),
+                                      tiny_config(**{'method': 'anoddpm', 'model.nf': 16}))
+  assert not (tmp_path / 'other').exists()
