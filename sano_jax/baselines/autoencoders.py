@@ -45,10 +45,14 @@ def kl_diag_gaussian(mu: jax.Array, logvar: jax.Array) -> jax.Array:
   return jnp.sum(kl.reshape(kl.shape[0], -1), axis=-1)
 
 
+def example_keys(rng: jax.Array, ids: jax.Array, tag: int) -> jax.Array:
+  """One key per example [B], fold_in(fold_in(rng, ids[i]), tag): independent of the batch split."""
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, i), tag))(ids)
+
+
 def example_normal(rng: jax.Array, ids: jax.Array, shape, tag: int) -> jax.Array:
-  """N(0, I) of `shape` [B, ...], example i from fold_in(fold_in(rng, ids[i]), tag)."""
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, i), tag))(ids)
-  return jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(keys)
+  """N(0, I) of `shape` [B, ...], example i from its `example_keys`."""
+  return jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(example_keys(rng, ids, tag))
 
 
 def context_mask(rng: jax.Array, height: int, width: int, max_fraction: float) -> jax.Array:
@@ -147,7 +151,7 @@ class CEVAE(VAE):
   def mask_input(self, x, ids, rng):
     """(x~, mask [B,H,W,1]): one random rectangle per example replaced by uniform noise in [-1, 1]."""
     h, w = x.shape[1:3]
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, i), 1))(ids)
+    keys = example_keys(rng, ids, tag=1)
     mask = jax.vmap(lambda k: context_mask(k, h, w, self.max_box_fraction))(keys)[..., None]
     noise = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 2), x.shape[1:],
                                                   minval=-1.0, maxval=1.0))(keys)
