@@ -2,6 +2,10 @@ r"""Train the SANO score model.
 
   python run_train.py --config=configs/demo.py --workdir=workdirs/demo [--config.training.batch_size=8]
   python run_train.py --config=configs/default.py --workdir=/data/runs/hands --distributed
+
+Rerunning the same command resumes from the newest intact checkpoint in --workdir. Preempted (SIGTERM,
+e.g. on a preemptible Cloud TPU VM; JAX's preemption notice with --distributed), the run finishes its
+step, saves a checkpoint there on all hosts and exits 0.
 """
 
 from absl import app

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 from benchmarks import bench_train
 from benchmarks import common
 from sano_jax import localization, models, score, sde as sde_lib
+from sano_jax import multiscale
 from sano_jax.baselines import anoddpm
 
 
@@ -39,7 +40,7 @@ def build_localize(model, sde, lc):
   @jax.jit
   def localize_with(params, stats, images):
     return localization.localize(
-        score.make_score_fn(model, params, sde, lc.t), images, stats, n_sigma=float(lc.n_sigma),
+        score.make_score_fn(model, params, sde, multiscale.as_ts(lc.t)[0]), images, stats, n_sigma=float(lc.n_sigma),
         smoothing_sigma=float(lc.smoothing_sigma), rule=localization._rule_from_config(lc),  # pylint: disable=protected-access
         target_fpr=float(lc.get('target_fpr', 1e-3)))
   return localize_with
@@ -67,7 +68,7 @@ def run(config, *, batch: int | None = None, steps: int = 10, warmup: int = 1,
          'batch_size': b, 'nf': config.model.nf, 'ch_mult': list(config.model.ch_mult),
          'num_res_blocks': config.model.num_res_blocks}
 
-  t_vec = jnp.full((b,), lc.t, jnp.float32)
+  t_vec = jnp.full((b,), multiscale.as_ts(lc.t)[0], jnp.float32)
   forward = jax.jit(lambda p, x: model.apply({'params': p}, x, t_vec, train=False))
   x = 2.0 * images - 1.0
   compiled, out['forward_compile_s'], flops = common.compile_with_cost(forward, params, x)

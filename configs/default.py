@@ -86,13 +86,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   training.eval_batches = -1  # validation batches per evaluation (-1: the whole split)
 
   config.localize = localize = ml_collections.ConfigDict()
-  localize.t = 0.01
+  localize.t = (0.01,)  # one t, or a t-set: --config.localize.t=0.02,0.1,0.4 (sano_jax/multiscale.py)
   localize.n_sigma = 3.0
   localize.smoothing_sigma = 2.0
   localize.stats = 'global'  # 'global' (the paper), 'per_pixel' (Genc et al.), 'quantile'
   localize.two_sided = False
   localize.target_fpr = 1e-3  # for stats='quantile'
   localize.use_ema = True
+  # run_eval.py chooses t, the rule and N from synthetic anomalies on healthy validation images
+  # (sano_jax/calibration.py; never reads test labels). False: the settings above, as given.
+  localize.calibrate = False
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.batch_size = 32

@@ -50,9 +50,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The reconstruction baselines (--config.method=ae|vae|cevae|vqvae|anovaegan): latent 4x4x16.
   config.autoencoder.ch_mult = (1, 2, 4)
 
-  config.localize.t = 0.02
+  config.localize.t = (0.02,)
   # The paper's global rule (z = A / std of the signed healthy scores) ranks well (brick AUROC 0.958)
   # but its N=3 threshold is far too strict at this size (best-F1 threshold ~1.7 sigma: Dice@3 0.26).
   # Per-pixel healthy map statistics (Genc et al.) give the same ranking, better, and a usable N=3.
   config.localize.stats = 'per_pixel'
+  # Label-free calibration (sano_jax/calibration.py): run_eval.py chooses t, the rule and N from
+  # synthetic anomalies on healthy validation images (brick: per_pixel, grass/gravel: the
+  # multiscale density); the two lines above are used only with --config.localize.calibrate=False.
+  config.localize.calibrate = True
   return config

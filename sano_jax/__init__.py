@@ -2,7 +2,8 @@
 
 The public API: ``sano_jax.localize``, ``sano_jax.load_localizer``, ``sano_jax.ScoreStats``
 (all from ``sano_jax.localization``; the module is not called ``localize`` so that the function
-of that name is never shadowed by a submodule).
+of that name is never shadowed by a submodule), and ``sano_jax.load_exported`` (from
+``sano_jax.export``: it needs only jax and numpy, never flax or the model code).
 """
 
 __version__ = '0.1.0'
@@ -15,4 +16,7 @@ def __getattr__(name):
   if name in _LAZY:
     from sano_jax import localization
     return getattr(localization, name)
+  if name == 'load_exported':
+    from sano_jax import export  # jax and numpy only
+    return export.load_exported
   raise AttributeError(f'module sano_jax has no attribute {name!r}')

@@ -5,19 +5,31 @@ Layout of a workdir:
   checkpoints/<step>/    the latest few TrainStates (resume)
   best/<step>/           params and EMA params with the best validation loss (the paper's model selection)
   score_stats.npz        healthy score statistics (written by the evaluation)
+  damaged_checkpoints/   checkpoints found damaged on resume, moved aside (restore_latest)
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a killed run
 never leaves a half-written checkpoint behind; every process calls save, the primary one writes.
+A checkpoint damaged later (a truncated or missing file) is detected on restore: the newest intact
+one is used instead, and the damaged steps are named in the log (or in the error if none is intact).
 This module imports no training code.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import time
 from typing import Any
 
+from absl import logging
+from etils import epath
 import ml_collections
 import orbax.checkpoint as ocp
+
+
+class DamagedCheckpointError(RuntimeError):
+  """Every checkpoint of a run directory is damaged (unreadable, truncated or incomplete)."""
 
 
 def _manager(path: str, *, keep: int, best: bool) -> ocp.CheckpointManager:
@@ -53,8 +65,61 @@ class CheckpointStore:
     self.best.wait_until_finished()
 
   def restore_latest(self, target: Any) -> Any:
-    step = self.latest.latest_step()
-    return self.latest.restore(step, args=ocp.args.StandardRestore(target))
+    """The newest intact checkpoint, restored into `target`'s structure.
+
+    Steps are tried newest first. One that Orbax cannot read (a truncated or missing file, whatever
+    exception that raises) is logged as damaged and the previous one is tried; once one restores,
+    the damaged newer ones are moved aside to damaged_checkpoints/ (so that the run can write those
+    steps again). A checkpoint of another model (tree structure or shapes differ from `target`'s) is
+    a ValueError, not damage; none intact is a DamagedCheckpointError naming the steps."""
+    want = _leaf_shapes(target)
+    damaged = []
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      try:
+        with _quiet_abandoned_reads():
+          restored = self.latest.restore(step, args=ocp.args.StandardRestore(target))
+      except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds on damage
+        saved = _saved_shapes(self.latest, step)
+        if saved is not None and saved != want:
+          raise _mismatch(self.workdir, step, saved, want) from e
+        logging.warning('the checkpoint at step %d in %s is damaged (%s: %s); trying the previous '
+                        'one', step, self.latest.directory, type(e).__name__, _first_line(e))
+        damaged.append((step, e))
+        continue
+      got = _leaf_shapes(restored)
+      if got != want:  # Orbax restores NumPy arrays with their saved shapes, whatever the target's
+        raise _mismatch(self.workdir, step, got, want)
+      for bad, _ in damaged:
+        self._set_aside(bad)
+      if damaged:
+        logging.warning('resuming from the newest intact checkpoint, step %d, instead of the '
+                        'damaged step(s) %s (moved to %s)', step, [d for d, _ in damaged],
+                        os.path.join(self.workdir, 'damaged_checkpoints'))
+      return restored
+    raise DamagedCheckpointError(
+        f'every checkpoint in {os.path.join(self.workdir, "checkpoints")!r} is damaged: steps '
+        f'{[d for d, _ in damaged]} ({"; ".join(f"{d}: {_first_line(e)}" for d, e in damaged)}). '
+        'Nothing was overwritten. To start this run from scratch, move the checkpoints/ folder '
+        'away; or use a fresh --workdir.')
+
+  def _set_aside(self, step: int) -> None:
+    """Moves the damaged checkpoint `step` to damaged_checkpoints/ (the primary process does it)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      src = epath.Path(self.latest.directory) / str(step)
+      dst = epath.Path(self.workdir) / 'damaged_checkpoints' / str(step)
+      n = 1
+      while dst.exists():
+        dst, n = dst.parent / f'{step}.{n}', n + 1
+      try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dst)
+      except Exception as e:  # pylint: disable=broad-except  # a store that cannot rename folders
+        logging.warning('cannot move %s aside (%s): deleting it', src, _first_line(e))
+        src.rmtree()
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f'sano_set_aside_{step}')
+    self.latest.reload()
 
   def close(self) -> None:
     self.latest.close()
@@ -118,24 +183,111 @@ def restore_for_inference(workdir: str, *, best: bool = True, ema: bool | None =
     check_same_model(config, workdir)
   ema = config.localize.use_ema if ema is None else ema
   key = 'ema_params' if ema else 'params'
-  restored = None
+  restored, damaged = None, []
   if best and os.path.isdir(os.path.join(workdir, 'best')):
     mngr = _manager(os.path.join(workdir, 'best'), keep=1, best=True)
     step = mngr.best_step() or mngr.latest_step()
     if step is not None:
-      restored = mngr.restore(step, args=ocp.args.StandardRestore())[key]
+      restored = _restore_intact(mngr, [step], damaged)
     mngr.close()
+    if restored is None and damaged:
+      logging.warning('the best checkpoint in %s is damaged: using the latest intact one in %s',
+                      os.path.join(workdir, 'best'), os.path.join(workdir, 'checkpoints'))
   if restored is None:
     mngr = _manager(os.path.join(workdir, 'checkpoints'), keep=1, best=False)
-    step = mngr.latest_step()
-    if step is None:
+    steps = sorted(mngr.all_steps(), reverse=True)
+    restored = _restore_intact(mngr, steps, damaged)
+    mngr.close()
+    if restored is None and not damaged:
       raise FileNotFoundError(f'no checkpoint in {workdir!r} (looked in best/ and checkpoints/): '
                               'train first with run_train.py --workdir=' + workdir)
-    restored = mngr.restore(step, args=ocp.args.StandardRestore())[key]
-    mngr.close()
+    if restored is None:
+      raise DamagedCheckpointError(
+          f'every checkpoint in {workdir!r} is damaged: '
+          f'{"; ".join(f"{where}: {_first_line(e)}" for where, e in damaged)}. Train again, or '
+          'restore the run directory from a copy.')
+  restored = restored[key]
   method = methods.create(config)
   _check_params_fit(method, restored, workdir)
   return config, method, restored
+
+
+def _restore_intact(mngr: ocp.CheckpointManager, steps, damaged: list):
+  """The first of `steps` that restores (as saved); each damaged one is logged and appended to
+  `damaged` as (its folder, the exception). None if none restores."""
+  for step in steps:
+    try:
+      with _quiet_abandoned_reads():
+        return mngr.restore(step, args=ocp.args.StandardRestore())
+    except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds on damage
+      where = os.path.join(str(mngr.directory), str(step))
+      logging.warning('the checkpoint %s is damaged (%s: %s)', where, type(e).__name__,
+                      _first_line(e))
+      damaged.append((where, e))
+  return None
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads(settle_s: float = 0.2, max_wait_s: float = 2.0):
+  """Drops the 'Event loop is closed' errors of a failed restore's abandoned reads.
+
+  When one read of a damaged checkpoint fails, Orbax closes its event loop; the array reads still in
+  flight then complete into it, each printing a traceback (hundreds, burying the one useful line).
+  On failure this waits until none has come for `settle_s` (at most `max_wait_s`), then puts the
+  previous hook back."""
+  previous = sys.unraisablehook
+  last = [0.0]
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and 'Event loop is closed' in str(e):
+      last[0] = time.monotonic()
+    else:
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  except BaseException:
+    last[0] = time.monotonic()
+    end = last[0] + max_wait_s
+    while time.monotonic() < min(end, last[0] + settle_s):
+      time.sleep(0.02)
+    raise
+  finally:
+    sys.unraisablehook = previous
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  text = str(e).strip().splitlines()
+  return (text[0] if text else type(e).__name__)[:limit]
+
+
+def _leaf_shapes(tree) -> dict:
+  """{path: shape} of the leaves of a pytree of arrays (or of Orbax's array metadata), paths as
+  tuples of plain names, so that a dataclass and the dict Orbax saved it as compare equal."""
+  import jax  # pylint: disable=g-import-not-at-top
+  name = lambda k: str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+  return {tuple(name(k) for k in path): tuple(getattr(x, 'shape', ()))
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _saved_shapes(mngr: ocp.CheckpointManager, step: int) -> dict | None:
+  """The leaf shapes a checkpoint's metadata records; None where the metadata is unreadable."""
+  try:
+    meta = mngr.item_metadata(step)
+    tree = getattr(meta, 'tree', meta)
+    return _leaf_shapes(tree) if tree is not None else None
+  except Exception:  # pylint: disable=broad-except  # unreadable metadata: damage, not a mismatch
+    return None
+
+
+def _mismatch(workdir: str, step: int, saved: dict, want: dict) -> ValueError:
+  diff = [(' / '.join(k), saved.get(k), want.get(k)) for k in sorted(set(saved) | set(want))
+          if saved.get(k) != want.get(k)][:3]
+  return ValueError(f'cannot restore the checkpoint at step {step} in {workdir!r} into this model: '
+                    f'it holds another model (first differences, as (leaf, checkpoint shape, model '
+                    f'shape): {diff}). Use a fresh --workdir, or the config that trained it.')
 
 
 def _check_params_fit(method, params, workdir: str) -> None:

@@ -95,16 +95,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 def pick_examples(masks: np.ndarray) -> list[int]:
   """Indices of the test images with the largest, median and smallest anomaly, and a healthy one."""
-  sizes = masks.reshape(len(masks), -1).sum(axis=1)
-  anomalous = np.flatnonzero(sizes > 0)
-  order = anomalous[np.argsort(-sizes[anomalous], kind='stable')]
-  picks = []
-  if len(order):
-    picks = [int(order[0]), int(order[len(order) // 2]), int(order[-1])]
-  healthy = np.flatnonzero(sizes == 0)
-  if len(healthy):
-    picks.append(int(healthy[0]))
-  return list(dict.fromkeys(picks))
+  from sano_jax import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.pick_rows(masks.reshape(len(masks), -1).sum(axis=1), 4)
 
 
 def write_figure(workdirs: Sequence[str], path: str, max_images: int = 256) -> str:

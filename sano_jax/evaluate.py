@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sano_jax import calibration
 from sano_jax import checkpointing
 from sano_jax import localization
 from sano_jax import metrics as metrics_lib
@@ -96,7 +97,12 @@ def _json_safe(x):
 # Calibration: the healthy score statistics.
 
 
-def fit_stats(method: methods_lib.Method, params, config, source, mesh) -> localization.ScoreStats:
+def needs_multi_stats(method: methods_lib.Method, config) -> bool:
+  """A t-set, or the density rule: MultiStats; else the paper's ScoreStats."""
+  return len(method.ts) > 1 or localization._rule_from_config(config.localize) == 'density'  # pylint: disable=protected-access
+
+
+def fit_stats(method: methods_lib.Method, params, config, source, mesh):
   """Streams the healthy `source` through a jitted, batch-sharded update of `ScoreStats` (the
   statistics of the method's field: SANO's score, a baseline's residual)."""
   lc = config.localize
@@ -110,8 +116,11 @@ def fit_stats(method: methods_lib.Method, params, config, source, mesh) -> local
         stats, images, valid)
 
   h = w = int(config.data.image_size)
-  stats = localization.init_stats((h, w, int(config.data.num_channels)),
-                                  smoothing_sigma=float(lc.smoothing_sigma))
+  shape = (h, w, int(config.data.num_channels))
+  if needs_multi_stats(method, config):
+    stats = localization.init_multi_stats(shape, method.ts, smoothing_sigma=float(lc.smoothing_sigma))
+  else:
+    stats = localization.init_stats(shape, smoothing_sigma=float(lc.smoothing_sigma))
   stats = sharding.replicate(stats, mesh)
   params = sharding.replicate(params, mesh)
   for batch in _progress(_batches(source, config, mesh), _num_batches(source, config),
@@ -159,46 +168,49 @@ def baseline_map(images, mean, smoothing_sigma: float):
 # Figures.
 
 
+def pick_rows(sizes: np.ndarray, k: int) -> list[int]:
+  """Indices of the `k` test images shown in the figures, fair to the whole test set: anomalous
+  images at evenly spaced ranks of the anomaly size (largest, ..., median, ..., smallest) and about
+  a quarter healthy ones (at least one when there are any)."""
+  sizes = np.asarray(sizes)
+  anomalous, healthy = np.flatnonzero(sizes > 0), np.flatnonzero(sizes == 0)
+  if k <= 0:
+    return []
+  n_h = min(len(healthy), max(1, k // 4) if len(anomalous) else k)
+  n_a = min(len(anomalous), k - n_h)
+  order = anomalous[np.argsort(-sizes[anomalous], kind='stable')]
+  ranks = np.unique(np.linspace(0, len(order) - 1, n_a).round().astype(int)) if n_a else []
+  spread = np.unique(np.linspace(0, len(healthy) - 1, n_h).round().astype(int)) if n_h else []
+  return [int(order[r]) for r in ranks] + [int(healthy[r]) for r in spread]
+
+
 class _FigureSet:
-  """Keeps the `k` test images with the most anomalous pixels, and the first healthy one."""
+  """The figure rows: `pick_rows` over the whole test set (sizes recorded during the pass, the
+  chosen images read again and scored after it), so memory stays bounded."""
 
   def __init__(self, k: int):
     self.k = k
-    self.top: list[tuple] = []
-    self.healthy: tuple | None = None
+    self.sizes: dict[int, int] = {}
 
-  def add(self, images, masks, zmaps, names, indices, valid):
-    if self.k <= 0:
-      return
+  def add(self, masks, indices, valid):
     for i in np.flatnonzero(valid):
-      npos = int(masks[i].sum())
-      item = (npos, -int(indices[i]), str(names[i]), images[i].copy(), masks[i].copy(),
-              zmaps[i].copy())
-      if npos == 0:
-        if self.healthy is None:
-          self.healthy = item
-        continue
-      self.top.append(item)
-    self.top.sort(key=lambda t: (t[0], t[1]), reverse=True)
-    del self.top[self.k:]
+      self.sizes[int(indices[i])] = int(masks[i].sum())
 
-  def items(self) -> list[tuple]:
-    items = list(self.top)
-    if self.healthy is not None:
-      if len(items) >= self.k and items:
-        items = items[:max(self.k - 1, 1)]
-      items.append(self.healthy)
-    return items
+  def picks(self) -> list[int]:
+    keys = np.asarray(sorted(self.sizes), np.int64)
+    sizes = np.asarray([self.sizes[int(i)] for i in keys], np.int64)
+    return [int(keys[j]) for j in pick_rows(sizes, self.k)] if len(keys) else []
 
 
-def write_figures(fig_set: _FigureSet, out_dir: str, *, op_threshold: float, n_sigma_threshold: float,
+def write_figures(items: list[tuple], out_dir: str, *, op_threshold: float, n_sigma_threshold: float,
                   n_sigma: float, rows_per_page: int = 8) -> list[str]:
-  """Fig. 1-style grids: image | ground truth | heatmap | mask at OP | mask at N sigma."""
+  """Fig. 1-style grids: image | ground truth | heatmap | mask at OP | mask at N sigma.
+
+  items: (anomalous pixels, index, name, image [H,W,C], mask [H,W], z [H,W]) per row."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  items = fig_set.items()
   if not items:
     return []
   os.makedirs(out_dir, exist_ok=True)
@@ -239,6 +251,27 @@ def write_figures(fig_set: _FigureSet, out_dir: str, *, op_threshold: float, n_s
     plt.close(fig)
     paths.append(path)
   return paths
+
+
+def _figure_rows(picks, source, config, mesh, score_step, args) -> list[tuple]:
+  """Reads the picked test images again and scores them with the same compiled step (padded to
+  one evaluation batch)."""
+  if not picks:
+    return []
+  rows = []
+  bs = int(config.eval.batch_size)
+  ndev = mesh.devices.size
+  for start in range(0, len(picks), bs):
+    exs = [source[i] for i in picks[start:start + bs]]
+    images = np.zeros((bs,) + exs[0]['image'].shape, np.float32)
+    images[:len(exs)] = np.stack([ex['image'] for ex in exs]).astype(np.float32) / 255.0
+    x = sharding.shard_batch({'image': images.reshape((ndev, bs // ndev) + images.shape[1:])},
+                             mesh)['image']
+    z = np.asarray(score_step(args[0], args[1], x, args[2])[0]).reshape((bs,) + images.shape[1:3])
+    for j, (i, ex) in enumerate(zip(picks[start:start + bs], exs)):
+      mask = ex['mask'][..., 0]
+      rows.append((int((mask > 0).sum()), -i, str(ex['name']), images[j], mask, z[j]))
+  return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,12 +316,28 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   _, method, params = checkpointing.restore_for_inference(workdir, ema=bool(lc.use_ema),
                                                          config=config)
   mesh = sharding.local_mesh_for(int(ec.batch_size))
-  logging.info('evaluating %s (%s) on %d device(s), rule=%s, t=%g', workdir, method.name,
-               mesh.devices.size, rule, float(lc.t))
-
-  # 1. Calibration on healthy validation images.
   val_source = val_source if val_source is not None else input_pipeline.get_source(
       config, config.data.validation_split)
+
+  # 0. Label-free calibration of t, rule and N (healthy validation images only).
+  choice = None
+  calib_path = os.path.join(workdir, calibration.CHOICE_FILE)
+  if lc.get('calibrate', False):
+    choice = calibration.calibrate(config, params, val_source, seed=int(config.get('seed', 0)))
+    config = calibration.apply(config, choice)
+    lc = config.localize
+    method = methods_lib.create(config)
+    rule, n_sigma = localization._rule_from_config(lc), float(lc.n_sigma)  # pylint: disable=protected-access
+    calibration.save_choice(choice, calib_path)
+    logging.info('calibrated on %d synthetic anomalies in %.1f s: t=%s rule=%s N=%.3g',
+                 choice['synthetic']['num_synthetic_images'], choice['seconds'], choice['t'],
+                 choice['rule'], choice['n_sigma'])
+  elif os.path.exists(calib_path):
+    os.remove(calib_path)  # this evaluation's settings replace an earlier calibration
+  logging.info('evaluating %s (%s) on %d device(s), rule=%s, t=%s', workdir, method.name,
+               mesh.devices.size, rule, method.ts)
+
+  # 1. Healthy statistics on the validation images.
   tic = time.perf_counter()
   stats = fit_stats(method, params, config, val_source, mesh)
   stats_seconds = time.perf_counter() - tic
@@ -363,8 +412,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
       timed_images += int(valid.sum())
     n_valid += int(valid.sum())
     n_anomalous += int((masks[valid].reshape(int(valid.sum()), -1).any(axis=1)).sum())
-    fig_set.add(_flat(_unit_images(batch)), masks, z, _flat(batch['name']), _flat(batch['index']),
-                valid)
+    fig_set.add(masks, _flat(batch['index']), valid)
   pass_s = time.perf_counter() - tic_pass
 
   # 4. Metrics.
@@ -382,11 +430,12 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
       baseline=base_metrics,
       num_anomalous_images=n_anomalous,
       num_healthy_images=n_valid - n_anomalous,
-      localization={'method': method.name, 't': float(lc.t), 'rule': rule, 'n_sigma': n_sigma,
+      localization={'method': method.name, 't': list(method.ts), 'rule': rule, 'n_sigma': n_sigma,
                     'n_sigma_threshold': n_threshold, 'smoothing_sigma': sigma,
                     'use_ema': bool(lc.use_ema), 'target_fpr': float(lc.get('target_fpr', 1e-3))},
       score_stats={'path': os.path.join(workdir, STATS_FILE), 'std': float(stats.std),
-                   'mean': float(stats.mean), 'num_images': int(stats.n_images)},
+                   'num_images': int(stats.n_images)},
+      calibration=choice,
       data={'dataset': str(config.data.dataset), 'test_split': str(config.data.test_split),
             'validation_split': str(config.data.validation_split),
             'image_size': int(config.data.image_size),
@@ -401,7 +450,9 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   # 5. Figures and metrics.json.
   eval_dir = os.path.join(workdir, 'eval')
   os.makedirs(eval_dir, exist_ok=True)
-  figures = write_figures(fig_set, os.path.join(eval_dir, 'figures'),
+  figures = write_figures(_figure_rows(fig_set.picks(), test_source, config, mesh, score_step,
+                                       (params_d, stats_d, mean_d)),
+                          os.path.join(eval_dir, 'figures'),
                           op_threshold=float(out['operating_point']['threshold']),
                           n_sigma_threshold=n_threshold, n_sigma=n_sigma)
   out['figures'] = figures
@@ -430,7 +481,7 @@ def format_summary(metrics: dict, workdir: str, seconds: float) -> str:
   rows = [
       f"{name} on {metrics['data']['dataset']}: {metrics['num_images']} test images, "
       f"{metrics['num_subjects']} subjects ({seconds / 60:.1f} min); "
-      + (f"t={metrics['localization']['t']:g}, " if name == 'sano' else '')
+      + (f"t={','.join(f'{t:g}' for t in metrics['localization']['t'])}, " if name == 'sano' else '')
       + f"{metrics['localization']['rule']} healthy statistics",
       f"  pixel AUROC   {pm('auroc')}     trivial baseline {num(base.get('auroc'))}",
       f"  pixel AUPRC   {pm('auprc')}     trivial baseline {num(base.get('auprc'))}",

@@ -31,9 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sano_jax import multiscale
+from sano_jax.image_checks import check_images  # pylint: disable=unused-import  (public here too)
+
 ScoreFn = Callable[[jax.Array], jax.Array]
 
-RULES = ('global', 'per_pixel', 'two_sided', 'quantile')
+RULES = ('global', 'per_pixel', 'two_sided', 'quantile', 'density')
 _STD_FLOOR = 1e-12
 
 # --------------------------------------------------------------------------------------------
@@ -261,11 +264,73 @@ def merge_stats(a: ScoreStats, b: ScoreStats) -> ScoreStats:
                    hist=a.hist + b.hist)
 
 
-def finalize(stats: ScoreStats) -> ScoreStats:
-  """Checks that the stats saw data; the derived quantities are properties (std, pixel_std...)."""
-  if float(stats.count) <= 0:
+def finalize(stats):
+  """Checks that the stats (ScoreStats or MultiStats) saw data; derived quantities are properties."""
+  first = stats.per_t[0] if isinstance(stats, MultiStats) else stats
+  if float(first.count) <= 0:
     raise ValueError('ScoreStats saw no valid healthy images; cannot compute the std')
   return stats
+
+
+@flax.struct.dataclass
+class MultiStats:
+  """Healthy statistics at several t (`sano_jax.multiscale`): one ScoreStats per t, and the
+  per-pixel Gaussian of the log anomaly maps over all of them (the 'density' rule)."""
+  per_t: tuple
+  density: multiscale.DensityStats
+  ts: tuple = flax.struct.field(pytree_node=False, default=())
+
+  @property
+  def image_shape(self) -> tuple:
+    return self.per_t[0].image_shape
+
+  @property
+  def smoothing_sigma(self) -> float:
+    return self.per_t[0].smoothing_sigma
+
+  @property
+  def std(self) -> jax.Array:
+    """The first t's healthy std (for logs; each t keeps its own)."""
+    return self.per_t[0].std
+
+  @property
+  def n_images(self) -> jax.Array:
+    return self.per_t[0].n_images
+
+  @property
+  def count(self) -> jax.Array:
+    return self.per_t[0].count
+
+  def select(self, index) -> 'MultiStats':
+    """The stats of a subset of the t-set (by position)."""
+    index = tuple(int(i) for i in index)
+    return MultiStats(per_t=tuple(self.per_t[i] for i in index),
+                      density=multiscale.sub_density(self.density, index),
+                      ts=tuple(self.ts[i] for i in index))
+
+
+def init_multi_stats(image_shape, ts, num_bins: int = 2**16, *, smoothing_sigma: float = 2.0
+                     ) -> MultiStats:
+  """Empty MultiStats for images (H, W, C) and t-set `ts`."""
+  ts = multiscale.as_ts(ts)
+  one = init_stats(image_shape, num_bins, smoothing_sigma=smoothing_sigma)
+  h, w, _ = one.image_shape
+  return MultiStats(per_t=(one,) * len(ts), density=multiscale.init_density(h, w, len(ts)), ts=ts)
+
+
+def update_multi_stats(stats: MultiStats, fields, valid=None) -> MultiStats:
+  """Merges one batch of K fields [B,H,W,C] (one per t) into `stats`."""
+  fields = _as_fields(fields)
+  if len(fields) != len(stats.ts):
+    raise ValueError(f'got {len(fields)} fields for {len(stats.ts)} values of t')
+  maps = [anomaly_map(f, stats.smoothing_sigma) for f in fields]
+  per_t = tuple(update_stats(s, f, a, valid) for s, f, a in zip(stats.per_t, fields, maps))
+  return MultiStats(per_t=per_t, density=multiscale.update_density(stats.density, maps, valid),
+                    ts=stats.ts)
+
+
+def _as_fields(fields) -> list:
+  return list(fields) if isinstance(fields, (list, tuple)) else [fields]
 
 
 def _to_float_images(images) -> jax.Array:
@@ -284,6 +349,9 @@ def make_stats_step(score_fn: ScoreFn, smoothing_sigma: float = 2.0):
   def step(stats, images, valid):
     x = 2.0 * _to_float_images(images) - 1.0
     scores = score_fn(x)
+    if isinstance(stats, MultiStats):
+      return update_multi_stats(stats, scores, valid)
+    scores = _as_fields(scores)[0]
     return update_stats(stats, scores, anomaly_map(scores, smoothing_sigma), valid)
 
   return step
@@ -319,13 +387,22 @@ _ARRAY_FIELDS = ('count', 'mean', 'm2', 'n_images', 'pixel_mean', 'pixel_m2', 'm
                  'map_mean', 'map_m2', 'hist')
 
 
-def save_stats(stats: ScoreStats, path: str) -> None:
-  """Writes stats to an .npz file (e.g. WORKDIR/score_stats.npz)."""
-  arrays = {k: np.asarray(getattr(stats, k)) for k in _ARRAY_FIELDS}
-  arrays.update(image_shape=np.asarray(stats.image_shape, np.int64),
-                smoothing_sigma=np.float64(stats.smoothing_sigma),
-                hist_lo=np.float64(stats.hist_lo), hist_hi=np.float64(stats.hist_hi),
-                format_version=np.int64(1))
+def save_stats(stats, path: str) -> None:
+  """Writes ScoreStats or MultiStats to an .npz file (e.g. WORKDIR/score_stats.npz)."""
+  if isinstance(stats, MultiStats):
+    first = stats.per_t[0]
+    arrays = {f't{i}.{k}': np.asarray(getattr(st, k))
+              for i, st in enumerate(stats.per_t) for k in _ARRAY_FIELDS}
+    arrays.update({f'density.{k}': np.asarray(getattr(stats.density, k))
+                   for k in ('n', 'mean', 'comoment')})
+    arrays.update(ts=np.asarray(stats.ts, np.float64), format_version=np.int64(2))
+  else:
+    first = stats
+    arrays = {k: np.asarray(getattr(stats, k)) for k in _ARRAY_FIELDS}
+    arrays.update(format_version=np.int64(1))
+  arrays.update(image_shape=np.asarray(first.image_shape, np.int64),
+                smoothing_sigma=np.float64(first.smoothing_sigma),
+                hist_lo=np.float64(first.hist_lo), hist_hi=np.float64(first.hist_hi))
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   tmp = path + '.tmp.npz'
@@ -333,20 +410,27 @@ def save_stats(stats: ScoreStats, path: str) -> None:
   os.replace(tmp, path)
 
 
-def load_stats(path: str) -> ScoreStats:
-  """Reads stats written by `save_stats`."""
+def load_stats(path: str):
+  """Reads the ScoreStats or MultiStats written by `save_stats`."""
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'no score statistics at {path}: run run_eval.py first or fit_score_stats + save_stats')
   try:
     with np.load(path, allow_pickle=False) as f:
+      meta = dict(image_shape=tuple(int(s) for s in f['image_shape']),
+                  smoothing_sigma=float(f['smoothing_sigma']), hist_lo=float(f['hist_lo']),
+                  hist_hi=float(f['hist_hi']))
+      if 'ts' in f:
+        ts = tuple(float(v) for v in f['ts'])
+        per_t = tuple(ScoreStats(**{k: jnp.asarray(f[f't{i}.{k}']) for k in _ARRAY_FIELDS}, **meta)
+                      for i in range(len(ts)))
+        density = multiscale.DensityStats(
+            **{k: jnp.asarray(f[f'density.{k}']) for k in ('n', 'mean', 'comoment')})
+        return MultiStats(per_t=per_t, density=density, ts=ts)
       missing = [k for k in _ARRAY_FIELDS + ('image_shape',) if k not in f]
       if missing:
         raise ValueError(f'missing {missing}')
-      kw = {k: jnp.asarray(f[k]) for k in _ARRAY_FIELDS}
-      return ScoreStats(**kw, image_shape=tuple(int(s) for s in f['image_shape']),
-                        smoothing_sigma=float(f['smoothing_sigma']), hist_lo=float(f['hist_lo']),
-                        hist_hi=float(f['hist_hi']))
+      return ScoreStats(**{k: jnp.asarray(f[k]) for k in _ARRAY_FIELDS}, **meta)
   except (ValueError, OSError, EOFError, KeyError) as e:
     raise ValueError(f'{path} is not a readable ScoreStats file ({e}); rerun run_eval.py to fit '
                      'the healthy statistics again') from e
@@ -355,26 +439,6 @@ def load_stats(path: str) -> ScoreStats:
 # --------------------------------------------------------------------------------------------
 # Localization.
 # --------------------------------------------------------------------------------------------
-
-
-def check_images(images) -> None:
-  """Host-side check (concrete arrays): rank 4, finite, and in [0, 1] for float images.
-
-  Raises ValueError naming the problem. Not usable under jit (it reads the values).
-  """
-  arr = np.asarray(images)
-  if arr.ndim != 4:
-    raise ValueError(f'images must be [B,H,W,C], got shape {arr.shape}')
-  if arr.dtype == np.uint8:
-    return
-  if not np.issubdtype(arr.dtype, np.floating):
-    raise ValueError(f'images must be float in [0, 1] or uint8, got dtype {arr.dtype}')
-  finite = np.isfinite(arr)
-  if not finite.all():
-    bad = int((~finite).sum())
-    raise ValueError(f'images contain {bad} non-finite values (NaN or inf)')
-  if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
-    raise ValueError(f'float images must lie in [0, 1], got range [{arr.min()}, {arr.max()}]')
 
 
 def _check_shapes(images, stats: ScoreStats):
@@ -391,7 +455,7 @@ def _check_shapes(images, stats: ScoreStats):
     raise ValueError(f'image size {h}x{w} differs from the stats image size {sh}x{sw}')
 
 
-def localize(score_fn: ScoreFn, images: jax.Array, stats: ScoreStats, *, n_sigma: float = 3.0,
+def localize(score_fn: ScoreFn, images: jax.Array, stats, *, n_sigma: float = 3.0,
              smoothing_sigma: float = 2.0, rule: str = 'global',
              target_fpr: float = 1e-3) -> tuple[jax.Array, jax.Array]:
   """images [B,H,W,C] in [0,1] (float, or uint8 scaled by 1/255) -> (z_map [B,H,W] f32, mask bool).
@@ -399,7 +463,9 @@ def localize(score_fn: ScoreFn, images: jax.Array, stats: ScoreStats, *, n_sigma
   z = G_sigma * mean_c |s(2 images - 1)| / std_healthy; mask = z > n_sigma (SANO §2.2).
   rule: 'global' (the paper), 'per_pixel' (z = (A - mean_ij)/std_ij), 'two_sided'
   (z = |A - mean A_healthy| / std A_healthy), 'quantile' (mask = A > quantile_{1-target_fpr}(A_healthy),
-  z = A / std). Pure; jit/vmap/pmap safe with score_fn closed over. Shape errors raise ValueError at
+  z = A / std), 'density' (several t: `sano_jax.multiscale`). With MultiStats (a t-set), score_fn
+  returns one field per t and every rule but 'quantile' applies (module docstring of multiscale).
+  Pure; jit/vmap/pmap safe with score_fn closed over. Shape errors raise ValueError at
   trace time; eagerly (concrete input) `check_images` also rejects NaN/inf and out-of-range values.
   """
   if rule not in RULES:
@@ -408,24 +474,52 @@ def localize(score_fn: ScoreFn, images: jax.Array, stats: ScoreStats, *, n_sigma
     check_images(images)
   images = _to_float_images(images)
   _check_shapes(images, stats)
-  if rule != 'global' and float(smoothing_sigma) != float(stats.smoothing_sigma):
+  if ((rule != 'global' or isinstance(stats, MultiStats))
+      and float(smoothing_sigma) != float(stats.smoothing_sigma)):
     raise ValueError(f'rule {rule!r} compares with healthy anomaly maps smoothed with sigma='
                      f'{stats.smoothing_sigma}, but smoothing_sigma={smoothing_sigma}')
-  scores = score_fn(2.0 * images - 1.0)
-  if scores.shape != images.shape:
-    raise ValueError(f'score_fn returned shape {scores.shape}, expected {images.shape}')
-  a = anomaly_map(scores, smoothing_sigma)
-  if rule == 'per_pixel':
-    z = (a - stats.pixel_mean) / jnp.maximum(stats.pixel_std, _STD_FLOOR)
-  elif rule == 'two_sided':
-    z = jnp.abs(a - stats.map_mean) / jnp.maximum(stats.map_std, _STD_FLOOR)
-  else:
-    z = a / stats.std
+  fields = _as_fields(score_fn(2.0 * images - 1.0))
+  multi = isinstance(stats, MultiStats)
+  if len(fields) != (len(stats.ts) if multi else 1):
+    raise ValueError(f'score_fn returned {len(fields)} field(s) but the stats hold '
+                     f'{len(stats.ts) if multi else 1} value(s) of t: fit the stats with the same '
+                     't-set as the localizer')
+  for f in fields:
+    if f.shape != images.shape:
+      raise ValueError(f'score_fn returned shape {f.shape}, expected {images.shape}')
+  if multi:
+    if rule == 'quantile':
+      raise ValueError("rule 'quantile' takes one t; with a t-set use 'density' or a z rule")
+    z = combine(stats, [anomaly_map(f, smoothing_sigma) for f in fields], rule)
+    return z, z > n_sigma
+  if rule == 'density':
+    raise ValueError("rule 'density' needs MultiStats (init_multi_stats / a t-set)")
+  a = anomaly_map(fields[0], smoothing_sigma)
+  z = _zmap(a, stats, rule)
   if rule == 'quantile':
     mask = a > stats.quantile(1.0 - target_fpr)
   else:
     mask = z > n_sigma
   return z.astype(jnp.float32), mask
+
+
+def combine(stats: MultiStats, maps, rule: str) -> jax.Array:
+  """One z-map [B,H,W] from the K anomaly maps of a t-set: the density z, or the mean over t of
+  each t's z against its own healthy stats (`sano_jax.multiscale`)."""
+  if rule == 'density':
+    z = multiscale.density_z(stats.density, maps, stats.smoothing_sigma)
+  else:
+    z = jnp.mean(jnp.stack([_zmap(a, st, rule) for a, st in zip(maps, stats.per_t)]), axis=0)
+  return z.astype(jnp.float32)
+
+
+def _zmap(a, stats: ScoreStats, rule: str) -> jax.Array:
+  """One t's z-map from its anomaly map A [B,H,W] (module docstring)."""
+  if rule == 'per_pixel':
+    return (a - stats.pixel_mean) / jnp.maximum(stats.pixel_std, _STD_FLOOR)
+  if rule == 'two_sided':
+    return jnp.abs(a - stats.map_mean) / jnp.maximum(stats.map_std, _STD_FLOOR)
+  return a / stats.std
 
 
 def _rule_from_config(lc) -> str:
@@ -454,7 +548,12 @@ def load_localizer(workdir: str, *, method: str | None = None
     held = methods.method_name(checkpointing.load_config(workdir))
     if methods.check_name(method) != held:
       raise ValueError(f'workdir {workdir!r} holds a {held!r} run, not {method!r}')
+  from sano_jax import calibration  # pylint: disable=g-import-not-at-top
   config, method_obj, params = checkpointing.restore_for_inference(workdir)
+  choice = calibration.load_choice(os.path.join(workdir, calibration.CHOICE_FILE))
+  if choice is not None:  # run_eval.py calibrated t, rule and N on healthy data: use its choice
+    config = calibration.apply(config, choice)
+    method_obj = methods.create(config)
   lc = config.localize
   path = os.path.join(workdir, 'score_stats.npz')
   if not os.path.exists(path):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from sano_jax import losses as losses_lib
 from sano_jax import models
+from sano_jax import multiscale
 from sano_jax import score
 from sano_jax import sde as sde_lib
 
@@ -55,6 +56,11 @@ class Method:
 
   def field(self, params, x: jax.Array) -> jax.Array:
     raise NotImplementedError
+
+  @property
+  def ts(self) -> tuple:
+    """The values of t the field is taken at (one entry, unused, for methods without t)."""
+    return (None,)
 
   def signature(self) -> dict:
     """The config values a checkpoint's shapes depend on (checked when a workdir is reused)."""
@@ -80,7 +86,8 @@ class SANO(Method):
     super().__init__(config)
     self.model = models.create_model(config)
     self.sde = sde_lib.from_config(config)
-    self.t = float(config.localize.t)
+    self._ts = multiscale.as_ts(config.localize.t)
+    self.t = self._ts[0]
     self.t_eps = float(config.sde.eps)
     self.likelihood_weighting = bool(config.sde.likelihood_weighting)
     m = config.model
@@ -110,8 +117,20 @@ class SANO(Method):
         t_eps=self.t_eps, likelihood_weighting=self.likelihood_weighting)
     return {'loss': loss}
 
+  @property
+  def ts(self) -> tuple:
+    return self._ts
+
   def field(self, params, x):
-    return score.make_score_fn(self.model, params, self.sde, self.t)(x)
+    """The score at t [B,H,W,C]; with a t-set, a list of K scores, one forward pass per t inside
+    one compiled call (lax.map: the memory of one forward, not of a batch K times larger)."""
+    if len(self._ts) == 1:
+      return score.make_score_fn(self.model, params, self.sde, self.t)(x)
+    def one(t):
+      t_vec = jnp.full((x.shape[0],), t, jnp.float32)
+      return -self.model.apply({'params': params}, x, t_vec, train=False) / self.sde.marginal_std(t)
+    s = jax.lax.map(one, jnp.asarray(self._ts, jnp.float32))
+    return [s[k] for k in range(len(self._ts))]
 
 
 def check_name(name: str) -> str:

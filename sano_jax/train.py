@@ -4,7 +4,9 @@
 gradients and metrics are averaged with `lax.pmean`, so one step on a global batch gives the same
 params whatever the number of devices or hosts. The loss comes from `config.method`
 (`sano_jax.methods`: SANO's denoising score matching, eq. 1, or a baseline's objective).
-`train_and_evaluate(config, workdir)` is the whole run.
+`train_and_evaluate(config, workdir)` is the whole run; preempted (SIGTERM, or JAX's multi-host
+preemption notice), it finishes its step, saves a checkpoint there and returns, so that the same
+command resumes it.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Iterator
 
@@ -247,14 +251,80 @@ def evaluate_loss(evaluate, params, val_source, config, mesh: Mesh) -> float:
   return total / max(count, 1.0)
 
 
+class Preemption:
+  """Whether the run has been asked to stop: SIGTERM (a preempted Cloud TPU VM gets it, then a
+  short grace period) or, with several processes, JAX's preemption sync point.
+
+  With one process, a SIGTERM handler (installed by `start`, the previous one put back by `stop`)
+  sets a flag. With several, every host must stop at the same step: `jax.distributed.initialize`
+  starts JAX's preemption service, which catches SIGTERM on any host and agrees on a step with the
+  others (`multihost_utils.reached_preemption_sync_point`, asked at every step); no Python handler
+  is installed then, as it would replace the service's."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._installed = False
+    self._sync = None  # with several processes: whether the preemption service is on (asked once)
+
+  def start(self) -> None:
+    # Several processes: JAX's service catches SIGTERM. Python runs handlers in the main thread only.
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+      return
+    self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._installed = True
+
+  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def reached(self, step: int, k: int = 1) -> bool:
+    """Whether to stop after the call that ran steps step-k+1 .. step (called after every call)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if self._sync is None:
+      try:
+        multihost_utils.reached_preemption_sync_point(step - k)
+        self._sync = True
+      except RuntimeError:  # the service is off: a local flag could stop hosts at different steps
+        self._sync = False
+        logging.warning("JAX's preemption service is off (jax_enable_preemption_service): a "
+                        'SIGTERM ends this run without a checkpoint (it resumes from the last '
+                        'periodic one).')
+    if self._sync:
+      # The agreed step is one past the furthest host's last report: report every step, in order.
+      hits = [multihost_utils.reached_preemption_sync_point(s)
+              for s in range(step - k + 1, step + 1)]
+      self.requested = self.requested or any(hits)
+    return self.requested
+
+  def stop(self) -> None:
+    """Puts the previous SIGTERM handler back (the default where it was not set from Python)."""
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+      self._installed = False
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        train_source=None, val_source=None) -> TrainState:
   """Train `config` in `workdir`, resuming from its latest checkpoint; returns the final host state.
 
-  Sources default to `input_pipeline.get_source(config, split)`; tests may pass in-memory ones."""
+  Sources default to `input_pipeline.get_source(config, split)`; tests may pass in-memory ones.
+  Preempted (`Preemption`), it finishes the current step, saves a checkpoint at it on all hosts,
+  logs that and returns that state; called again, it resumes there."""
+  check_config(config, jax.device_count())
+  preemption = Preemption()
+  preemption.start()
+  try:
+    return _train(config, workdir, train_source, val_source, preemption)
+  finally:
+    preemption.stop()
+
+
+def _train(config, workdir: str, train_source, val_source, preemption: Preemption) -> TrainState:
+  """The body of `train_and_evaluate`, with its `preemption` listening."""
   from sano_jax import input_pipeline
   num_devices = jax.device_count()
-  check_config(config, num_devices)
   is_chief = jax.process_index() == 0
   checkpointing.check_same_model(config, workdir)
   if is_chief:
@@ -268,11 +338,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state = create_train_state(config, method, tx, jax.random.PRNGKey(config.seed))
   store = checkpointing.CheckpointStore(workdir, keep=config.training.keep_checkpoints)
   if store.latest_step() is not None:
-    try:
-      state = store.restore_latest(jax.device_get(state))
-    except Exception as e:  # Orbax raises various errors on structure / shape mismatch.
-      raise ValueError(f'cannot restore the checkpoint in {workdir!r} into this model: {e}. '
-                       'Use a fresh --workdir, or the config that trained it.') from e
+    # The newest intact checkpoint (damaged ones are logged and skipped); a clear error for a
+    # checkpoint of another model, or when none is intact.
+    state = store.restore_latest(jax.device_get(state))
     logging.info('resumed from %s at step %d', workdir, int(state.step))
   start_step = int(state.step)
   log = MetricsLog(workdir, is_chief)
@@ -301,10 +369,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tic, step, last_logged = time.perf_counter(), start_step, start_step
   run_start = tic
   in_flight = None  # the metrics of the last dispatched call: the bar counts COMPLETED steps
+  stopped = preemption.requested
+  if stopped:  # during set-up: nothing new to save
+    logging.info('preempted before the first step (step %d): nothing new to save; run the same '
+                 'command again to resume', start_step)
   try:
-    while step < t.num_train_steps:
+    while step < t.num_train_steps and not stopped:
       state, metrics = train_fn(state, next(batches))
       step += k
+      preempted = preemption.reached(step, k)
       if in_flight is not None:  # one call stays queued behind this one, so dispatch still overlaps
         jax.block_until_ready(in_flight)
         progress.update(k)
@@ -341,6 +414,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         store.save(step, to_host(state))
         last_good = step
         tic, last_logged = time.perf_counter(), step
+      if preempted:
+        if last_good != step:
+          store.save(step, to_host(state))
+          last_good = step
+        logging.info('preempted at step %d: saved a checkpoint at step %d in %s; run the same '
+                     'command again to resume', step, step, os.path.join(workdir, 'checkpoints'))
+        stopped = True
     if in_flight is not None:
       jax.block_until_ready(in_flight)
       progress.update(k)

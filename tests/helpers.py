@@ -55,3 +55,78 @@ def read_log(path, tail: int = 4000) -> str:
       return f.read()[-tail:]
   except FileNotFoundError:
     return ''
+
+
+# ------------------------------------------------------------------------------------------------
+# run_train.py in a child process (kill, preemption and resume tests).
+
+
+def run_train_process(workdir, data_dir, *extra, log):
+  """run_train.py on configs/tiny.py in a child on 4 simulated CPU devices, its output to the file
+  `log` (a pipe that nobody reads while the test polls could fill and block the child)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, os.path.join(root, 'run_train.py'), '--config=configs/tiny.py',
+         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *extra]
+  with open(log, 'w') as f:  # the child keeps its own copy of the descriptor
+    return subprocess.Popen(cmd, cwd=root, stdout=f, stderr=subprocess.STDOUT,
+                            env=subprocess_env(4))
+
+
+def finish_process(proc, log):
+  """Waits for the child (generous, configurable limit); returns (returncode, its whole output)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  try:
+    proc.wait(timeout=subprocess_timeout())
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+    pytest.fail(f'{proc.args[1]} did not finish in {subprocess_timeout():.0f} s '
+                f'(SANO_TEST_SUBPROCESS_TIMEOUT):\n{read_log(log)}')
+  return proc.returncode, read_log(log, tail=10**7)
+
+
+def wait_for(condition, proc, log, what: str, poll_s: float = 0.02) -> None:
+  """Polls `condition()` while the child runs; fails (killing it) if it exits first or the
+  subprocess limit passes."""
+  import time  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  deadline = time.monotonic() + subprocess_timeout()
+  while not condition():
+    if proc.poll() is not None:
+      pytest.fail(f'the child exited ({proc.returncode}) before {what}:\n{read_log(log)}')
+    if time.monotonic() > deadline:
+      proc.kill()
+      proc.wait()
+      pytest.fail(f'no {what} after {subprocess_timeout():.0f} s:\n{read_log(log)}')
+    time.sleep(poll_s)
+
+
+def build_textures(data_dir: str) -> str:
+  """The embedded dataset (sano_textures/brick) at the tiny config's 16 px, built in `data_dir`."""
+  from sano_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.data.dataset = 'sano_textures/brick'
+  config.data.data_dir = str(data_dir)
+  input_pipeline.get_source(config, 'train')
+  return str(data_dir)
+
+
+def assert_same_checkpoint(workdir_a, workdir_b, step: int) -> None:
+  """The train states saved at `step` in two run directories are equal bit for bit."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from sano_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  trees = []
+  for wd in (workdir_a, workdir_b):
+    store = checkpointing.CheckpointStore(str(wd))
+    assert store.latest_step() == step, (wd, store.latest.all_steps())
+    trees.append(store.latest.restore(step, args=ocp.args.StandardRestore()))
+    store.close()
+  a, b = (jax.tree_util.tree_flatten_with_path(t)[0] for t in trees)
+  assert [p for p, _ in a] == [p for p, _ in b]
+  for (path, x), (_, y) in zip(a, b):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))

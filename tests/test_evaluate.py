@@ -63,7 +63,7 @@ def test_metrics_json_schema(run):
     assert ns[k] is not None, k
   assert _in01(ns['dice']) and _in01(ns['iou'])
   assert _in01(m['baseline']['auroc']) and _in01(m['baseline']['auprc'])
-  assert m['localization']['t'] == config.localize.t and m['localization']['rule'] == 'global'
+  assert m['localization']['t'] == list(config.localize.t) and m['localization']['rule'] == 'global'
   assert m['timing']['images_per_s'] > 0 and m['timing']['num_devices'] == 4
   src = input_pipeline.get_source(config, 'test')
   assert m['num_images'] == len(src) == m['num_anomalous_images'] + m['num_healthy_images']
@@ -191,3 +191,15 @@ def test_compare_writes_table_and_side_by_side_figure(run, tmp_path):
   from PIL import Image
   with Image.open(tmp_path / 'compare.png') as im:
     assert im.size[0] > 400 and im.size[1] > 300
+
+
+def test_figure_rows_span_the_anomaly_sizes_and_include_healthy_images():
+  sizes = np.array([0, 50, 3, 0, 20, 7, 0, 100, 1, 12])
+  picks = evaluate.pick_rows(sizes, 6)
+  anomalous = [i for i in picks if sizes[i] > 0]
+  assert anomalous[0] == 7 and anomalous[-1] == 8  # the largest and the smallest anomaly
+  assert [sizes[i] for i in anomalous] == sorted((sizes[i] for i in anomalous), reverse=True)
+  assert sum(sizes[i] == 0 for i in picks) == 1 and len(set(picks)) == len(picks) == 6
+  assert evaluate.pick_rows(np.zeros(5), 3) == [0, 2, 4]  # all healthy: spread over them
+  assert evaluate.pick_rows(sizes, 0) == []
+  assert sorted(evaluate.pick_rows(sizes, 50)) == list(range(10))  # fewer images than rows

@@ -41,7 +41,7 @@ def workdir(tmp_path_factory):
   store = checkpointing.CheckpointStore(wd)
   store.save_best(1, {'params': params, 'ema_params': params}, 0.0)
   store.close()
-  score_fn = score.make_score_fn(model, params, sde_lib.from_config(config), config.localize.t)
+  score_fn = score.make_score_fn(model, params, sde_lib.from_config(config), config.localize.t[0])
   rng = np.random.default_rng(0)
   batches = [rng.uniform(0.3, 0.7, (8, 16, 16, 1)).astype(np.float32) for _ in range(2)]
   stats = localization.fit_score_stats(score_fn, batches)

@@ -2,8 +2,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -11,10 +9,9 @@ import numpy as np
 import pytest
 
 from sano_jax import checkpointing, methods, train
-from tests.helpers import (grating_source, read_log, subprocess_env, subprocess_timeout,
-                           tiny_config)
+from tests import helpers
+from tests.helpers import grating_source, read_log, subprocess_timeout, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _val_losses(workdir):
@@ -65,32 +62,10 @@ def test_errors_are_clear(tmp_path):
     train.train_and_evaluate(tiny_config(**{'model.nf': 16}), wd, train_source=src, val_source=src)
 
 
-def _run_train(workdir, data_dir, *extra, log):
-  """run_train.py in a child on 4 simulated CPU devices, its output to the file `log` (a pipe that
-  nobody reads while the test polls could fill and block the child)."""
-  cmd = [sys.executable, os.path.join(ROOT, 'run_train.py'), '--config=configs/tiny.py',
-         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *extra]
-  with open(log, 'w') as f:  # the child keeps its own copy of the descriptor
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                            env=subprocess_env(4))
-
-
-def _finish(proc, log):
-  """Waits for the child (generous, configurable limit); returns (returncode, its whole output)."""
-  try:
-    proc.wait(timeout=subprocess_timeout())
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    proc.wait()
-    pytest.fail(f'{proc.args[1]} did not finish in {subprocess_timeout():.0f} s '
-                f'(SANO_TEST_SUBPROCESS_TIMEOUT):\n{read_log(log)}')
-  return proc.returncode, read_log(log, tail=10**7)
-
-
 def test_unknown_config_key_is_a_clear_error(tmp_path):
   log = tmp_path / 'log.txt'
-  proc = _run_train(tmp_path / 'w', tmp_path / 'd', '--config.training.bogus_key=3', log=log)
-  code, out = _finish(proc, log)
+  proc = helpers.run_train_process(tmp_path / 'w', tmp_path / 'd', '--config.training.bogus_key=3', log=log)
+  code, out = helpers.finish_process(proc, log)
   assert code != 0
   assert 'bogus_key' in out
 
@@ -98,13 +73,7 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   """The embedded dataset at 16 px, built once."""
-  from sano_jax import input_pipeline
-  d = str(tmp_path_factory.mktemp('tfds'))
-  config = tiny_config()
-  config.data.dataset = 'sano_textures/brick'
-  config.data.data_dir = d
-  input_pipeline.get_source(config, 'train')
-  return d
+  return helpers.build_textures(tmp_path_factory.mktemp('tfds'))
 
 
 def test_killed_run_resumes_and_matches_uninterrupted(tmp_path, data_dir):
@@ -113,7 +82,7 @@ def test_killed_run_resumes_and_matches_uninterrupted(tmp_path, data_dir):
   # Run 1: SIGKILL as soon as its checkpoint at step 10 is on disk.
   killed = tmp_path / 'killed'
   log = tmp_path / 'killed.log'
-  proc = _run_train(killed, data_dir, *steps, log=log)
+  proc = helpers.run_train_process(killed, data_dir, *steps, log=log)
   deadline = time.monotonic() + subprocess_timeout()
   while not (killed / 'checkpoints' / '10').is_dir():
     assert proc.poll() is None, read_log(log)
@@ -127,12 +96,12 @@ def test_killed_run_resumes_and_matches_uninterrupted(tmp_path, data_dir):
   assert saved and saved[-1] < 60, saved
   # Run 2: the same command resumes from the latest checkpoint and finishes.
   log = tmp_path / 'resumed.log'
-  code, out = _finish(_run_train(killed, data_dir, *steps, log=log), log)
+  code, out = helpers.finish_process(helpers.run_train_process(killed, data_dir, *steps, log=log), log)
   assert code == 0, out[-4000:]
   assert f'at step {saved[-1]}' in out  # "resumed from ... at step k"
   # Run 3: uninterrupted, same seed.
   log = tmp_path / 'straight.log'
-  code, out = _finish(_run_train(tmp_path / 'straight', data_dir, *steps, log=log), log)
+  code, out = helpers.finish_process(helpers.run_train_process(tmp_path / 'straight', data_dir, *steps, log=log), log)
   assert code == 0, out[-4000:]
   a = checkpointing.CheckpointStore(str(killed)).latest
   b = checkpointing.CheckpointStore(str(tmp_path / 'straight')).latest

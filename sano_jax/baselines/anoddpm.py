@@ -129,6 +129,10 @@ class AnoDDPM(methods.SANO):
     self.t_start, self.num_steps = float(c.t_start), int(c.num_steps)
     self.clip_denoised, self.seed = bool(c.clip_denoised), int(c.seed)
 
+  @property
+  def ts(self) -> tuple:
+    return (None,)  # localizes by reconstruction from t_start, not by the score at localize.t
+
   def field(self, params, x):
     x = x.astype(jnp.float32)
     x_rec = reconstruct(self.eps_fn(params), self.sde, x, jax.random.PRNGKey(self.seed),

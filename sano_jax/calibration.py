@@ -1,0 +1,249 @@
+"""Label-free calibration: t (or a t-set), the rule and N, chosen on synthetic anomalies.
+
+The paper's promise is a threshold set without anomalous images. Which t and which healthy-statistics
+rule rank anomalies best differs per dataset (brick: the per-pixel rule at small t; grass: the
+multiscale density), so `calibrate` decides from the healthy validation split alone:
+
+1. the validation images are split in two halves (even / odd positions);
+2. healthy statistics of every t of `T_GRID` (`MultiStats`: each t, and the log-map Gaussian over
+   all of them) are fitted on one half;
+3. the other half gets one synthetic anomaly per image (`synthesize`: a patch of another healthy
+   image rotated or rescaled and matched to the image's intensities, a blurred region, a noisy
+   region, an intensity shift; shapes and sizes as in the textures' test split, exact masks);
+4. every candidate (rule x t, and the density over three t-sets) scores them; the halves then swap
+   roles (cross-fitting: every image serves once each way, twice the synthetic anomalies of a
+   single split); the candidate with the best pooled synthetic pixel AUROC wins, and N is its
+   best-Dice threshold on the synthetic set.
+
+No test image or label is read. Methods without t (the reconstruction baselines) choose only the
+rule and N. The choice is applied by `apply` (config.localize) and saved with the statistics.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import ndimage
+
+from sano_jax import localization
+from sano_jax import metrics as metrics_lib
+from sano_jax import methods as methods_lib
+
+T_GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+DENSITY_SETS = ((0.005, 0.01, 0.02, 0.05), (0.02, 0.05, 0.1, 0.2, 0.4), T_GRID)
+Z_RULES = ('global', 'per_pixel', 'two_sided')
+KINDS = ('cutpaste', 'rescaled', 'blur', 'noise', 'shift')
+CHOICE_FILE = 'calibration.json'  # in the workdir, beside score_stats.npz
+MAX_PIXELS = 2**19  # synthetic pixels kept per candidate (a fixed uniform subsample beyond)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic anomalies (host-side numpy; generic: healthy images only, no external content).
+
+
+def region_mask(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+  """A rectangle or an ellipse of sides in [S/4, S/2] at a uniform position, bool [H, W]."""
+  def side(s):
+    return int(rng.integers(max(3, s // 4), max(4, s // 2) + 1))
+  h, w = side(height), side(width)
+  y, x = int(rng.integers(height - h + 1)), int(rng.integers(width - w + 1))
+  m = np.zeros((height, width), bool)
+  if rng.random() < 0.5:
+    m[y:y + h, x:x + w] = True
+  else:
+    yy, xx = np.mgrid[:h, :w]
+    m[y:y + h, x:x + w] = (((yy + .5 - h / 2) / (h / 2))**2 + ((xx + .5 - w / 2) / (w / 2))**2) <= 1
+  return m
+
+
+def _match(patch: np.ndarray, ref: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Patch with the reference's mean and a jittered std (so intensity alone does not find it)."""
+  mean, std = ref.mean((0, 1)), ref.std((0, 1)) + 1e-3
+  p = (patch - patch.mean((0, 1))) / (patch.std((0, 1)) + 1e-3)
+  return p * std * rng.uniform(0.75, 1.5) + mean + rng.uniform(-0.5, 0.5) * std
+
+
+def synthesize(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator,
+               kind: str) -> tuple[np.ndarray, np.ndarray]:
+  """One anomaly in `image` (float [H,W,C] in [0,1]) -> (image, mask bool [H,W])."""
+  h, w, _ = image.shape
+  mask = region_mask(h, w, rng)
+  if kind in ('cutpaste', 'rescaled'):
+    src = donor
+    if kind == 'rescaled':  # the same material at a foreign scale
+      z = float(rng.choice([0.5, 2.0]))
+      src = ndimage.zoom(donor, (z, z, 1), order=1)
+      reps = (-(-h // src.shape[0]), -(-w // src.shape[1]), 1)
+      src = np.tile(src, reps)[:h, :w]
+    src = np.rot90(src, int(rng.integers(1, 4)), axes=(0, 1))
+    if src.shape[:2] != (h, w):  # non-square images: a 90-degree turn swaps the sides
+      src = np.resize(src, image.shape)
+    if rng.random() < 0.5:
+      src = src[::-1]
+    patch = _match(src, image, rng)
+  elif kind == 'blur':
+    patch = ndimage.gaussian_filter(image, (rng.uniform(1.0, 3.0),) * 2 + (0,))
+  elif kind == 'noise':
+    patch = image + rng.normal(0.0, rng.uniform(0.5, 1.0) * image.std() + 0.02, image.shape)
+  elif kind == 'shift':
+    patch = image + rng.choice([-1.0, 1.0]) * rng.uniform(0.1, 0.2)
+  else:
+    raise ValueError(f'unknown synthetic anomaly kind {kind!r}; expected one of {KINDS}')
+  out = image.copy()
+  out[mask] = patch[mask]
+  return np.clip(out, 0.0, 1.0).astype(np.float32), mask
+
+
+def synthetic_set(images: np.ndarray, seed: int = 0):
+  """One anomaly per image, kinds in turn, donors = the next image: (images, masks, kinds)."""
+  rng = np.random.default_rng(seed)
+  out, masks, kinds = [], [], []
+  for i, image in enumerate(images):
+    kind = KINDS[i % len(KINDS)]
+    a, m = synthesize(image, images[(i + 1) % len(images)], rng, kind)
+    out.append(a)
+    masks.append(m)
+    kinds.append(kind)
+  return np.stack(out), np.stack(masks), kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates and the choice.
+
+
+def candidates(ts: tuple) -> list[tuple[str, tuple[int, ...]]]:
+  """(rule, indices into ts) for every z rule at every t, and the density over each t-set."""
+  out = [(rule, (i,)) for i in range(len(ts)) for rule in Z_RULES]
+  if len(ts) == 1:
+    return out + [('density', (0,))]
+  for tset in DENSITY_SETS:
+    idx = tuple(i for i, t in enumerate(ts) if t in tset)
+    if len(idx) > 1:
+      out.append(('density', idx))
+  return out
+
+
+def candidate_zmaps(stats: localization.MultiStats, fields, cands, smoothing_sigma: float):
+  """z-maps [num_candidates, B, H, W] of all candidates from the K fields (jit-able)."""
+  maps = [localization.anomaly_map(f, smoothing_sigma) for f in localization._as_fields(fields)]  # pylint: disable=protected-access
+  zs = []
+  for rule, idx in cands:
+    sub = stats.select(idx)
+    zs.append(localization.combine(sub, [maps[i] for i in idx], rule))
+  return jnp.stack(zs)
+
+
+def _read(source, indices) -> np.ndarray:
+  return np.stack([np.asarray(source[int(i)]['image'], np.float32) / 255.0 for i in indices])
+
+
+def _batched(images: np.ndarray, batch_size: int):
+  for i in range(0, len(images), batch_size):
+    chunk = images[i:i + batch_size]
+    valid = np.ones((batch_size,), bool)
+    if len(chunk) < batch_size:  # static shapes: pad the last batch
+      valid[len(chunk):] = False
+      chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:],
+                                              chunk.dtype)])
+    yield chunk, valid
+
+
+def calibrate(config, params, source, *, max_images: int = 512, seed: int = 0) -> dict:
+  """Chooses t, rule and N for `config`'s method from the healthy `source` (module docstring).
+
+  Returns {'t', 'rule', 'n_sigma', 'candidates': [...], 'synthetic': {...}, 'seconds'}."""
+  n = len(source)
+  if n < 4:
+    raise ValueError(f'calibration needs at least 4 healthy validation images, got {n}')
+  pick = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(int))
+  images = _read(source, pick)
+  grid_config = copy.deepcopy(config)
+  if methods_lib.create(grid_config).ts != (None,):
+    set_t(grid_config, T_GRID)
+  method = methods_lib.create(grid_config)
+  return choose(method.field_fn(params), method.ts, images,
+                batch_size=int(config.eval.batch_size),
+                smoothing_sigma=float(config.localize.smoothing_sigma), seed=seed)
+
+
+def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
+           smoothing_sigma: float = 2.0, seed: int = 0) -> dict:
+  """The calibration proper: field_fn(x in [-1,1]) -> K fields (one per t of `ts`, or one field
+  when ts == (None,)); images [N,H,W,C] float in [0,1], healthy. Fits on one half, scores
+  synthetic anomalies made in the other, both ways; returns the best candidate (`calibrate`)."""
+  tic = time.perf_counter()
+  sigma = float(smoothing_sigma)
+  cands = candidates(ts)
+  step = jax.jit(localization.make_stats_step(field_fn, sigma))
+  zfn = jax.jit(lambda st, x: candidate_zmaps(st, field_fn(2.0 * x - 1.0), cands, sigma))
+  zs, labels = [], []
+  for fold in (0, 1):  # cross-fitting: each half fits the stats once and is synthesized once
+    fit, held = images[fold::2], images[1 - fold::2]
+    stats = localization.init_multi_stats(images.shape[1:], ts if ts != (None,) else (1.0,),
+                                          smoothing_sigma=sigma)
+    for chunk, valid in _batched(fit, batch_size):
+      stats = step(stats, chunk, valid)
+    stats = localization.finalize(jax.device_get(stats))
+    syn, masks, _ = synthetic_set(held, seed + fold)
+    for chunk, valid in _batched(syn, batch_size):
+      zs.append(np.asarray(zfn(stats, chunk))[:, valid].reshape(len(cands), -1))
+    labels.append(masks.reshape(-1))
+  zs, labels = np.concatenate(zs, axis=1), np.concatenate(labels)
+  if labels.size > MAX_PIXELS:
+    keep = np.random.default_rng(seed).choice(labels.size, MAX_PIXELS, replace=False)
+    zs, labels = zs[:, keep], labels[keep]
+  rows = []
+  for (rule, idx), z in zip(cands, zs):
+    m = metrics_lib.exact_curve_metrics(np.nan_to_num(z, nan=-np.inf), labels)
+    rows.append({'rule': rule, 't': [ts[i] for i in idx], 'auroc': m['auroc'],
+                 'auprc': m['auprc'], 'best_dice': m['dice'], 'threshold': m['threshold']})
+  best = max(rows, key=lambda r: (np.nan_to_num(r['auroc'], nan=-1.0), r['best_dice']))
+  return {'t': best['t'], 'rule': best['rule'], 'n_sigma': float(best['threshold']),
+          'candidates': rows,
+          'synthetic': {'num_images': len(images), 'num_synthetic_images': len(images),
+                        'kinds': list(KINDS), 'pixels_scored': int(labels.size), 'seed': seed},
+          'seconds': time.perf_counter() - tic}
+
+
+def set_t(config, ts) -> None:
+  """config.localize.t = ts, also over a config whose t was read as a float (an old config.json)."""
+  with config.unlocked():
+    del config.localize['t']
+    config.localize.t = tuple(float(t) for t in ts)
+
+
+def apply(config, choice: dict):
+  """config.localize with the calibrated t, rule and N (a copy; the input is not changed)."""
+  config = copy.deepcopy(config)
+  lc = config.localize
+  if choice['t'] != [None]:
+    set_t(config, choice['t'])
+  lc.stats = 'global' if choice['rule'] == 'two_sided' else choice['rule']
+  lc.two_sided = choice['rule'] == 'two_sided'
+  lc.n_sigma = float(choice['n_sigma'])
+  return config
+
+
+def save_choice(choice: dict, path: str) -> None:
+  """Writes the choice atomically (load_localizer applies it over config.localize)."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump({k: choice[k] for k in ('t', 'rule', 'n_sigma')}, f, indent=2)
+  os.replace(tmp, path)
+
+
+def load_choice(path: str) -> dict | None:
+  """The saved choice, or None when the workdir was not calibrated."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      choice = json.load(f)
+    return {k: choice[k] for k in ('t', 'rule', 'n_sigma')}
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'{path} is not a readable calibration file ({e}); rerun run_eval.py') from e

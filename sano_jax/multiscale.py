@@ -1,0 +1,148 @@
+"""Anomaly maps at several t, and the multiscale density rule (Mahmood et al. 2021, arXiv 2010.13132).
+
+With t = (t_1..t_K), each t gives its own anomaly map A_k = G_sigma * mean_c |s(x, t_k)| (SANO §2.2).
+Two ways to turn the K maps into one z-map:
+
+* ``rule='density'``: at each pixel position (i, j) the vector u_ij = (log A_1, ..., log A_K)_ij is
+  modelled on healthy images by a Gaussian N(mu_ij, Sigma_ij) (mean and full K x K covariance over
+  images, streamed); a pixel's Mahalanobis distance d^2 = (u - mu)^T Sigma^-1 (u - mu) is
+  chi^2_K-distributed under the model, and is reported as the equivalent one-sided normal deviate
+
+      z = Phi^-1(1 - P(chi^2_K > d^2))        (so that "N sigma" keeps its meaning for any K).
+
+  Deviations in either direction count (a region whose score is too SMALL, a smooth patch on grass,
+  is as anomalous as one whose score is too large), and the covariance across t lets the rule see
+  a change in how the score varies with t, not only its size.
+* any single-t rule (``global``, ``per_pixel``, ``two_sided``): each t gets its own healthy
+  statistics and z = mean_k z_k. The mean (not the max) keeps the healthy z-maps' scale, so N
+  means about the same as for one t, and averages out the per-t noise.
+
+Everything is streamed (Chan et al. merges of the mean and co-moment), jit/vmap/pmap safe.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_LOG_FLOOR = 1e-12
+_RIDGE = 1e-3  # Sigma + ridge * tr(Sigma) / K * I: a singular direction (K > #images) stays finite
+
+
+def as_ts(t) -> tuple[float, ...]:
+  """config.localize.t (a float or a sequence of floats) -> a non-empty tuple of floats in (0, 1]."""
+  ts = tuple(float(v) for v in (t if isinstance(t, (list, tuple)) else (t,)))
+  if not ts:
+    raise ValueError('localize.t is empty: give one t or a list of t in (0, 1]')
+  bad = [v for v in ts if not 0.0 < v <= 1.0]
+  if bad:
+    raise ValueError(f'localize.t must lie in (0, 1], got {bad}')
+  if len(set(ts)) != len(ts):
+    raise ValueError(f'localize.t has repeated values: {ts}')
+  return ts
+
+
+@flax.struct.dataclass
+class DensityStats:
+  """Streaming per-pixel Gaussian of u = log anomaly maps over the t-set.
+
+  n: images seen; mean [H,W,K]; comoment [H,W,K,K] = sum over images of (u - mean)(u - mean)^T.
+  """
+  n: jax.Array
+  mean: jax.Array
+  comoment: jax.Array
+
+  @property
+  def covariance(self) -> jax.Array:
+    """Population covariance [H,W,K,K] with a small ridge (relative to its trace)."""
+    k = self.mean.shape[-1]
+    cov = self.comoment / jnp.maximum(self.n, 1.0)
+    tr = jnp.trace(cov, axis1=-2, axis2=-1)[..., None, None]
+    return cov + (_RIDGE * tr / k + _LOG_FLOOR) * jnp.eye(k, dtype=cov.dtype)
+
+
+def init_density(height: int, width: int, num_t: int) -> DensityStats:
+  return DensityStats(n=jnp.zeros((), jnp.float32), mean=jnp.zeros((height, width, num_t)),
+                      comoment=jnp.zeros((height, width, num_t, num_t)))
+
+
+def log_features(maps: Sequence[jax.Array]) -> jax.Array:
+  """K maps [B,H,W] -> u [B,H,W,K] = log max(A_k, floor)."""
+  return jnp.log(jnp.maximum(jnp.stack([m.astype(jnp.float32) for m in maps], -1), _LOG_FLOOR))
+
+
+def update_density(stats: DensityStats, maps: Sequence[jax.Array],
+                   valid: jax.Array | None = None) -> DensityStats:
+  """Merges one batch of K maps [B,H,W] (valid [B] bool) by Chan et al.'s update:
+  n = na + nb, mean = ma + d nb / n, C = Ca + Cb + d d^T na nb / n, d = mb - ma."""
+  u = log_features(maps)
+  b = u.shape[0]
+  w = (jnp.ones((b,), bool) if valid is None else jnp.asarray(valid, bool)).astype(jnp.float32)
+  nb = jnp.sum(w)
+  mb = jnp.einsum('b,bhwk->hwk', w, u) / jnp.maximum(nb, 1.0)
+  du = (u - mb) * w[:, None, None, None]
+  cb = jnp.einsum('bhwk,bhwl->hwkl', du, du)
+  return _merge(stats, nb, mb, cb)
+
+
+def _merge(a: DensityStats, nb, mb, cb) -> DensityStats:
+  n = a.n + nb
+  safe = jnp.maximum(n, 1.0)
+  d = mb - a.mean
+  mean = a.mean + d * (nb / safe)
+  com = a.comoment + cb + jnp.einsum('hwk,hwl->hwkl', d, d) * (a.n * nb / safe)
+  return DensityStats(n=n, mean=mean, comoment=com)
+
+
+def merge_density(a: DensityStats, b: DensityStats) -> DensityStats:
+  """The density stats of the union of two streams."""
+  return _merge(a, b.n, b.mean, b.comoment)
+
+
+def density_z(stats: DensityStats, maps: Sequence[jax.Array], smoothing_sigma: float = 0.0
+              ) -> jax.Array:
+  """z [B,H,W]: Mahalanobis d^2 of log maps under the healthy Gaussian, as a one-sided normal
+  deviate z = -Phi^-1(P(chi^2_K > d^2)) (so z > 3 has the false-positive rate of 3 sigma), then
+  smoothed by G_sigma like the maps (pools the per-pixel evidence over a region: on the embedded
+  grass/gravel data AUROC 0.72 -> 0.80 and 0.77 -> 0.84 with sigma = 2)."""
+  u = log_features(maps) - stats.mean
+  k = u.shape[-1]
+  prec = jnp.linalg.inv(stats.covariance)
+  d2 = jnp.einsum('bhwk,hwkl,bhwl->bhw', u, prec, u)
+  log_p = _log_chi2_sf(jnp.maximum(d2, 0.0), k)
+  z = -_ndtri_from_log(log_p)
+  if smoothing_sigma:
+    from sano_jax import localization  # pylint: disable=g-import-not-at-top
+    z = localization.gaussian_filter2d(z, smoothing_sigma)
+  return z
+
+
+def _log_chi2_sf(x: jax.Array, k: int) -> jax.Array:
+  """log P(chi^2_k > x), accurate in the far tail (where the regularized gamma underflows)."""
+  a = 0.5 * k
+  sf = jax.scipy.special.gammaincc(a, 0.5 * x)
+  # Tail: Gamma(a, y) ~ y^(a-1) e^-y (1 + (a-1)/y), normalized by Gamma(a).
+  y = jnp.maximum(0.5 * x, 1e-6)
+  log_tail = ((a - 1.0) * jnp.log(y) - y + jnp.log1p(jnp.maximum((a - 1.0) / y, -0.99))
+              - jax.scipy.special.gammaln(a))
+  return jnp.where(sf > 1e-30, jnp.log(jnp.maximum(sf, 1e-38)), log_tail)
+
+
+def _ndtri_from_log(log_p: jax.Array) -> jax.Array:
+  """Phi^-1(p) from log p: exact through ndtri where p is representable, else the tail asymptote
+  Phi^-1(p) ~ -sqrt(-2 log p - log(-2 log p) - log(2 pi))."""
+  p = jnp.exp(log_p)
+  direct = jax.scipy.special.ndtri(jnp.clip(p, 1e-37, 1.0 - 1e-7))
+  l = -2.0 * log_p
+  asym = -jnp.sqrt(jnp.maximum(l - jnp.log(jnp.maximum(l, 1e-6)) - np.log(2 * np.pi), 0.0))
+  return jnp.where(p > 1e-30, direct, asym)
+
+
+def sub_density(stats: DensityStats, index: Sequence[int]) -> DensityStats:
+  """The marginal Gaussian of a subset of the t-set (sub-blocks of the mean and co-moment)."""
+  idx = np.asarray(index, np.int32)
+  return DensityStats(n=stats.n, mean=stats.mean[..., idx],
+                      comoment=stats.comoment[..., idx[:, None], idx[None, :]])

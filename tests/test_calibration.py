@@ -1,0 +1,127 @@
+"""Label-free calibration (sano_jax.calibration): synthetic anomalies, the choice on a case with a
+known answer, no use of test labels, and the choice carried to load_localizer."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sano_jax import calibration, evaluate, input_pipeline, localization, train
+
+
+def test_synthesize_changes_exactly_the_masked_region():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0.2, 0.8, (10, 24, 20, 3)).astype(np.float32)
+  out, masks, kinds = calibration.synthetic_set(images, seed=1)
+  assert out.shape == images.shape and masks.shape == (10, 24, 20) and masks.dtype == bool
+  assert set(kinds) == set(calibration.KINDS)
+  for a, b, m in zip(out, images, masks):
+    assert 24 // 4 * (20 // 4) * 0.7 <= m.sum() <= 12 * 10  # sides in [S/4, S/2] (ellipse: ~pi/4)
+    assert np.array_equal(a[~m], b[~m])  # nothing changes outside the mask
+    assert np.abs(a[m] - b[m]).max() > 0  # and something changes inside
+  again, masks2, _ = calibration.synthetic_set(images, seed=1)
+  assert np.array_equal(again, out) and np.array_equal(masks2, masks)  # deterministic in the seed
+
+
+def test_candidates_cover_every_rule_and_the_density_sets():
+  c = calibration.candidates(calibration.T_GRID)
+  assert len(c) == 3 * len(calibration.T_GRID) + len(calibration.DENSITY_SETS)
+  assert ('density', tuple(range(len(calibration.T_GRID)))) in c
+  assert calibration.candidates((None,)) == [('global', (0,)), ('per_pixel', (0,)),
+                                             ('two_sided', (0,)), ('density', (0,))]
+
+
+def test_choose_picks_the_only_informative_t():
+  """Field 1 of 3 sees structure (a high-pass of x); fields 0 and 2 are noise independent of x.
+  The calibration must choose t = ts[1] with a single-t rule."""
+  ts = (0.01, 0.1, 0.4)
+  k = jnp.ones((3, 3, 1, 1), jnp.float32) / 9.0
+
+  def field_fn(x):
+    blur = jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    key = jax.random.PRNGKey(0)
+    noise = [jax.random.normal(jax.random.fold_in(key, i), x.shape) for i in (0, 2)]
+    return [noise[0], 4.0 * (x - blur), noise[1]]
+
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[:16, :16] / 16.0
+  images = np.stack([0.5 + 0.3 * np.sin(2 * np.pi * (rng.uniform(.5, 1.5) * xx + rng.uniform()))
+                     + 0.0 * yy for _ in range(40)])[..., None].astype(np.float32)
+  choice = calibration.choose(field_fn, ts, images, batch_size=8, seed=0)
+  assert choice['t'] == [0.1], choice
+  assert choice['rule'] in calibration.Z_RULES
+  best = max(choice['candidates'], key=lambda r: r['auroc'])
+  assert best['auroc'] > 0.8 and choice['n_sigma'] == best['threshold']
+  noise_rows = [r for r in choice['candidates'] if r['t'] in ([0.01], [0.4])]
+  assert max(r['auroc'] for r in noise_rows) < 0.65  # the noise fields rank at chance
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  from configs import tiny
+  root = tmp_path_factory.mktemp('calib')
+  config = tiny.get_config()
+  config.data.data_dir = str(root / 'tfds')
+  t = config.training
+  t.num_train_steps, t.eval_every, t.checkpoint_every, t.log_every = 10, 10, 10, 5
+  t.eval_batches = 1
+  t.ema_rate = 0.5
+  config.eval.num_figures = 0
+  config.eval.bootstrap_runs = 2
+  config.localize.calibrate = True
+  workdir = str(root / 'wd')
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+class _ShuffledMasks:
+  """The test split with its masks permuted across images (labels that make no sense)."""
+
+  def __init__(self, source, seed=0):
+    self.source = source
+    self.perm = np.random.default_rng(seed).permutation(len(source))
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    ex = dict(self.source[int(i)])
+    ex['mask'] = self.source[int(self.perm[int(i)])]['mask']
+    return ex
+
+
+def _strip(choice):
+  return {k: v for k, v in choice.items() if k != 'seconds'}
+
+
+def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp_path):
+  config, workdir = trained
+  out = evaluate.evaluate(config, workdir)
+  choice = out['calibration']
+  assert choice is not None and choice['rule'] in localization.RULES
+  assert len(choice['candidates']) == len(calibration.candidates(calibration.T_GRID))
+  with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+    assert _strip(json.load(f)['calibration']) == _strip(choice)
+  assert out['localization']['rule'] == choice['rule']
+  assert out['localization']['t'] == choice['t']
+  assert out['localization']['n_sigma'] == pytest.approx(choice['n_sigma'])
+
+  wd = str(tmp_path / 'copy')
+  shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns('eval', 'score_stats.npz',
+                                                             'calibration.json'))
+  test = input_pipeline.get_source(config, config.data.test_split)
+  shuffled = evaluate.evaluate(config, wd, test_source=_ShuffledMasks(test))
+  assert _strip(shuffled['calibration']) == _strip(choice)  # test labels change nothing
+  assert shuffled['auroc'] != out['auroc']  # ... while the metrics do see them
+
+  # load_localizer applies the saved choice: its mask is z > the calibrated N.
+  images = np.stack([test[i]['image'] for i in range(4)]).astype(np.float32) / 255.0
+  z, mask = localization.load_localizer(workdir)(images)
+  assert np.array_equal(np.asarray(mask), np.asarray(z) > choice['n_sigma'])
+  stats = localization.load_stats(os.path.join(workdir, 'score_stats.npz'))
+  multi = len(choice['t']) > 1 or choice['rule'] == 'density'
+  assert isinstance(stats, localization.MultiStats) == multi

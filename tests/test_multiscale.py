@@ -1,0 +1,132 @@
+"""Multi-t maps and the multiscale density rule against independent oracles (numpy, scipy.stats)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from sano_jax import localization as L, methods, multiscale as M, score
+
+import helpers
+
+
+def test_density_stats_stream_like_the_batch_oracle_in_bounded_memory():
+  rng = np.random.default_rng(0)
+  k, n = 3, 23
+  maps = [rng.uniform(0.05, 2.0, (n, 6, 5)).astype(np.float32) for _ in range(k)]
+  d = M.init_density(6, 5, k)
+  size = sum(x.size for x in jax.tree.leaves(d))
+  step = jax.jit(M.update_density)
+  for i in range(0, n, 4):  # uneven batches, the last one padded
+    chunk = [m[i:i + 4] for m in maps]
+    valid = np.ones(4, bool)
+    if len(chunk[0]) < 4:
+      valid[len(chunk[0]):] = False
+      chunk = [np.concatenate([c, np.ones((4 - len(c), 6, 5), np.float32)]) for c in chunk]
+    d = step(d, chunk, valid)
+    assert sum(x.size for x in jax.tree.leaves(d)) == size  # state does not grow with images
+  u = np.log(np.stack(maps, -1)).astype(np.float64)
+  mu = u.mean(0)
+  cov = np.einsum('nhwk,nhwl->hwkl', u - mu, u - mu) / n
+  assert float(d.n) == n
+  np.testing.assert_allclose(d.mean, mu, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(d.comoment) / n, cov, atol=1e-5)
+  # Merging two halves equals streaming all (associative: per-device stats can be combined).
+  a = M.update_density(M.init_density(6, 5, k), [m[:10] for m in maps])
+  b = M.update_density(M.init_density(6, 5, k), [m[10:] for m in maps])
+  ab = M.merge_density(a, b)
+  np.testing.assert_allclose(ab.mean, mu, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ab.comoment) / n, cov, atol=1e-5)
+  sub = M.sub_density(ab, (0, 2))
+  np.testing.assert_allclose(np.asarray(sub.comoment) / n, cov[..., [0, 2]][..., [0, 2], :],
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize('k', [1, 2, 5])
+def test_density_z_is_the_normal_deviate_of_the_chi2_mahalanobis(k):
+  rng = np.random.default_rng(k)
+  n = 50
+  maps = [rng.uniform(0.1, 3.0, (n, 4, 4)).astype(np.float32) for _ in range(k)]
+  d = M.update_density(M.init_density(4, 4, k), maps)
+  new = [rng.uniform(0.05, 6.0, (3, 4, 4)).astype(np.float32) for _ in range(k)]
+  z = np.asarray(jax.jit(M.density_z)(d, new))
+  # Oracle: numpy covariance (+ the same ridge), Mahalanobis, scipy's chi2 and normal.
+  u = np.log(np.stack(maps, -1)).astype(np.float64)
+  v = np.log(np.stack(new, -1)).astype(np.float64) - u.mean(0)
+  cov = np.einsum('nhwk,nhwl->hwkl', u - u.mean(0), u - u.mean(0)) / n
+  tr = np.trace(cov, axis1=-2, axis2=-1)[..., None, None]
+  cov = cov + (1e-3 * tr / k + 1e-12) * np.eye(k)
+  d2 = np.einsum('bhwk,hwkl,bhwl->bhw', v, np.linalg.inv(cov), v)
+  ref = sps.norm.isf(sps.chi2.sf(d2, k))
+  ok = np.isfinite(ref) & (ref > -4)  # the lower tail (p -> 1) is clipped, and irrelevant
+  np.testing.assert_allclose(z[ok], ref[ok], rtol=2e-3, atol=2e-3)
+
+
+def test_far_tail_stays_finite_and_monotone():
+  x = jnp.asarray([10.0, 100.0, 1e3, 1e4, 1e5])
+  z = -M._ndtri_from_log(M._log_chi2_sf(x, 5))  # pylint: disable=protected-access
+  assert np.all(np.isfinite(z)) and np.all(np.diff(np.asarray(z)) > 0)
+  np.testing.assert_allclose(z[:2], sps.norm.isf(sps.chi2.sf(np.asarray(x[:2]), 5)), rtol=1e-3)
+
+
+def test_t_set_parsing():
+  assert M.as_ts(0.02) == (0.02,)
+  assert M.as_ts([0.02, 0.1]) == (0.02, 0.1)
+  for bad in ([], [0.0], [0.1, 0.1], [1.5]):
+    with pytest.raises(ValueError, match='localize.t'):
+      M.as_ts(bad)
+
+
+@pytest.fixture(scope='module')
+def sano_multi():
+  config = helpers.tiny_config()
+  config.localize.t = (0.01, 0.1, 0.4)
+  method = methods.create(config)
+  params = method.init(jax.random.PRNGKey(0))
+  # Perturb the zero-initialised output layer so the score is not identically zero.
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+                        params)
+  return config, method, params
+
+
+def test_sano_field_at_a_t_set_equals_one_call_per_t(sano_multi):
+  _, method, params = sano_multi
+  x = jax.random.uniform(jax.random.PRNGKey(2), (3,) + method.image_shape) * 2 - 1
+  fields = jax.jit(method.field)(params, x)
+  assert len(fields) == 3
+  for t, f in zip(method.ts, fields):
+    ref = score.make_score_fn(method.model, params, method.sde, t)(x)
+    np.testing.assert_allclose(f, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+def test_localize_with_a_t_set_jits_and_matches_the_per_t_oracle(sano_multi, tmp_path):
+  _, method, params = sano_multi
+  fn = method.field_fn(params)
+  healthy = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (12,) + method.image_shape))
+  stats = L.init_multi_stats(method.image_shape, method.ts)
+  step = jax.jit(L.make_stats_step(fn))
+  for i in range(0, 12, 4):
+    stats = step(stats, healthy[i:i + 4], jnp.ones(4, bool))
+  L.save_stats(stats, str(tmp_path / 's.npz'))
+  loaded = L.load_stats(str(tmp_path / 's.npz'))
+  assert isinstance(loaded, L.MultiStats) and loaded.ts == method.ts
+  jax.tree.map(np.testing.assert_array_equal, loaded, stats)
+
+  images = np.asarray(jax.random.uniform(jax.random.PRNGKey(4), (2,) + method.image_shape))
+  fields = fn(2 * jnp.asarray(images) - 1)
+  maps = [L.anomaly_map(f) for f in fields]
+  for rule in ('global', 'per_pixel', 'two_sided', 'density'):
+    z, mask = jax.jit(lambda im, st, rule=rule: L.localize(fn, im, st, rule=rule))(images, stats)
+    if rule == 'density':
+      ref = L.gaussian_filter2d(M.density_z(stats.density, maps), 2.0)
+    else:  # each t against its own single-t stats, averaged
+      ref = np.mean([L._zmap(a, st, rule) for a, st in zip(maps, stats.per_t)], axis=0)  # pylint: disable=protected-access
+    np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(mask, np.asarray(z) > 3.0)
+  with pytest.raises(ValueError, match='quantile'):
+    L.localize(fn, images, stats, rule='quantile')
+  with pytest.raises(ValueError, match='field'):  # one field against stats of three t
+    L.localize(lambda x: fields[0], images, stats)
+  single = L.init_stats(method.image_shape)
+  with pytest.raises(ValueError, match='density'):
+    L.localize(lambda x: fields[0], images, single, rule='density')
