@@ -184,8 +184,7 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   zs, labels = [], []
   for fold in (0, 1):  # cross-fitting: each half fits the stats once and is synthesized once
     fit, held = images[fold::2], images[1 - fold::2]
-    stats = localization.init_multi_stats(images.shape[1:], ts if ts != (None,) else (1.0,),
-                                          smoothing_sigma=sigma)
+    stats = localization.init_multi_stats(images.shape[1:], ts, smoothing_sigma=sigma)
     for chunk, valid in _batched(fit, batch_size):
       stats = step(stats, chunk, valid)
     stats = localization.finalize(jax.device_get(stats))

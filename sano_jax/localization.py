@@ -311,8 +311,9 @@ class MultiStats:
 
 def init_multi_stats(image_shape, ts, num_bins: int = 2**16, *, smoothing_sigma: float = 2.0
                      ) -> MultiStats:
-  """Empty MultiStats for images (H, W, C) and t-set `ts`."""
-  ts = multiscale.as_ts(ts)
+  """Empty MultiStats for images (H, W, C) and t-set `ts` ((None,): a method without t, one field;
+  stored as t = 1.0)."""
+  ts = (1.0,) if tuple(ts) == (None,) else multiscale.as_ts(ts)
   one = init_stats(image_shape, num_bins, smoothing_sigma=smoothing_sigma)
   h, w, _ = one.image_shape
   return MultiStats(per_t=(one,) * len(ts), density=multiscale.init_density(h, w, len(ts)), ts=ts)

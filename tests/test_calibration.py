@@ -125,3 +125,19 @@ def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp
   stats = localization.load_stats(os.path.join(workdir, 'score_stats.npz'))
   multi = len(choice['t']) > 1 or choice['rule'] == 'density'
   assert isinstance(stats, localization.MultiStats) == multi
+
+
+def test_a_method_without_t_calibrates_and_evaluates_with_the_density_rule(tmp_path):
+  """The reconstruction baselines have no t: the density rule then models the one map (K = 1)."""
+  from sano_jax import methods  # pylint: disable=g-import-not-at-top
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(method='ae')
+  method = methods.create(config)
+  assert method.ts == (None,)
+  params = jax.tree.map(lambda p: p + 0.05, method.init(jax.random.PRNGKey(0)))
+  stats = localization.init_multi_stats(method.image_shape, method.ts)
+  images = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (6,) + method.image_shape))
+  stats = jax.jit(localization.make_stats_step(method.field_fn(params)))(stats, images,
+                                                                       jnp.ones(6, bool))
+  z, mask = localization.localize(method.field_fn(params), images, stats, rule='density')
+  assert z.shape == images.shape[:3] and np.all(np.isfinite(np.asarray(z)))
