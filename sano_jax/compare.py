@@ -105,7 +105,7 @@ def write_figure(workdirs: Sequence[str], path: str, max_images: int = 256) -> s
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from sano_jax import checkpointing, input_pipeline, localization  # pylint: disable=g-import-not-at-top
+  from sano_jax import checkpointing, evaluate, input_pipeline, localization  # pylint: disable=g-import-not-at-top
 
   config = checkpointing.load_config(workdirs[0])
   source = input_pipeline.get_source(config, config.data.test_split)
@@ -143,7 +143,7 @@ def write_figure(workdirs: Sequence[str], path: str, max_images: int = 256) -> s
                           f"{examples[i]['name']}\nhealthy", fontsize=8)
   fig.suptitle('z-maps (each in its own healthy-std units); cyan: mask at N sigma', fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  evaluate.save_figure(fig, path)
   plt.close(fig)
   return path
 

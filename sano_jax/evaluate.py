@@ -202,6 +202,13 @@ class _FigureSet:
     return [int(keys[j]) for j in pick_rows(sizes, self.k)] if len(keys) else []
 
 
+def save_figure(fig, path: str) -> None:
+  """PNG written to a temporary name and renamed: an interrupted run leaves no half-written file."""
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=100)
+  os.replace(tmp, path)
+
+
 def write_figures(items: list[tuple], out_dir: str, *, op_threshold: float, n_sigma_threshold: float,
                   n_sigma: float, rows_per_page: int = 8) -> list[str]:
   """Fig. 1-style grids: image | ground truth | heatmap | mask at OP | mask at N sigma.
@@ -247,7 +254,7 @@ def write_figures(items: list[tuple], out_dir: str, *, op_threshold: float, n_si
         axes[r, c].set_xlabel(f'Dice {metrics_lib.dice(pred, truth):.2f}', fontsize=9)
     fig.tight_layout()
     path = os.path.join(out_dir, f'test_grid_{page:02d}.png')
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
     paths.append(path)
   return paths

@@ -22,6 +22,10 @@ def test_synthesize_changes_exactly_the_masked_region():
     assert 24 // 4 * (20 // 4) * 0.7 <= m.sum() <= 12 * 10  # sides in [S/4, S/2] (ellipse: ~pi/4)
     assert np.array_equal(a[~m], b[~m])  # nothing changes outside the mask
     assert np.abs(a[m] - b[m]).max() > 0  # and something changes inside
+  blurred, m = calibration.synthesize(images[0], images[1], np.random.default_rng(0), 'blur')
+  assert np.array_equal(blurred[~m], images[0][~m]) and blurred[m].std() < images[0][m].std()
+  with pytest.raises(ValueError, match='unknown synthetic anomaly kind'):
+    calibration.synthesize(images[0], images[1], np.random.default_rng(0), 'rain')
   again, masks2, _ = calibration.synthetic_set(images, seed=1)
   assert np.array_equal(again, out) and np.array_equal(masks2, masks)  # deterministic in the seed
 
