@@ -259,3 +259,9 @@ def load_choice(path: str) -> dict | None:
     return {k: choice[k] for k in ('t', 'rule', 'n_sigma')}
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f'{path} is not a readable calibration file ({e}); rerun run_eval.py') from e
+
+
+def applied(config, workdir: str):
+  """`config` with WORKDIR/calibration.json applied when run_eval.py calibrated the run, else as is."""
+  choice = load_choice(os.path.join(workdir, CHOICE_FILE))
+  return config if choice is None else apply(config, choice)

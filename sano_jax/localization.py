@@ -551,10 +551,9 @@ def load_localizer(workdir: str, *, method: str | None = None
       raise ValueError(f'workdir {workdir!r} holds a {held!r} run, not {method!r}')
   from sano_jax import calibration  # pylint: disable=g-import-not-at-top
   config, method_obj, params = checkpointing.restore_for_inference(workdir)
-  choice = calibration.load_choice(os.path.join(workdir, calibration.CHOICE_FILE))
-  if choice is not None:  # run_eval.py calibrated t, rule and N on healthy data: use its choice
-    config = calibration.apply(config, choice)
-    method_obj = methods.create(config)
+  calibrated = calibration.applied(config, workdir)  # run_eval.py's label-free choice, if any
+  if calibrated is not config:
+    config, method_obj = calibrated, methods.create(calibrated)
   lc = config.localize
   path = os.path.join(workdir, 'score_stats.npz')
   if not os.path.exists(path):

@@ -123,6 +123,7 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
   Returns per image {path, mask, heatmap, height, width, max_z, anomalous_fraction}.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sano_jax import calibration
   from sano_jax import checkpointing
   from sano_jax import localization
 
@@ -131,6 +132,7 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
     raise FileNotFoundError('no image files given')
   stats_path = os.path.join(workdir, 'score_stats.npz')
   config = checkpointing.load_config(workdir)  # clear error when workdir is not a run
+  config = calibration.applied(config, workdir)  # the calibrated N, when run_eval.py chose one
   if not os.path.exists(stats_path):
     raise FileNotFoundError(f'no score statistics at {stats_path}: run run_eval.py '
                             f'--workdir={workdir} first (it fits them on the healthy validation '

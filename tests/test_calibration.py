@@ -145,3 +145,23 @@ def test_a_method_without_t_calibrates_and_evaluates_with_the_density_rule(tmp_p
                                                                        jnp.ones(6, bool))
   z, mask = localization.localize(method.field_fn(params), images, stats, rule='density')
   assert z.shape == images.shape[:3] and np.all(np.isfinite(np.asarray(z)))
+
+
+def test_predict_uses_the_calibrated_n(trained, tmp_path):
+  """predict() applies WORKDIR/calibration.json like load_localizer (same N for masks and report)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sano_jax import predict  # pylint: disable=g-import-not-at-top
+  config, workdir = trained
+  if not os.path.exists(os.path.join(workdir, calibration.CHOICE_FILE)):
+    evaluate.evaluate(config, workdir)
+  choice = calibration.load_choice(os.path.join(workdir, calibration.CHOICE_FILE))
+  test = input_pipeline.get_source(config, config.data.test_split)
+  paths = []
+  for i in range(2):
+    p = str(tmp_path / f'img{i}.png')
+    Image.fromarray(test[i]['image'][..., 0]).save(p)
+    paths.append(p)
+  out = tmp_path / 'pred'
+  predict.predict(workdir, paths, str(out), batch_size=2, progress=False)
+  with open(out / 'predictions.json') as f:
+    assert json.load(f)['n_sigma'] == pytest.approx(choice['n_sigma'])
