@@ -44,3 +44,36 @@ def test_check_config_errors():
   config.model.dtype = 'float16'
   with pytest.raises(ValueError, match="model.dtype='float16'"):
     train.check_config(config, 4)
+
+
+VARIANTS = [(name, None) for name in CONFIGS] + [('demo', v) for v in ('grass', 'gravel', 'retina')]
+
+
+@pytest.mark.parametrize('name,variant', VARIANTS)
+def test_every_config_builds_its_model_and_field(name, variant):
+  """eval_shape (tracing, no compile) of init and of the field at the calibration's t-grid: every
+  shipped config describes a model that builds, at its image size and channel count."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from sano_jax import calibration, methods  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{name}').get_config(variant)
+  method = methods.create(config)
+  params = jax.eval_shape(method.init, jax.random.PRNGKey(0))
+  assert sum(x.size for x in jax.tree.leaves(params)) > 0
+  calibration.set_t(config, calibration.T_GRID)
+  grid = methods.create(config)
+  x = jax.ShapeDtypeStruct((2,) + method.image_shape, 'float32')
+  fields = jax.eval_shape(grid.field, params, x)
+  assert [f.shape for f in fields] == [x.shape] * len(calibration.T_GRID)
+
+
+@pytest.mark.parametrize('method_name', ['ae', 'vae', 'cevae', 'vqvae', 'anovaegan', 'anoddpm'])
+def test_demo_config_builds_every_baseline(method_name):
+  import jax  # pylint: disable=g-import-not-at-top
+  from sano_jax import methods  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module('configs.demo').get_config()
+  config.method = method_name
+  method = methods.create(config)
+  params = jax.eval_shape(method.init, jax.random.PRNGKey(0))
+  x = jax.ShapeDtypeStruct((2,) + method.image_shape, 'float32')
+  out = jax.eval_shape(method.field, params, x)
+  assert method.ts == (None,) and out.shape == x.shape
