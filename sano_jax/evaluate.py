@@ -260,9 +260,9 @@ def write_figures(items: list[tuple], out_dir: str, *, op_threshold: float, n_si
   return paths
 
 
-def _figure_rows(picks, source, config, mesh, score_step, args) -> list[tuple]:
-  """Reads the picked test images again and scores them with the same compiled step (padded to
-  one evaluation batch)."""
+def _figure_rows(picks, source, config, mesh, zmaps) -> list[tuple]:
+  """Reads the picked test images again and scores them with `zmaps` (sharded images -> z), the
+  pass's own compiled step, padded to one evaluation batch."""
   if not picks:
     return []
   rows = []
@@ -274,7 +274,7 @@ def _figure_rows(picks, source, config, mesh, score_step, args) -> list[tuple]:
     images[:len(exs)] = np.stack([ex['image'] for ex in exs]).astype(np.float32) / 255.0
     x = sharding.shard_batch({'image': images.reshape((ndev, bs // ndev) + images.shape[1:])},
                              mesh)['image']
-    z = np.asarray(score_step(args[0], args[1], x, args[2])[0]).reshape((bs,) + images.shape[1:3])
+    z = np.asarray(zmaps(x)).reshape((bs,) + images.shape[1:3])
     for j, (i, ex) in enumerate(zip(picks[start:start + bs], exs)):
       mask = ex['mask'][..., 0]
       rows.append((int((mask > 0).sum()), -i, str(ex['name']), images[j], mask, z[j]))
@@ -457,8 +457,8 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   # 5. Figures and metrics.json.
   eval_dir = os.path.join(workdir, 'eval')
   os.makedirs(eval_dir, exist_ok=True)
-  figures = write_figures(_figure_rows(fig_set.picks(), test_source, config, mesh, score_step,
-                                       (params_d, stats_d, mean_d)),
+  zmaps = lambda x: score_step(params_d, stats_d, x, mean_d)[0]
+  figures = write_figures(_figure_rows(fig_set.picks(), test_source, config, mesh, zmaps),
                           os.path.join(eval_dir, 'figures'),
                           op_threshold=float(out['operating_point']['threshold']),
                           n_sigma_threshold=n_threshold, n_sigma=n_sigma)

@@ -418,19 +418,22 @@ def load_stats(path: str):
         f'no score statistics at {path}: run run_eval.py first or fit_score_stats + save_stats')
   try:
     with np.load(path, allow_pickle=False) as f:
+      ts = tuple(float(v) for v in f['ts']) if 'ts' in f else None
+      arrays = ([f't{i}.{k}' for i in range(len(ts)) for k in _ARRAY_FIELDS]
+                + [f'density.{k}' for k in ('n', 'mean', 'comoment')]) if ts else list(_ARRAY_FIELDS)
+      missing = [k for k in arrays + ['image_shape', 'smoothing_sigma', 'hist_lo', 'hist_hi']
+                 if k not in f]
+      if missing:
+        raise ValueError(f'missing {missing}')
       meta = dict(image_shape=tuple(int(s) for s in f['image_shape']),
                   smoothing_sigma=float(f['smoothing_sigma']), hist_lo=float(f['hist_lo']),
                   hist_hi=float(f['hist_hi']))
-      if 'ts' in f:
-        ts = tuple(float(v) for v in f['ts'])
+      if ts:
         per_t = tuple(ScoreStats(**{k: jnp.asarray(f[f't{i}.{k}']) for k in _ARRAY_FIELDS}, **meta)
                       for i in range(len(ts)))
         density = multiscale.DensityStats(
             **{k: jnp.asarray(f[f'density.{k}']) for k in ('n', 'mean', 'comoment')})
         return MultiStats(per_t=per_t, density=density, ts=ts)
-      missing = [k for k in _ARRAY_FIELDS + ('image_shape',) if k not in f]
-      if missing:
-        raise ValueError(f'missing {missing}')
       return ScoreStats(**{k: jnp.asarray(f[k]) for k in _ARRAY_FIELDS}, **meta)
   except (ValueError, OSError, EOFError, KeyError) as e:
     raise ValueError(f'{path} is not a readable ScoreStats file ({e}); rerun run_eval.py to fit '
@@ -508,7 +511,7 @@ def combine(stats: MultiStats, maps, rule: str) -> jax.Array:
   """One z-map [B,H,W] from the K anomaly maps of a t-set: the density z, or the mean over t of
   each t's z against its own healthy stats (`sano_jax.multiscale`)."""
   if rule == 'density':
-    z = multiscale.density_z(stats.density, maps, stats.smoothing_sigma)
+    z = gaussian_filter2d(multiscale.density_z(stats.density, maps), stats.smoothing_sigma)
   else:
     z = jnp.mean(jnp.stack([_zmap(a, st, rule) for a, st in zip(maps, stats.per_t)]), axis=0)
   return z.astype(jnp.float32)

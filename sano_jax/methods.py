@@ -126,10 +126,8 @@ class SANO(Method):
     one compiled call (lax.map: the memory of one forward, not of a batch K times larger)."""
     if len(self._ts) == 1:
       return score.make_score_fn(self.model, params, self.sde, self.t)(x)
-    def one(t):
-      t_vec = jnp.full((x.shape[0],), t, jnp.float32)
-      return -self.model.apply({'params': params}, x, t_vec, train=False) / self.sde.marginal_std(t)
-    s = jax.lax.map(one, jnp.asarray(self._ts, jnp.float32))
+    s = jax.lax.map(lambda t: score.make_score_fn(self.model, params, self.sde, t)(x),
+                    jnp.asarray(self._ts, jnp.float32))
     return [s[k] for k in range(len(self._ts))]
 
 

@@ -12,7 +12,9 @@ Two ways to turn the K maps into one z-map:
 
   Deviations in either direction count (a region whose score is too SMALL, a smooth patch on grass,
   is as anomalous as one whose score is too large), and the covariance across t lets the rule see
-  a change in how the score varies with t, not only its size.
+  a change in how the score varies with t, not only its size. `localization.combine` then smooths
+  z with G_sigma like the maps (pooling per-pixel evidence over a region: on the embedded
+  grass/gravel data AUROC 0.72 -> 0.80 and 0.77 -> 0.84 with sigma = 2).
 * any single-t rule (``global``, ``per_pixel``, ``two_sided``): each t gets its own healthy
   statistics and z = mean_k z_k. The mean (not the max) keeps the healthy z-maps' scale, so N
   means about the same as for one t, and averages out the per-t noise.
@@ -102,22 +104,15 @@ def merge_density(a: DensityStats, b: DensityStats) -> DensityStats:
   return _merge(a, b.n, b.mean, b.comoment)
 
 
-def density_z(stats: DensityStats, maps: Sequence[jax.Array], smoothing_sigma: float = 0.0
-              ) -> jax.Array:
+def density_z(stats: DensityStats, maps: Sequence[jax.Array]) -> jax.Array:
   """z [B,H,W]: Mahalanobis d^2 of log maps under the healthy Gaussian, as a one-sided normal
-  deviate z = -Phi^-1(P(chi^2_K > d^2)) (so z > 3 has the false-positive rate of 3 sigma), then
-  smoothed by G_sigma like the maps (pools the per-pixel evidence over a region: on the embedded
-  grass/gravel data AUROC 0.72 -> 0.80 and 0.77 -> 0.84 with sigma = 2)."""
+  deviate z = -Phi^-1(P(chi^2_K > d^2)) (so z > 3 has the false-positive rate of 3 sigma)."""
   u = log_features(maps) - stats.mean
   k = u.shape[-1]
   prec = jnp.linalg.inv(stats.covariance)
   d2 = jnp.einsum('bhwk,hwkl,bhwl->bhw', u, prec, u)
   log_p = _log_chi2_sf(jnp.maximum(d2, 0.0), k)
-  z = -_ndtri_from_log(log_p)
-  if smoothing_sigma:
-    from sano_jax import localization  # pylint: disable=g-import-not-at-top
-    z = localization.gaussian_filter2d(z, smoothing_sigma)
-  return z
+  return -_ndtri_from_log(log_p)
 
 
 def _log_chi2_sf(x: jax.Array, k: int) -> jax.Array:
