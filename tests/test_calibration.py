@@ -165,3 +165,17 @@ def test_predict_uses_the_calibrated_n(trained, tmp_path):
   predict.predict(workdir, paths, str(out), batch_size=2, progress=False)
   with open(out / 'predictions.json') as f:
     assert json.load(f)['n_sigma'] == pytest.approx(choice['n_sigma'])
+
+
+def test_bad_calibration_inputs_are_clear_errors(tmp_path):
+  from tests.helpers import grating_source, tiny_config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match='at least 4 healthy validation images, got 3'):
+    calibration.calibrate(tiny_config(), None, grating_source(3))
+  bad = tmp_path / 'calibration.json'
+  bad.write_text('{"t": [0.1], "rule": "per_pixel"')  # truncated JSON
+  with pytest.raises(ValueError, match='not a readable calibration file'):
+    calibration.load_choice(str(bad))
+  bad.write_text('{"t": [0.1]}')  # a key missing
+  with pytest.raises(ValueError, match='not a readable calibration file'):
+    calibration.load_choice(str(bad))
+  assert calibration.load_choice(str(tmp_path / 'absent.json')) is None
