@@ -17,7 +17,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.dataset = 'hands11k/256'  # any TFDS name of the data contract (DESIGN.md)
   data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir (None: default)
   data.manual_dir = ml_collections.config_dict.placeholder(str)  # 11k Hands manual download
-  data.image_size = 256
+  data.image_size = 256  # the stored images: statistics and localization see them whole
+  # Training draws a random crop_size x crop_size window of each stored image (uniform offsets,
+  # deterministic in (seed, step)); None trains on the whole image. The U-Net and autoencoders
+  # are fully convolutional, so a model trained on crops scores whole images.
+  data.crop_size = ml_collections.config_dict.placeholder(int)
   data.num_channels = 3
   data.train_split = 'train'
   data.validation_split = 'validation'
@@ -93,6 +97,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   localize.two_sided = False
   localize.target_fpr = 1e-3  # for stats='quantile'
   localize.use_ema = True
+  # Whole-image inference: None = one fully convolutional pass; an int = blended overlapping tiles
+  # of that size (bounded memory on large images; sano_jax/tiling.py).
+  localize.tile_size = ml_collections.config_dict.placeholder(int)
+  localize.tile_overlap = 16
   # run_eval.py chooses t, the rule and N from synthetic anomalies on healthy validation images
   # (sano_jax/calibration.py; never reads test labels). False: the settings above, as given.
   localize.calibrate = False

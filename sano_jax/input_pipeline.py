@@ -179,11 +179,26 @@ def _read(source, indices) -> list[dict[str, Any]]:
   return [source[i] for i in indices]
 
 
+def crop_offsets(seed: int, step: int, global_batch_size: int, max_offset: int) -> np.ndarray:
+  """[G, 2] (top, left) of global batch `step`'s crops: uniform on {0..max_offset}^2, a pure
+  function of (seed, step), so every process count cuts the same crops (each takes its rows)."""
+  rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0xC209, int(step)])
+  return rng.integers(0, max_offset + 1, size=(global_batch_size, 2))
+
+
+def random_crops(images: np.ndarray, offsets: np.ndarray, crop: int) -> np.ndarray:
+  """images [B,H,W,C] -> [B,crop,crop,C], image i cut at offsets[i] = (top, left)."""
+  rows = offsets[:, 0, None] + np.arange(crop)  # [B, crop]
+  cols = offsets[:, 1, None] + np.arange(crop)
+  b = np.arange(len(images))[:, None, None]
+  return images[b, rows[:, :, None], cols[:, None, :]]
+
+
 class _TrainBatch:
   """Batch j of this process (j counted from start_step): picklable for grain workers."""
 
   def __init__(self, source, *, num_examples, global_batch_size, local_batch_size, offset,
-               seed, start_step, num_local_devices, dtype):
+               seed, start_step, num_local_devices, dtype, crop_size=None):
     self.source = source
     self.n = num_examples
     self.gbs = global_batch_size
@@ -194,6 +209,7 @@ class _TrainBatch:
     self.ndev = num_local_devices
     self.dtype = np.dtype(dtype)
     self.batches_per_epoch = num_examples // global_batch_size
+    self.crop = crop_size
 
   def indices(self, j: int) -> np.ndarray:
     epoch, b = divmod(self.start_step + int(j), self.batches_per_epoch)
@@ -204,6 +220,12 @@ class _TrainBatch:
   def __call__(self, j: int) -> dict[str, np.ndarray]:
     idx = self.indices(j)
     images = np.stack([ex['image'] for ex in _read(self.source, [int(i) for i in idx])])
+    if self.crop is not None and self.crop < images.shape[1]:
+      if images.shape[1] != images.shape[2]:
+        raise ValueError(f'crop_size needs square stored images, got {images.shape[1:3]}')
+      offsets = crop_offsets(self.seed, self.start_step + int(j), self.gbs,
+                             images.shape[1] - self.crop)[self.offset:self.offset + self.lbs]
+      images = random_crops(images, offsets, self.crop)
     images = _to_model_range(images, self.dtype)
     return {'image': images.reshape(self.ndev, self.lbs // self.ndev, *images.shape[1:])}
 
@@ -286,14 +308,16 @@ def _default_threads() -> int:
 
 def train_iterator(source, *, global_batch_size: int, seed: int, start_step: int = 0,
                    num_local_devices: int, process_index: int = 0, process_count: int = 1,
-                   dtype=np.float32, worker_count: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                   dtype=np.float32, worker_count: int = 0,
+                   crop_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Infinite iterator of {'image': [num_local_devices, per_device_batch, H, W, C] in [-1, 1]}.
 
   Each epoch is a seeded shuffle of the whole split (``epoch_permutation(len, seed, epoch)``);
   the remainder is dropped. Global batch i is examples ``perm[e][b*G:(b+1)*G]`` with
   ``e, b = divmod(i, len // G)``, the same for any process count; process p takes
   ``[p*G/P:(p+1)*G/P]`` of it. ``start_step=k`` starts at global batch k without reading earlier
-  ones. ``worker_count > 0`` reads in that many grain worker processes.
+  ones. ``worker_count > 0`` reads in that many grain worker processes. ``crop_size=S`` cuts an
+  S x S window of each image at offsets ``crop_offsets(seed, i, G, H - S)`` (then H = W = S).
   """
   import grain  # pylint: disable=g-import-not-at-top
   n = len(source)
@@ -307,7 +331,8 @@ def train_iterator(source, *, global_batch_size: int, seed: int, start_step: int
   local_bs = global_batch_size // process_count
   load = _TrainBatch(source, num_examples=n, global_batch_size=global_batch_size,
                      local_batch_size=local_bs, offset=process_index * local_bs, seed=seed,
-                     start_step=start_step, num_local_devices=num_local_devices, dtype=dtype)
+                     start_step=start_step, num_local_devices=num_local_devices, dtype=dtype,
+                     crop_size=crop_size)
   dataset = grain.MapDataset.range(0, sys.maxsize // 2).map(load)
   return _grain_iter(dataset, worker_count, _default_threads())
 

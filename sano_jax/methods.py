@@ -36,6 +36,7 @@ from sano_jax import models
 from sano_jax import multiscale
 from sano_jax import score
 from sano_jax import sde as sde_lib
+from sano_jax import tiling
 
 METHODS = ('sano', 'ae', 'vae', 'cevae', 'vqvae', 'anovaegan', 'anoddpm')
 
@@ -45,8 +46,12 @@ class Method:
   name = 'base'
 
   def __init__(self, config):
-    self.image_shape = (int(config.data.image_size), int(config.data.image_size),
-                        int(config.data.num_channels))
+    size, crop, c = (int(config.data.image_size), models.crop_size(config),
+                     int(config.data.num_channels))
+    self.image_shape = (size, size, c)  # the stored images, scored whole (statistics, localize)
+    self.train_shape = (crop, crop, c)  # the random crops training sees (config.data.crop_size)
+    lc = config.get('localize', {})
+    self.tile = (lc.get('tile_size'), int(lc.get('tile_overlap', 0) or 0))
 
   def init(self, rng: jax.Array) -> Any:
     raise NotImplementedError
@@ -65,7 +70,10 @@ class Method:
   def signature(self) -> dict:
     """The config values a checkpoint's shapes depend on (checked when a workdir is reused)."""
     h, _, c = self.image_shape
-    return {'method': self.name, 'image_size': h, 'num_channels': c}
+    sig = {'method': self.name, 'image_size': h, 'num_channels': c}
+    if self.train_shape != self.image_shape:
+      sig['crop_size'] = self.train_shape[0]
+    return sig
 
   def optimizer_groups(self) -> tuple[Callable[[Any], Any], dict] | None:
     """None (one optimizer for all params, `config.optim`), or (labels_fn, {label: optim config})
@@ -73,8 +81,11 @@ class Method:
     return None
 
   def field_fn(self, params) -> Callable[[jax.Array], jax.Array]:
-    """x [B,H,W,C] in [-1, 1] -> field, params bound: the `score_fn` of `localization.localize`."""
-    return lambda x: self.field(params, x)
+    """x [B,H,W,C] in [-1, 1] -> field, params bound: the `score_fn` of `localization.localize`.
+
+    The whole image in one pass, or over blended tiles with `config.localize.tile_size`
+    (`sano_jax/tiling.py`)."""
+    return tiling.tiled(lambda x: self.field(params, x), *self.tile)
 
 
 class SANO(Method):
@@ -103,7 +114,7 @@ class SANO(Method):
   def init(self, rng):
     # Eager, not jitted: each op compiles once per shape and process (XLA:CPU took ~30 s to compile
     # the whole jitted init, mostly its random-number kernels, for every new model).
-    x = jnp.zeros((1,) + self.image_shape)
+    x = jnp.zeros((1,) + self.train_shape)
     return self.model.init(rng, x, jnp.ones((1,)))['params']
 
   def eps_fn(self, params, *, train: bool = False, dropout_rng=None):

@@ -3,10 +3,12 @@ r"""Localize anomalies in your own image files with a trained, calibrated SANO r
   python -m sano_jax.predict --workdir=workdirs/demo --images='photos/*.jpg' --out=predictions
 
 Each image (any size; any format Pillow reads; gray, RGB, RGBA, palette or 16-bit) is converted to
-the model's channel count, resized (anti-aliased) to the model's size, localized with
-`load_localizer(workdir)` in batches, and its z-map resized back to the original size (bilinear),
-its mask with nearest neighbour. Writes O/<stem>_mask.png (0/255), O/<stem>_heatmap.png (the z-map
-over the image) and O/predictions.json (per image: max z, anomalous fraction). The run needs
+the model's channel count; its central square (side = the short side, as the dataset builders
+keep it: no stretching) is resized (anti-aliased) to the model's size, localized with
+`load_localizer(workdir)` in batches, and its z-map resized back into that square (bilinear), its
+mask with nearest neighbour; outside the square (non-square images) z = 0 and nothing is flagged.
+Writes O/<stem>_mask.png (0/255), O/<stem>_heatmap.png (the z-map over the image) and
+O/predictions.json (per image: max z, anomalous fraction, the scored square). The run needs
 WORKDIR/score_stats.npz, written by run_eval.py.
 """
 from __future__ import annotations
@@ -126,6 +128,7 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
   from sano_jax import calibration
   from sano_jax import checkpointing
   from sano_jax import localization
+  from sano_jax.datasets.images import center_square  # pylint: disable=g-import-not-at-top
 
   paths = find_images(images) if isinstance(images, str) else list(images)
   if not paths:
@@ -153,14 +156,19 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
       chunk = paths[start:start + batch_size]
       originals = [read_image(p, channels) for p in chunk]
       batch = np.zeros((batch_size, size, size, channels), np.float32)  # fixed shape: one compile
-      for i, im in enumerate(originals):
-        batch[i] = np.clip(_resize(im, (size, size), order=1, anti_aliasing=True), 0.0, 1.0)
+      boxes = [center_square(im.shape[1], im.shape[0]) for im in originals]
+      for i, (im, (left, top, side)) in enumerate(zip(originals, boxes)):
+        square = im[top:top + side, left:left + side]
+        batch[i] = np.clip(_resize(square, (size, size), order=1, anti_aliasing=True), 0.0, 1.0)
       z, mask = localizer(batch)
       z, mask = np.asarray(z)[:len(chunk)], np.asarray(mask)[:len(chunk)]
-      for i, (path, im) in enumerate(zip(chunk, originals)):
+      for i, (path, im, (left, top, side)) in enumerate(zip(chunk, originals, boxes)):
         h, w = im.shape[:2]
-        z_full = _resize(z[i], (h, w), order=1, anti_aliasing=False)
-        m_full = _resize(mask[i].astype(np.float32), (h, w), order=0, anti_aliasing=False) > 0.5
+        z_full, m_full = np.zeros((h, w), np.float32), np.zeros((h, w), bool)
+        box = (slice(top, top + side), slice(left, left + side))
+        z_full[box] = _resize(z[i], (side, side), order=1, anti_aliasing=False)
+        m_full[box] = _resize(mask[i].astype(np.float32), (side, side), order=0,
+                              anti_aliasing=False) > 0.5
         stem = names[start + i]
         mask_path = os.path.join(out_dir, f'{stem}_mask.png')
         heat_path = os.path.join(out_dir, f'{stem}_heatmap.png')
@@ -168,7 +176,8 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
         Image.fromarray(heatmap_overlay(im, z_full, n_sigma), 'RGB').save(heat_path)
         results.append({'path': path, 'mask': mask_path, 'heatmap': heat_path, 'height': h,
                         'width': w, 'max_z': float(z[i].max()),
-                        'anomalous_fraction': float(m_full.mean())})
+                        'anomalous_fraction': float(m_full.mean()),
+                        'scored_box': {'top': top, 'left': left, 'height': side, 'width': side}})
       bar.update(len(chunk))
   finally:
     bar.close()

@@ -176,9 +176,21 @@ def check_config(config, num_devices: int) -> None:
     block, levels = 'model', len(config.model.ch_mult) - 1
   else:
     block, levels = 'autoencoder', len(config.autoencoder.ch_mult)
-  if config.data.image_size % (2 ** levels):
-    raise ValueError(f'data.image_size={config.data.image_size} is not divisible by 2^{levels} '
-                     f'({block}.ch_mult={tuple(getattr(config, block).ch_mult)} of method {name!r})')
+  crop = config.data.get('crop_size')
+  sizes = {'data.image_size': config.data.image_size}
+  if crop is not None:
+    if not 0 < crop <= config.data.image_size:
+      raise ValueError(f'data.crop_size={crop} must lie in (0, data.image_size='
+                       f'{config.data.image_size}]: crops are cut from the stored images')
+    sizes['data.crop_size'] = crop
+  for key, size in sizes.items():
+    if size % (2 ** levels):
+      raise ValueError(f'{key}={size} is not divisible by 2^{levels} '
+                       f'({block}.ch_mult={tuple(getattr(config, block).ch_mult)} of method {name!r})')
+  tile = config.get('localize', {}).get('tile_size')
+  if tile is not None and (tile % (2 ** levels) or not 0 <= config.localize.tile_overlap < tile):
+    raise ValueError(f'localize.tile_size={tile} must be divisible by 2^{levels} and exceed '
+                     f'localize.tile_overlap={config.localize.tile_overlap} >= 0')
 
 
 class MetricsLog:
@@ -357,7 +369,8 @@ def _train(config, workdir: str, train_source, val_source, preemption: Preemptio
       train_source, global_batch_size=config.training.batch_size, seed=config.seed,
       start_step=start_step, num_local_devices=jax.local_device_count(),
       process_index=jax.process_index(), process_count=jax.process_count(),
-      dtype=jnp.dtype(config.model.dtype), worker_count=config.data.worker_count)
+      dtype=jnp.dtype(config.model.dtype), worker_count=config.data.worker_count,
+      crop_size=config.data.get('crop_size'))
   if k > 1:
     batches = _stack_steps(batches, k)
   batches = _device_batches(batches, mesh, stacked=k > 1)

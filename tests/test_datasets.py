@@ -227,11 +227,17 @@ def test_folder_builds(tmp_path):
   ex = tst[0]
   assert ex['image'].shape == (16, 16, 3) and ex['mask'].shape == (16, 16, 1)
   expected = np.zeros((16, 16), np.uint8)
-  # Mask rows 10:20 of 36 and columns 12:30 of 48 -> nearest neighbour at 16 px.
+  # The 48x36 mask keeps its aspect ratio: its central 36x36 square (columns 6:42) is resized.
+  # Mask rows 10:20 and columns 12:30 -> nearest neighbour at 16 px.
   ys = (np.arange(16) + 0.5) * 36 / 16
-  xs = (np.arange(16) + 0.5) * 48 / 16
+  xs = (np.arange(16) + 0.5) * 36 / 16 + 6
   expected[np.ix_((ys >= 10) & (ys < 20), (xs >= 12) & (xs < 30))] = 1
   np.testing.assert_array_equal(ex['mask'][..., 0], expected)
+  # Images too: the central 18x18 of the 24x18 image, resized (not stretched).
+  k = next(i for i in range(len(train)) if train[i]['name'].endswith('.png'))
+  raw = np.asarray(Image.open(normal / train[k]['name']))
+  want = np.asarray(Image.fromarray(raw[:, 3:21]).resize((16, 16), Image.LANCZOS, reducing_gap=3.0))
+  np.testing.assert_array_equal(train[k]['image'], want)
   assert not train[0]['mask'].any()
   # Same folders -> same prepared dataset; a second call does not rebuild: the prepared files are
   # the same files, untouched, and no second dataset directory appears.

@@ -78,6 +78,11 @@ def _nearest_candidates(n_out, n_in):
   return lo, hi
 
 
+def r_box(result):
+  b = result['scored_box']
+  return b['top'], b['left'], b['height'], b['width']
+
+
 def test_predict_writes_masks_of_original_size(workdir, tmp_path):
   from skimage import transform  # pylint: disable=g-import-not-at-top
   sizes = _write_images(tmp_path / 'in')
@@ -92,10 +97,14 @@ def test_predict_writes_masks_of_original_size(workdir, tmp_path):
   assert summary['n_sigma'] == pytest.approx(n_sigma)
   localizer = localization.load_localizer(workdir)
   for stem, (h, w) in sizes.items():
-    # The localizer's own answer at the model's size: the image anti-aliased down to 16 x 16.
+    # The localizer's own answer at the model's size: the image's central square (side = the
+    # short side, the aspect ratio kept as the dataset keeps it) anti-aliased down to 16 x 16.
     im = predict.read_image(str(next((tmp_path / 'in').glob(stem + '.*'))), 1)
-    small = np.clip(transform.resize(im, (16, 16), order=1, anti_aliasing=True, mode='edge',
-                                     preserve_range=True), 0, 1).astype(np.float32)
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    small = np.clip(transform.resize(im[top:top + side, left:left + side], (16, 16), order=1,
+                                     anti_aliasing=True, mode='edge', preserve_range=True),
+                    0, 1).astype(np.float32)
     z, small_mask = (np.asarray(a)[0] for a in localizer(small[None]))
     assert 0 < small_mask.sum() < small_mask.size, (stem, small_mask.sum())
     with Image.open(out / f'{stem}_mask.png') as m:
@@ -103,12 +112,14 @@ def test_predict_writes_masks_of_original_size(workdir, tmp_path):
       got = np.asarray(m)
     assert set(np.unique(got)) <= {0, 255}
     got = got > 0
-    # Nearest-neighbour upsampling of the 16 x 16 mask to the original size.
-    (ylo, yhi), (xlo, xhi) = _nearest_candidates(h, 16), _nearest_candidates(w, 16)
+    # Nearest-neighbour upsampling of the 16 x 16 mask into the scored square; nothing outside.
+    inside = got[top:top + side, left:left + side]
+    (ylo, yhi), (xlo, xhi) = _nearest_candidates(side, 16), _nearest_candidates(side, 16)
     allowed = [small_mask[np.ix_(ys, xs)] for ys in (ylo, yhi) for xs in (xlo, xhi)]
-    wrong = ~np.any([got == a for a in allowed], axis=0)
+    wrong = ~np.any([inside == a for a in allowed], axis=0)
     assert not wrong.any(), f'{stem}: {int(wrong.sum())} of {wrong.size} pixels differ'
-    assert 0 < got.sum() < got.size
+    assert 0 < inside.sum() < inside.size and got.sum() == inside.sum()
+    assert r_box(by_stem[stem]) == (top, left, side, side)
     r = by_stem[stem]
     assert (r['height'], r['width']) == (h, w)
     assert r['anomalous_fraction'] == pytest.approx(got.mean(), abs=1e-12)

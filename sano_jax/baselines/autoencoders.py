@@ -94,7 +94,7 @@ class AE(methods.Method):
     return {**super().signature(), 'autoencoder': self.arch}
 
   def init(self, rng):
-    return self.model.init(rng, jnp.zeros((1,) + self.image_shape))['params']
+    return self.model.init(rng, jnp.zeros((1,) + self.train_shape))['params']
 
   def apply(self, params, *args, method=None):
     return self.model.apply({'params': params}, *args, method=method)
@@ -228,7 +228,7 @@ class AnoVAEGAN(VAE):
 
   def init(self, rng):
     r_vae, r_disc = jax.random.split(rng)
-    x = jnp.zeros((1,) + self.image_shape)
+    x = jnp.zeros((1,) + self.train_shape)
     return {'vae': super().init(r_vae),
             'disc': self.disc.init(r_disc, x)['params']}
 

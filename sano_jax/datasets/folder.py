@@ -12,8 +12,10 @@ Inputs (``configs/folder.py``: ``--config.data.normal_dir=... --config.data.test
 * ``subjects_csv`` (optional): columns ``name,subject``; ``name`` is a file name or stem. Without
   it (or for files it does not list), the subject is the file stem.
 
-Images are resized (stretched, no crop) to ``image_size`` x ``image_size`` with anti-aliasing
-(Lanczos), masks with nearest neighbour. Files are decoded as ``sano_jax.predict`` decodes them
+Images keep their aspect ratio: the central square (side = the short side) is cut and resized to
+``image_size`` x ``image_size`` with anti-aliasing (Lanczos), masks the same way with nearest
+neighbour; ``predict`` scores the same square. Training may then draw smaller random crops of it
+(``config.data.crop_size``). Files are decoded as ``sano_jax.predict`` decodes them
 (``sano_jax/datasets/images.py``): EXIF orientation applied, 16-bit scaled by 1/65535, float by its
 range, alpha composited over white. ``num_channels`` 3 reads RGB (and CMYK); 1 reads grayscale; an
 image with the other number of channels is an error naming it. A mask must hold 0 and at most one
@@ -117,7 +119,7 @@ def _open(path: Path):
 
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-  """uint8 [size, size, channels]; anti-aliased resize; error naming the file on bad input.
+  """uint8 [size, size, channels]: the central square, anti-aliased resize; error naming the file.
 
   Decoded as ``sano_jax.predict`` decodes (``sano_jax.datasets.images``): EXIF orientation
   applied, 16-bit scaled by 1/65535 and float by its range (not per-image min-max), alpha
@@ -136,7 +138,7 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     raise ValueError(f'Image file {path} has {have} channel(s) (mode {mode}) but the dataset '
                      f'expects {channels} (config.data.num_channels).')
   img = images_lib.flatten_alpha(images_lib.to_8bit(img))
-  img = img.convert('RGB' if have == 3 else 'L')
+  img = images_lib.crop_center_square(img.convert('RGB' if have == 3 else 'L'))
   if img.size != (size, size):
     img = img.resize((size, size), Image.LANCZOS, reducing_gap=3.0)
   arr = np.asarray(img, np.uint8)
@@ -144,7 +146,7 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
 
 
 def load_mask(path: Path, size: int, image_wh: tuple[int, int], image_path: Path) -> np.ndarray:
-  """uint8 {0,1} [size, size, 1]: nonzero = anomalous, nearest-neighbour resize.
+  """uint8 {0,1} [size, size, 1]: nonzero = anomalous; the central square, nearest-neighbour resize.
 
   ValueError naming the file when the aspect ratio differs from the image's or the mask is not
   binary (see ``sano_jax.datasets.images.mask_to_binary``).
@@ -157,7 +159,7 @@ def load_mask(path: Path, size: int, image_wh: tuple[int, int], image_path: Path
     raise ValueError(f'Mask file {path} is {w}x{h} (aspect {w / h:.3f}) but its image '
                      f'{image_path} is {iw}x{ih} (aspect {iw / ih:.3f}).')
   arr = images_lib.mask_to_binary(img, str(path))
-  binary = Image.fromarray(arr.astype(np.uint8) * 255)
+  binary = images_lib.crop_center_square(Image.fromarray(arr.astype(np.uint8) * 255))
   binary = binary.resize((size, size), Image.NEAREST)
   return (np.asarray(binary) > 0).astype(np.uint8)[..., None]
 
@@ -189,11 +191,12 @@ class SanoFolder(ArrayRecordBuilder):
   """A folder of healthy images (+ test images and masks) as a dataset of the data contract."""
 
   name = 'sano_folder'
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release.',
       '1.1.0': 'Decoded as predict decodes: EXIF orientation, 16-bit / float scaled by their '
                'range, alpha over white; non-binary masks are an error.',
+      '1.2.0': 'Aspect ratio kept: the central square is resized (no stretching).',
   }
   BUILDER_CONFIGS = []  # Configs are made per set of folders: see make_config.
 

@@ -10,6 +10,8 @@ image file becomes the same pixels whether the folder builder reads it for train
 * ``to_8bit``: 16/32-bit integer and float gray images -> 'L', scaled by their type's range
   (65535 for 16-bit; 1.0 for float images in [0, 1], else 255), never per-image min-max.
 * ``flatten_alpha``: alpha composited over white.
+* ``center_square``: the central square of an image, which the dataset keeps (short side, no
+  stretching) and ``predict`` scores.
 * ``mask_to_binary``: a mask file -> bool [H, W]; it must hold 0 (healthy) and at most one
   nonzero value (anomalous), else a ValueError naming the file and its values.
 """
@@ -57,6 +59,18 @@ def to_8bit(im):
     a = np.clip(np.nan_to_num(a) / top, 0.0, 1.0)
     return Image.fromarray((a * 255.0 + 0.5).astype(np.uint8), 'L')
   return im
+
+
+def center_square(width: int, height: int) -> tuple[int, int, int]:
+  """(left, top, side) of the largest centred square: side = min(width, height)."""
+  side = min(int(width), int(height))
+  return (int(width) - side) // 2, (int(height) - side) // 2, side
+
+
+def crop_center_square(im):
+  """A PIL image cut to its central square (the aspect ratio is kept, nothing is stretched)."""
+  left, top, side = center_square(*im.size)
+  return im if im.size == (side, side) else im.crop((left, top, left + side, top + side))
 
 
 def has_alpha(im) -> bool:

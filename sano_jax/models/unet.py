@@ -197,6 +197,10 @@ class UNet(nn.Module):
   out_channels: int | None = None
   time_scale: float = 999.0  # continuous t in [0,1] -> the DDPM step index scale of the embedding
   dtype: str = 'float32'
+  # The training input size. Attention sits at the levels where input_size / 2^level is in
+  # attn_resolutions, so a model trained on crops runs fully convolutionally on larger images with
+  # the same blocks (None: decided by the size of the input it is called on).
+  input_size: int | None = None
 
   @nn.compact
   def __call__(self, x, t, train: bool = False):
@@ -214,12 +218,15 @@ class UNet(nn.Module):
         ch, self.dropout, self.scale_shift_norm, resample, self.num_groups, dtype)
     attn = lambda: AttentionBlock(self.num_head_channels, self.num_groups, dtype)
 
+    attends = lambda h, level: ((self.input_size >> level) if self.input_size else h.shape[1]
+                                ) in self.attn_resolutions
+
     h = nn.Conv(self.nf * self.ch_mult[0], (3, 3), dtype=dtype, name='conv_in')(x.astype(dtype))
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
         h = res(self.nf * mult)(h, emb, train)
-        if h.shape[1] in self.attn_resolutions:
+        if attends(h, level):
           h = attn()(h)
         skips.append(h)
       if level != len(self.ch_mult) - 1:
@@ -234,7 +241,7 @@ class UNet(nn.Module):
     for level, mult in reversed(list(enumerate(self.ch_mult))):
       for _ in range(self.num_res_blocks + 1):
         h = res(self.nf * mult)(jnp.concatenate([h, skips.pop()], axis=-1), emb, train)
-        if h.shape[1] in self.attn_resolutions:
+        if attends(h, level):
           h = attn()(h)
       if level != 0:
         h = (res(h.shape[-1], 'up')(h, emb, train) if self.resblock_updown
