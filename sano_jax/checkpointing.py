@@ -3,12 +3,15 @@
 Layout of a workdir:
   config.json            the config of the run (checked on resume, read by inference)
   checkpoints/<step>/    the latest few TrainStates (resume)
+  */dropped.tmp/         checkpoints being deleted (left only by a killed run; deleted at the next save)
   best/<step>/           params and EMA params with the best validation loss (the paper's model selection)
   score_stats.npz        healthy score statistics (written by the evaluation)
   damaged_checkpoints/   checkpoints found damaged on resume, moved aside (restore_latest)
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a killed run
 never leaves a half-written checkpoint behind; every process calls save, the primary one writes.
+A checkpoint Orbax drops (the oldest beyond `keep`; in best/, the worse one) is first moved out of
+the listed steps (`_TRASH`), then deleted, so a killed run never leaves a half-deleted one either.
 A checkpoint damaged later (a truncated or missing file) is detected on restore: the newest intact
 one is used instead, and the damaged steps are named in the log (or in the error if none is intact).
 This module imports no training code.
@@ -32,11 +35,36 @@ class DamagedCheckpointError(RuntimeError):
   """Every checkpoint of a run directory is damaged (unreadable, truncated or incomplete)."""
 
 
+# Orbax deletes a checkpoint it drops file by file, in place: a run killed meanwhile left a step
+# folder that Orbax still lists but that does not restore (in best/, one Orbax then kept for good:
+# its metrics were deleted). Instead, Orbax moves it into this folder of the manager's directory
+# (one rename), which no step listing reads, and the store deletes the folder around every save
+# (`_empty_trash`). Ignored by Orbax on GCS (deleted in place there).
+_TRASH = 'dropped.tmp'
+
+
 def _manager(path: str, *, keep: int, best: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=False,
-      best_fn=(lambda m: m['val_loss']) if best else None, best_mode='min')
+      best_fn=(lambda m: m['val_loss']) if best else None, best_mode='min', todelete_subdir=_TRASH)
   return ocp.CheckpointManager(os.path.abspath(path), options=options)
+
+
+def _empty_trash(mngr: ocp.CheckpointManager) -> None:
+  """Deletes the checkpoints `mngr` dropped (its `_TRASH` folder); the primary process does it.
+  Before a save too: Orbax cannot move a step into a trash that still holds that step (a run killed
+  before emptying it, resumed, drops the same step again)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  trash = epath.Path(mngr.directory) / _TRASH
+  try:
+    if trash.exists():
+      trash.rmtree()
+  except FileNotFoundError:
+    pass
+  except Exception as e:  # pylint: disable=broad-except  # never fail a run over deleted checkpoints
+    logging.warning('cannot delete %s (%s)', trash, _first_line(e))
 
 
 class CheckpointStore:
@@ -57,12 +85,16 @@ class CheckpointStore:
     return self.latest.latest_step()
 
   def save(self, step: int, state: Any) -> None:
+    _empty_trash(self.latest)
     self.latest.save(step, args=ocp.args.StandardSave(state))
     self.latest.wait_until_finished()
+    _empty_trash(self.latest)
 
   def save_best(self, step: int, params: Any, val_loss: float) -> None:
+    _empty_trash(self.best)
     self.best.save(step, args=ocp.args.StandardSave(params), metrics={'val_loss': float(val_loss)})
     self.best.wait_until_finished()
+    _empty_trash(self.best)
 
   def restore_latest(self, target: Any) -> Any:
     """The newest intact checkpoint, restored into `target`'s structure.

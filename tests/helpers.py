@@ -130,3 +130,35 @@ def assert_same_checkpoint(workdir_a, workdir_b, step: int) -> None:
   assert [p for p, _ in a] == [p for p, _ in b]
   for (path, x), (_, y) in zip(a, b):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# run_train.py started again and again (tests/test_kill_harness.py).
+
+_FAST_CHILD = """\
+import runpy, sys
+sys.modules['flax.metrics.tensorboard'] = None  # unimportable: MetricsLog skips TensorBoard
+sys.argv = sys.argv[1:]  # [run_train.py, flags...]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def run_train_fast_process(workdir, data_dir, *extra, log, cache_dir):
+  """`run_train_process`, quicker to start many times over: the children share JAX's persistent
+  compilation cache in `cache_dir` (every compilation kept, however short: a later start traces
+  the model but compiles nothing), and write no TensorBoard files (importing TensorFlow for them
+  costs 10-25 s a start on a busy 2-core machine; metrics.jsonl is still written). The child is
+  run_train.py itself, run as __main__ in the Popen's own process (a signal to it reaches the
+  training process)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, '-c', _FAST_CHILD, os.path.join(root, 'run_train.py'),
+         '--config=configs/tiny.py', f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+         *extra]
+  env = subprocess_env(4, JAX_COMPILATION_CACHE_DIR=cache_dir,
+                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0,
+                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0)
+  with open(log, 'w') as f:  # the child keeps its own copy of the descriptor
+    return subprocess.Popen(cmd, cwd=root, stdout=f, stderr=subprocess.STDOUT, env=env)
