@@ -111,4 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ev.num_bins = 2**16
   ev.num_figures = 8
   ev.exact_max_pixels = 20_000_000  # exact sort-based metrics up to here, binned above
+  # Per-group metrics (metrics.json `groups`, figures/groups_*.png; sano_jax/groups.py): per-image
+  # attributes of the test split (hands11k: skin_color, aspect_of_hand, gender, ...; folder data:
+  # extra columns of subjects_csv). () or --config.eval.group_by='' for none.
+  ev.group_by = ('skin_color', 'aspect_of_hand')
   return config

@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.training.eval_every = 200  # best-by-validation among steps 200/400/600; ~2 s per evaluation
   config.training.checkpoint_every = 200
   config.eval.batch_size = 64
+  # Per-group metrics on the embedded data: the wheel image each anomaly was cut from, and the
+  # anomaly's share of the crop (three buckets); healthy crops are the group 'none'.
+  config.eval.group_by = ('anomaly_source', 'anomaly_size')
 
   # The reconstruction baselines (--config.method=ae|vae|cevae|vqvae|anovaegan): latent 4x4x16.
   config.autoencoder.ch_mult = (1, 2, 4)

@@ -41,6 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.training.eval_every = 500
   config.training.checkpoint_every = 500
   config.eval.batch_size = 16
+  # Per-group metrics: name extra columns of subjects_csv, e.g. --config.eval.group_by=site,scanner
+  config.eval.group_by = ()
   # New data: nobody knows its best t, rule or N. run_eval.py chooses them on synthetic anomalies
   # made from the healthy validation images (sano_jax/calibration.py; no test label is read).
   config.localize.calibrate = True

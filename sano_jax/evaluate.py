@@ -11,15 +11,24 @@
      pixels; above, a first `StreamingRange` pass fixes the histogram range and a second pass fills
      the per-subject histograms, so memory stays bounded);
   4. scores a trivial baseline on the same pass: G_sigma * mean_c |x - mean training intensity|;
-  5. writes WORKDIR/eval/metrics.json and Fig. 1-style grids in WORKDIR/eval/figures/.
+  5. with config.eval.group_by, evaluates each group of test images (an attribute's value) on its
+     own, one accumulator per value on the same pass (`sano_jax.groups`: metrics.json's `groups`);
+  6. writes WORKDIR/eval/metrics.json, Fig. 1-style grids in WORKDIR/eval/figures/, the ROC and PR
+     curves and the z histogram (`sano_jax.curves`: figures/{roc,pr,z_histogram}.png and their
+     points in WORKDIR/eval/curves.npz), a bar chart per group attribute
+     (figures/groups_{attribute}.png), and TensorBoard summaries of all of it in
+     WORKDIR/eval/tensorboard at the evaluated checkpoint's step (`tensorboard --logdir=WORKDIR`
+     shows training and evaluation together).
 
 Evaluation runs in one process (any number of local devices); multi-host evaluation is not supported.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import shutil
 import time
 from typing import Iterator
 
@@ -31,6 +40,8 @@ import numpy as np
 
 from sano_jax import calibration
 from sano_jax import checkpointing
+from sano_jax import curves
+from sano_jax import groups as groups_lib
 from sano_jax import localization
 from sano_jax import metrics as metrics_lib
 from sano_jax import methods as methods_lib
@@ -54,10 +65,11 @@ def _check_workdir(workdir: str) -> None:
                             f'empty): train first with run_train.py --config=... --workdir={workdir}')
 
 
-def _batches(source, config, mesh) -> Iterator[dict]:
+def _batches(source, config, mesh, extra_keys=()) -> Iterator[dict]:
   from sano_jax import input_pipeline
   return input_pipeline.eval_iterator(source, global_batch_size=int(config.eval.batch_size),
-                                      num_local_devices=mesh.devices.size, dtype=np.float32)
+                                      num_local_devices=mesh.devices.size, dtype=np.float32,
+                                      extra_keys=extra_keys)
 
 
 def _unit_images(batch) -> np.ndarray:
@@ -202,11 +214,7 @@ class _FigureSet:
     return [int(keys[j]) for j in pick_rows(sizes, self.k)] if len(keys) else []
 
 
-def save_figure(fig, path: str) -> None:
-  """PNG written to a temporary name and renamed: an interrupted run leaves no half-written file."""
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=100)
-  os.replace(tmp, path)
+save_figure = curves.save_figure  # the name compare.py uses
 
 
 def write_figures(items: list[tuple], out_dir: str, *, op_threshold: float, n_sigma_threshold: float,
@@ -214,12 +222,9 @@ def write_figures(items: list[tuple], out_dir: str, *, op_threshold: float, n_si
   """Fig. 1-style grids: image | ground truth | heatmap | mask at OP | mask at N sigma.
 
   items: (anomalous pixels, index, name, image [H,W,C], mask [H,W], z [H,W]) per row."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   if not items:
     return []
+  plt = curves.pyplot()
   os.makedirs(out_dir, exist_ok=True)
   vmax = max(float(np.percentile(np.concatenate([it[5].ravel() for it in items]), 99.5)),
              1.5 * n_sigma_threshold, 1.2 * op_threshold, 1e-6)
@@ -286,16 +291,88 @@ def _figure_rows(picks, source, config, mesh, zmaps) -> list[tuple]:
 
 
 def _make_accumulators(config, n_pixels: int, thresholds, score_range, baseline: bool):
+  """(make, baseline accumulator or None): `make()` is a fresh accumulator of z-maps with the
+  evaluation's settings (exact while the test set has <= exact_max_pixels pixels, else binned
+  over score_range), for the whole set and for each group alike."""
   exact_max = int(config.eval.get('exact_max_pixels', 0))
   exact = n_pixels <= exact_max
   num_bins = int(config.eval.num_bins)
   kw = dict(exact_max_pixels=exact_max) if exact else {}
-  acc = metrics_lib.PixelMetricsAccumulator(num_bins, score_range if score_range else (0.0, 1.0),
-                                            thresholds, **kw)
+  make = functools.partial(metrics_lib.PixelMetricsAccumulator, num_bins,
+                           score_range if score_range else (0.0, 1.0), thresholds, **kw)
   base = None
   if baseline:  # |x - mean| lies in [0, 1]; the baseline needs no range pass.
     base = metrics_lib.PixelMetricsAccumulator(num_bins, (0.0, 1.0 + 1e-6), (), **kw)
-  return acc, base
+  return make, base
+
+
+def checkpoint_step(workdir: str) -> int:
+  """The step of the evaluated checkpoint: the largest step directory of best/, else of
+  checkpoints/ (0 if none): where evaluation's TensorBoard summaries sit on training's axis."""
+  for sub in ('best', 'checkpoints'):
+    path = os.path.join(workdir, sub)
+    steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
+    if steps:
+      return max(steps)
+  return 0
+
+
+def write_summaries(log_dir: str, step: int, scalars: dict, images: dict[str, str]) -> bool:
+  """TensorBoard scalars (None skipped) and PNG images (tag -> path) in `log_dir`, replacing an
+  earlier evaluation's, with flax.metrics.tensorboard (training's writer); False without
+  TensorFlow."""
+  try:
+    from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning('TensorFlow not installed: no TensorBoard summaries of the evaluation.')
+    return False
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sano_jax import datasets  # pylint: disable=g-import-not-at-top
+  datasets.hide_gpus_from_tf()  # the writer starts TensorFlow: it must not take JAX's GPU memory
+  if os.path.isdir(log_dir):
+    shutil.rmtree(log_dir)
+  writer = tensorboard.SummaryWriter(log_dir, auto_flush=False)
+  for tag, value in scalars.items():
+    if value is not None:
+      writer.scalar(tag, float(value), step)
+  for tag, path in images.items():
+    with Image.open(path) as im:
+      writer.image(tag, np.asarray(im.convert('RGB')), step)
+  writer.close()
+  return True
+
+
+def _summary_scalars(out: dict) -> dict:
+  """The TensorBoard scalars of a metrics.json dict: eval/*, and eval_groups/{attribute}/{value}/*
+  and eval_groups/{attribute}/gap/* per group."""
+  scalars = {'eval/auroc': out['auroc'], 'eval/auprc': out['auprc'],
+             'eval/op_dice': out['operating_point']['dice'],
+             'eval/op_iou': out['operating_point']['iou'],
+             'eval/n_sigma_dice': out['n_sigma']['dice'], 'eval/n_sigma_iou': out['n_sigma']['iou'],
+             'eval/baseline_auroc': (out.get('baseline') or {}).get('auroc')}
+  for attr, section in (out.get('groups') or {}).items():
+    for m, (_, path, _) in groups_lib.METRICS.items():
+      for value, entry in section['values'].items():
+        scalars[f'eval_groups/{attr}/{value}/{m}'] = groups_lib.value_at(entry, path)
+      scalars[f'eval_groups/{attr}/gap/{m}'] = section['gap'][m]['gap']
+  return scalars
+
+
+def _write_curves(acc, out: dict, eval_dir: str, n_sigma: float, title: str) -> dict:
+  """metrics.json's `curves`: the points (curves.npz) and figures of the whole test set."""
+  if out['num_positive_pixels'] in (0, out['num_pixels']):
+    return {'skipped': 'the test set needs anomalous and healthy pixels for ROC and PR curves'}
+  data = curves.curve_data(acc.curve_levels(), float(out['operating_point']['threshold']),
+                           out['n_sigma'])
+  return {'points': curves.save_points(data, os.path.join(eval_dir, 'curves.npz')),
+          'figures': curves.write_figures(data, os.path.join(eval_dir, 'figures'),
+                                          auroc=_finite(out['auroc']),
+                                          auprc=_finite(out['auprc']), n_sigma=n_sigma,
+                                          title=title)}
+
+
+def _finite(x):
+  return x if x is not None and math.isfinite(x) else None
 
 
 def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_source=None,
@@ -325,6 +402,11 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   mesh = sharding.local_mesh_for(int(ec.batch_size))
   val_source = val_source if val_source is not None else input_pipeline.get_source(
       config, config.data.validation_split)
+  test_source = test_source if test_source is not None else input_pipeline.get_source(
+      config, config.data.test_split)
+  if len(test_source) == 0:
+    raise ValueError(f'the test split {config.data.test_split!r} is empty: nothing to evaluate')
+  lookup = groups_lib.resolve(config, test_source)  # an unknown attribute fails before any work
 
   # 0. Label-free calibration of t, rule and N (healthy validation images only).
   choice = None
@@ -361,10 +443,6 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
     mean = mean_intensity(config, train_source, mesh)
 
   # 3. Scoring the test split.
-  test_source = test_source if test_source is not None else input_pipeline.get_source(
-      config, config.data.test_split)
-  if len(test_source) == 0:
-    raise ValueError(f'the test split {config.data.test_split!r} is empty: nothing to evaluate')
   n_threshold = n_sigma
   if rule == 'quantile':  # the rule's mask is A > q = (z = A / std) > q / std
     n_threshold = float(stats.quantile(1.0 - float(lc.get('target_fpr', 1e-3))) / stats.std)
@@ -386,7 +464,8 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
 
   def scored(desc):
     """Yields (host batch, z [N,H,W], baseline [N,H,W] or None, device seconds) per batch."""
-    for batch in _progress(_batches(test_source, config, mesh), n_batches, desc):
+    carried = lookup.carried if lookup is not None else ()
+    for batch in _progress(_batches(test_source, config, mesh, carried), n_batches, desc):
       images = sharding.shard_batch({'image': _unit_images(batch)}, mesh)['image']
       tic = time.perf_counter()
       z, base = score_step(params_d, stats_d, images, mean_d)
@@ -403,7 +482,10 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
     lo, hi = rng.range
     score_range = (min(lo, 0.0), max(hi, n_threshold * 1.01))
     passes = 2
-  acc, base_acc = _make_accumulators(config, n_pixels, (n_threshold,), score_range, do_baseline)
+  make_acc, base_acc = _make_accumulators(config, n_pixels, (n_threshold,), score_range,
+                                          do_baseline)
+  acc = make_acc()
+  grouped = None if lookup is None else groups_lib.GroupedMetrics(lookup.attributes, make_acc)
   fig_set = _FigureSet(int(ec.get('num_figures', 8)))
   device_s, timed_images, n_anomalous, n_valid = 0.0, 0, 0, 0
   tic_pass = time.perf_counter()
@@ -420,12 +502,17 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
     n_valid += int(valid.sum())
     n_anomalous += int((masks[valid].reshape(int(valid.sum()), -1).any(axis=1)).sum())
     fig_set.add(masks, _flat(batch['index']), valid)
+    if grouped is not None:
+      flat = {k: _flat(batch[k]) for k in lookup.carried + ('name',)}
+      grouped.add(z, masks, subjects, valid, lookup.values(flat))
   pass_s = time.perf_counter() - tic_pass
 
   # 4. Metrics.
   runs = int(ec.bootstrap_runs)
   out = acc.compute(bootstrap_runs=runs, seed=int(config.get('seed', 0)))
   out['n_sigma']['n'] = n_sigma
+  if grouped is not None:
+    out['groups'] = grouped.compute(runs, int(config.get('seed', 0)), n_sigma=n_sigma)
   base_metrics = None
   if base_acc is not None:
     bm = base_acc.compute(bootstrap_runs=0)
@@ -463,8 +550,20 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
                           op_threshold=float(out['operating_point']['threshold']),
                           n_sigma_threshold=n_threshold, n_sigma=n_sigma)
   out['figures'] = figures
-  out['timing']['total_seconds'] = time.perf_counter() - t_start
+  out['curves'] = _write_curves(acc, out, eval_dir, n_sigma,
+                                f"({method.name}, {config.data.dataset})")
+  for attr, section in out.get('groups', {}).items():
+    section['figure'] = groups_lib.write_figure(
+        attr, _json_safe(section), os.path.join(eval_dir, 'figures', f'groups_{attr}.png'))
   out = _json_safe(out)
+  images = {f'eval/{os.path.splitext(os.path.basename(p))[0]}': p
+            for p in figures + list(out['curves'].get('figures', {}).values())
+            + [s['figure'] for s in out.get('groups', {}).values()]}
+  out['tensorboard'] = os.path.join(eval_dir, 'tensorboard')
+  if not write_summaries(out['tensorboard'], checkpoint_step(workdir), _summary_scalars(out),
+                         images):
+    out['tensorboard'] = None
+  out['timing']['total_seconds'] = time.perf_counter() - t_start
   path = os.path.join(eval_dir, 'metrics.json')
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
@@ -495,6 +594,12 @@ def format_summary(metrics: dict, workdir: str, seconds: float) -> str:
       f"  operating point (best F1, uses test labels): Dice {pm('dice', op)}  IoU {pm('iou', op)}",
       f"  N = {ns['n']:g} sigma (healthy data only):       Dice {pm('dice', ns)}  IoU {pm('iou', ns)}",
       f"  metrics: {os.path.join(workdir, 'eval', 'metrics.json')}",
-      f"  figures: {os.path.join(workdir, 'eval', 'figures')}/",
+      f"  figures: {os.path.join(workdir, 'eval', 'figures')}/ (grids, roc, pr, z_histogram, "
+      'groups)',
   ]
+  if metrics.get('tensorboard'):
+    rows.append(f'  TensorBoard: tensorboard --logdir={workdir}')
+  for attr, section in (metrics.get('groups') or {}).items():
+    rows += [f'  by {attr} (± subject bootstrap std; OP = each group\'s own best-F1 threshold; '
+             'gap [95% interval]):', groups_lib.format_table(attr, section)]
   return '\n'.join(rows)

@@ -33,24 +33,33 @@ _SPLIT_ALIASES = {'val': 'validation'}
 
 
 class ContractSource:
-  """Random access to one split: ``source[i]`` -> {image, mask, subject: str, name: str}."""
+  """Random access to one split: ``source[i]`` -> {image, mask, subject: str, name: str, and each of
+  ``attributes`` as str}.
+
+  ``attributes``: the dataset's other per-example scalar features (e.g. hands11k's skin_color,
+  aspect_of_hand; the embedded textures' anomaly_source, anomaly_size), read from the TFDS source's
+  ``dataset_info``; what ``config.eval.group_by`` may name (``sano_jax.groups``)."""
+
+  CONTRACT_KEYS = ('image', 'mask', 'subject', 'name')
 
   def __init__(self, tfds_source, *, dataset: str, split: str):
     self._source = tfds_source
     self.dataset = dataset
     self.split = split
+    self.attributes = _scalar_features(tfds_source, self.CONTRACT_KEYS)
 
   def __len__(self) -> int:
     return len(self._source)
 
-  @staticmethod
-  def _convert(ex) -> dict[str, Any]:
-    return {
+  def _convert(self, ex) -> dict[str, Any]:
+    out = {
         'image': np.asarray(ex['image'], np.uint8),
         'mask': np.asarray(ex['mask'], np.uint8),
         'subject': _to_str(ex['subject']),
         'name': _to_str(ex['name']),
     }
+    out.update({k: _to_str(ex[k]) for k in self.attributes})
+    return out
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
@@ -69,6 +78,16 @@ class ContractSource:
 
   def __repr__(self) -> str:
     return f'ContractSource({self.dataset}[{self.split}], {len(self)} examples)'
+
+
+def _scalar_features(tfds_source, exclude) -> tuple[str, ...]:
+  """Names of the scalar (shape ()) features of a TFDS data source beyond `exclude`, sorted."""
+  info = getattr(tfds_source, 'dataset_info', None)
+  features = getattr(info, 'features', None)
+  if features is None:
+    return ()
+  return tuple(sorted(k for k, f in features.items()
+                      if k not in exclude and tuple(getattr(f, 'shape', (None,))) == ()))
 
 
 def _to_str(value) -> str:
@@ -234,8 +253,9 @@ class _EvalBatch:
   """Batch b of this process over the split in order, padded at the end: picklable."""
 
   def __init__(self, source, *, num_examples, global_batch_size, local_batch_size, offset,
-               num_local_devices, dtype):
+               num_local_devices, dtype, extra_keys=()):
     self.source = source
+    self.extra_keys = tuple(extra_keys)
     self.n = num_examples
     self.gbs = global_batch_size
     self.lbs = local_batch_size
@@ -259,9 +279,12 @@ class _EvalBatch:
     masks = np.zeros((self.lbs, *mshape), np.uint8)
     subjects = np.full((self.lbs,), '', dtype=object)
     names = np.full((self.lbs,), '', dtype=object)
+    extra = {key: np.full((self.lbs,), '', dtype=object) for key in self.extra_keys}
     for k, ex in enumerate(examples):  # valid ones come first
       images[k], masks[k] = ex['image'], ex['mask']
       subjects[k], names[k] = _to_str(ex['subject']), _to_str(ex['name'])
+      for key, column in extra.items():
+        column[k] = _to_str(ex[key])
     images = _to_model_range(images, self.dtype)
     images[~valid] = 0  # padding repeats zeros
     pdb = self.lbs // self.ndev
@@ -273,6 +296,7 @@ class _EvalBatch:
         'index': index.reshape(lead),
         'subject': subjects.astype(str).reshape(lead),
         'name': names.astype(str).reshape(lead),
+        **{key: column.astype(str).reshape(lead) for key, column in extra.items()},
     }
 
 
@@ -339,13 +363,14 @@ def train_iterator(source, *, global_batch_size: int, seed: int, start_step: int
 
 def eval_iterator(source, *, global_batch_size: int, num_local_devices: int,
                   process_index: int = 0, process_count: int = 1,
-                  dtype=np.float32) -> Iterator[dict[str, np.ndarray]]:
+                  dtype=np.float32, extra_keys=()) -> Iterator[dict[str, np.ndarray]]:
   """Finite iterator over the split in order, each example exactly once over all processes.
 
   Yields dicts with 'image' [ndev, pdb, H, W, C] in [-1, 1], 'mask' [ndev, pdb, H, W, 1] uint8,
   'valid' [ndev, pdb] bool (False on padding), 'index' [ndev, pdb] int64 (-1 on padding),
-  'subject' and 'name' [ndev, pdb] str ('' on padding). Every process yields the same number of
-  batches, ceil(len / global_batch_size); padding is zeros.
+  'subject' and 'name' [ndev, pdb] str ('' on padding), and each of `extra_keys` (per-example
+  attributes such as ContractSource.attributes) [ndev, pdb] str ('' on padding). Every process
+  yields the same number of batches, ceil(len / global_batch_size); padding is zeros.
   """
   import grain  # pylint: disable=g-import-not-at-top
   n = len(source)
@@ -354,7 +379,7 @@ def eval_iterator(source, *, global_batch_size: int, num_local_devices: int,
   local_bs = global_batch_size // process_count
   load = _EvalBatch(source, num_examples=n, global_batch_size=global_batch_size,
                     local_batch_size=local_bs, offset=process_index * local_bs,
-                    num_local_devices=num_local_devices, dtype=dtype)
+                    num_local_devices=num_local_devices, dtype=dtype, extra_keys=extra_keys)
   num_batches = -(-n // global_batch_size)
   dataset = grain.MapDataset.range(num_batches).map(load)
   return _grain_iter(dataset, 0, _default_threads())

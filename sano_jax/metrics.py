@@ -20,6 +20,7 @@ matrix product of multinomial subject multiplicities with the per-subject histog
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Hashable, Sequence
 
 import numpy as np
@@ -207,11 +208,19 @@ def aupro(scores, labels, max_fpr: float = 0.3, connectivity: int = 2) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def subject_key(subject) -> Hashable:
+  """A subject as the accumulators key it: numpy scalars as Python values, bytes decoded."""
+  key = subject.item() if isinstance(subject, np.generic) else subject
+  return key.decode() if isinstance(key, bytes) else key
+
+
 def _std(values: np.ndarray) -> float | None:
   values = np.asarray(values, np.float64)
   if values.shape[0] < 2:
     return None
-  return float(np.nanstd(values, axis=0, ddof=1))
+  with warnings.catch_warnings():  # all runs undefined (e.g. a group without anomalies): NaN
+    warnings.simplefilter('ignore', RuntimeWarning)
+    return float(np.nanstd(values, axis=0, ddof=1))
 
 
 class PixelMetricsAccumulator:
@@ -260,9 +269,7 @@ class PixelMetricsAccumulator:
     return lo + (hi - lo) * np.arange(self.num_bins) / self.num_bins
 
   def _row(self, subject) -> int:
-    key = subject.item() if isinstance(subject, np.generic) else subject
-    if isinstance(key, bytes):
-      key = key.decode()
+    key = subject_key(subject)
     row = self._rows.get(key)
     if row is None:
       row = self._rows[key] = len(self._rows)
@@ -335,21 +342,46 @@ class PixelMetricsAccumulator:
 
   # -- compute ---------------------------------------------------------------------------------
 
+  @property
+  def subjects(self) -> list:
+    """The subjects in row order (order of first appearance): the columns of bootstrap weights."""
+    return list(self._rows)
+
+  def _exact_sorted(self):
+    """The kept raw pixels sorted by descending score: (labels [P] float64, subject rows [P],
+    level starts [L], thresholds [L]) with one level per distinct score."""
+    sc = np.concatenate([r[0] for r in self._raw]).astype(np.float64)
+    y = np.concatenate([r[1] for r in self._raw])
+    subj = np.concatenate([r[2] for r in self._raw])
+    order = np.argsort(-sc, kind='stable')
+    ss = sc[order]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(ss)) + 1])
+    return y[order].astype(np.float64), subj[order], starts, ss[starts]
+
+  def curve_levels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pos [L], neg [L], thresholds [L] descending): the anomalous and healthy pixel counts per
+    threshold level of everything added, the curve every metric is computed from (exact: one level
+    per distinct score; binned: one per bin, its threshold the bin's lower edge)."""
+    s = len(self._rows)
+    if s == 0:
+      raise ValueError('no data added to the accumulator')
+    if self._raw:
+      yy, _, starts, thr = self._exact_sorted()
+      pos = np.add.reduceat(yy, starts)
+      return pos, np.diff(np.append(starts, yy.size)) - pos, thr
+    hist = self._hist[:s].sum(axis=0, dtype=np.int64).astype(np.float64)
+    return hist[0, ::-1], hist[1, ::-1], self.edges[::-1]
+
   def _curves(self, weights: np.ndarray) -> dict:
     """Curve metrics for subject weights [R, S] (R = 1 + bootstrap runs)."""
     s = len(self._rows)
-    if self._raw is not None and self._raw:
-      sc = np.concatenate([r[0] for r in self._raw]).astype(np.float64)
-      y = np.concatenate([r[1] for r in self._raw])
-      subj = np.concatenate([r[2] for r in self._raw])
-      order = np.argsort(-sc, kind='stable')
-      ss, yy, sj = sc[order], y[order].astype(np.float64), subj[order]
-      starts = np.concatenate([[0], np.flatnonzero(np.diff(ss)) + 1])
+    if self._raw:
+      yy, sj, starts, thr = self._exact_sorted()
       outs = []
       for w in weights:  # the sort is shared; a run only reweights pixels by subject multiplicity
         pw = w[sj]
         outs.append(_curve_metrics(np.add.reduceat(pw * yy, starts),
-                                   np.add.reduceat(pw * (1.0 - yy), starts), ss[starts]))
+                                   np.add.reduceat(pw * (1.0 - yy), starts), thr))
       return {k: np.array([o[k] for o in outs]) for k in outs[0]}
     hist = self._hist[:s]
     nb = self.num_bins
@@ -366,20 +398,50 @@ class PixelMetricsAccumulator:
       outs.append(_curve_metrics(pos[:, ::-1], neg[:, ::-1], self.edges[::-1]))
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
+  def run_values(self, weights: np.ndarray) -> dict:
+    """Every metric under each row of subject weights [R, S] (columns in `subjects` order; row 0 of
+    `bootstrap_weights` is the data as is): auroc, auprc, threshold, f1, dice, iou as arrays [R],
+    and 'fixed': per fixed threshold t a dict of arrays [R] of dice, iou (pooled pixels, mask
+    score > t), dice_per_image, iou_per_image (mean over images with a non-empty truth), and
+    tpr = TP / P, fpr = FP / N, precision = TP / (TP + FP)."""
+    s = len(self._rows)
+    weights = np.asarray(weights, np.float64)
+    if weights.ndim != 2 or weights.shape[1] != s:
+      raise ValueError(f'weights must be [runs, {s} subjects], got {weights.shape}')
+    out = dict(self._curves(weights))
+    conf = weights @ self._conf[:s].reshape(s, -1).astype(np.float64)  # [R, T*3]
+    conf = conf.reshape(weights.shape[0], len(self.thresholds), 3)
+    img = np.einsum('rs,stk->rtk', weights, self._img[:s])
+    nimg_pos = weights @ self._n_images_pos[:s].astype(np.float64)
+    neg = weights @ self._hist[:s, 1].sum(axis=1, dtype=np.int64).astype(np.float64)
+    fixed = []
+    with np.errstate(divide='ignore', invalid='ignore'):
+      for j in range(len(self.thresholds)):
+        tp, fp, fn = conf[:, j, 0], conf[:, j, 1], conf[:, j, 2]
+        fixed.append({
+            'dice': np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 1.0),
+            'iou': np.where(tp + fp + fn > 0, tp / (tp + fp + fn), 1.0),
+            'dice_per_image': img[:, j, 0] / nimg_pos, 'iou_per_image': img[:, j, 1] / nimg_pos,
+            'tpr': tp / (tp + fn), 'fpr': fp / neg, 'precision': tp / (tp + fp)})
+    out['fixed'] = fixed
+    return out
+
   def compute(self, bootstrap_runs: int = 50, seed: int = 0) -> dict:
     """Metrics of everything added, with subject-bootstrap standard deviations.
 
     Resampling draws the subjects with replacement (multiplicities ~ Multinomial(S, 1/S), seeded
-    by `seed`); every metric, the operating point included, is recomputed on each resample, and
-    `X_std` is the std (ddof=1) over the runs (None when bootstrap_runs < 2). Schema (floats/ints):
+    by `seed`: `bootstrap_weights`); every metric, the operating point included, is recomputed on
+    each resample, and `X_std` is the std (ddof=1) over the runs (None when bootstrap_runs < 2).
+    Schema (floats/ints):
 
       auroc, auroc_std, auprc, auprc_std,
       operating_point: {threshold, threshold_std, f1, f1_std, dice, dice_std, iou, iou_std},
       n_sigma: {n, threshold, dice, dice_std, iou, iou_std, dice_per_image, dice_per_image_std,
-                iou_per_image, iou_per_image_std}   (the first fixed threshold; None if none),
+                iou_per_image, iou_per_image_std, tpr, fpr, precision}
+               (the first fixed threshold; None if none; tpr/fpr/precision without std),
       fixed_thresholds: [the same dict for each fixed threshold],
-      num_images, num_subjects, num_pixels, num_positive_pixels, bootstrap_runs, seed,
-      method ('exact' or 'binned'), num_bins, score_range (None when exact).
+      num_images, num_anomalous_images, num_subjects, num_pixels, num_positive_pixels,
+      bootstrap_runs, seed, method ('exact' or 'binned'), num_bins, score_range (None when exact).
 
     At a fixed threshold t the mask is score > t; dice/iou pool all pixels, *_per_image average
     over images with a non-empty ground truth. The binned operating-point threshold is a bin edge.
@@ -387,49 +449,47 @@ class PixelMetricsAccumulator:
     s = len(self._rows)
     if s == 0:
       raise ValueError('no data added to the accumulator')
-    rng = np.random.default_rng(seed)
     runs = int(bootstrap_runs)
-    mult = rng.multinomial(s, np.full(s, 1.0 / s), size=runs).astype(np.float64) if runs else \
-        np.zeros((0, s))
-    weights = np.concatenate([np.ones((1, s)), mult], axis=0)
-    curves = self._curves(weights)
+    values = self.run_values(bootstrap_weights(s, runs, seed))
 
-    def point_std(values):
-      return float(values[0]), _std(values[1:])
+    def point_std(v):
+      return float(v[0]), _std(v[1:])
 
     out: dict[str, Any] = {}
     for k in ('auroc', 'auprc'):
-      out[k], out[k + '_std'] = point_std(curves[k])
+      out[k], out[k + '_std'] = point_std(values[k])
     op = {}
     for k in ('threshold', 'f1', 'dice', 'iou'):
-      op[k], op[k + '_std'] = point_std(curves[k])
+      op[k], op[k + '_std'] = point_std(values[k])
     out['operating_point'] = op
-
     fixed = []
-    conf = weights @ self._conf[:s].reshape(s, -1).astype(np.float64)  # [R, T*3]
-    conf = conf.reshape(weights.shape[0], len(self.thresholds), 3)
-    img = np.einsum('rs,stk->rtk', weights, self._img[:s])
-    nimg_pos = weights @ self._n_images_pos[:s].astype(np.float64)
-    with np.errstate(divide='ignore', invalid='ignore'):
-      for j, t in enumerate(self.thresholds):
-        tp, fp, fn = conf[:, j, 0], conf[:, j, 1], conf[:, j, 2]
-        d = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 1.0)
-        u = np.where(tp + fp + fn > 0, tp / (tp + fp + fn), 1.0)
-        entry = {'n': t, 'threshold': t}
-        for name, v in (('dice', d), ('iou', u), ('dice_per_image', img[:, j, 0] / nimg_pos),
-                        ('iou_per_image', img[:, j, 1] / nimg_pos)):
-          entry[name], entry[name + '_std'] = point_std(v)
-        fixed.append(entry)
+    for t, v in zip(self.thresholds, values['fixed']):
+      entry = {'n': t, 'threshold': t}
+      for name in ('dice', 'iou', 'dice_per_image', 'iou_per_image'):
+        entry[name], entry[name + '_std'] = point_std(v[name])
+      entry.update({name: float(v[name][0]) for name in ('tpr', 'fpr', 'precision')})
+      fixed.append(entry)
     out['n_sigma'] = fixed[0] if fixed else None
     out['fixed_thresholds'] = fixed
     pix = self._hist[:s].sum(axis=(0, 2), dtype=np.int64)
     exact = bool(self._raw)
-    out.update(num_images=int(self._n_images[:s].sum()), num_subjects=s,
+    out.update(num_images=int(self._n_images[:s].sum()),
+               num_anomalous_images=int(self._n_images_pos[:s].sum()), num_subjects=s,
                num_pixels=int(pix.sum()), num_positive_pixels=int(pix[0]),
                bootstrap_runs=runs, seed=int(seed), method='exact' if exact else 'binned',
                num_bins=None if exact else self.num_bins,
                score_range=None if exact else list(self.score_range))
     return out
+
+
+def bootstrap_weights(num_subjects: int, runs: int, seed: int) -> np.ndarray:
+  """Subject weights [1 + runs, S]: row 0 all ones (the data as is), then one row per run of
+  multiplicities m_r ~ Multinomial(S, 1/S) drawn from np.random.default_rng(seed)."""
+  s = int(num_subjects)
+  rng = np.random.default_rng(seed)
+  mult = rng.multinomial(s, np.full(s, 1.0 / s), size=runs).astype(np.float64) if runs else \
+      np.zeros((0, s))
+  return np.concatenate([np.ones((1, s)), mult], axis=0)
 
 
 class StreamingRange:

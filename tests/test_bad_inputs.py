@@ -516,6 +516,16 @@ def test_config_image_size_not_divisible_by_levels():
     train.check_config(tiny_config(**{'data.image_size': 17}), 1)
 
 
+def test_config_crop_larger_than_image():
+  with pytest.raises(ValueError, match=r'data\.crop_size=24 must lie in \(0, data\.image_size=16\]'):
+    train.check_config(tiny_config(**{'data.crop_size': 24}), 1)
+
+
+def test_config_tile_not_larger_than_overlap():
+  with pytest.raises(ValueError, match=r'localize\.tile_size=16 .* exceed localize\.tile_overlap=16'):
+    train.check_config(tiny_config(**{'localize.tile_size': 16, 'localize.tile_overlap': 16}), 1)
+
+
 def test_config_unknown_dataset(tmp_path):
   from sano_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   config = tiny_config(**{'data.dataset': 'no_such_dataset'})

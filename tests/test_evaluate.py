@@ -11,9 +11,11 @@ import pytest
 import scipy.ndimage as ndi
 from sklearn import metrics as skm
 
-from sano_jax import checkpointing, evaluate, input_pipeline, localization, train
+from sano_jax import checkpointing, evaluate, groups, input_pipeline, localization, train
+from tests.sklearn_oracle import whole_set_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GROUP_BY = ('anomaly_source', 'anomaly_size')  # the embedded data's group attributes
 
 
 def _config(data_dir):
@@ -25,6 +27,7 @@ def _config(data_dir):
   t.eval_batches = 1
   t.ema_rate = 0.5  # a few steps: let the EMA params move away from the zero-output init
   config.eval.num_figures = 3
+  config.eval.group_by = GROUP_BY
   return config
 
 
@@ -86,17 +89,11 @@ def _test_arrays(config):
           np.array([e['subject'] for e in ex]))
 
 
-def test_metrics_match_sklearn_on_localize_maps(run):
+def test_metrics_match_sklearn_on_localize_maps(run, oracle):
   config, workdir, out = run
   assert os.path.exists(os.path.join(workdir, 'score_stats.npz'))
-  localizer = localization.load_localizer(workdir)
   images, masks, _ = _test_arrays(config)
-  zs = []
-  for s in range(0, len(images), 50):
-    z, mask = localizer(images[s:s + 50])
-    np.testing.assert_array_equal(np.asarray(mask), np.asarray(z) > config.localize.n_sigma)
-    zs.append(np.asarray(z))
-  z = np.concatenate(zs).astype(np.float64)
+  z = oracle['z']  # load_localizer's z-maps
   y = masks.reshape(-1) > 0
   assert abs(skm.roc_auc_score(y, z.reshape(-1)) - out['auroc']) < 1e-3
   assert abs(skm.average_precision_score(y, z.reshape(-1)) - out['auprc']) < 1e-3
@@ -118,16 +115,23 @@ def test_metrics_match_sklearn_on_localize_maps(run):
   assert abs(skm.average_precision_score(y, base.reshape(-1)) - out['baseline']['auprc']) < 1e-3
 
 
-def test_binned_two_pass_agrees_with_exact(run, tmp_path):
-  _, workdir, exact = run
-  wd = str(tmp_path / 'copy')
+@pytest.fixture(scope='module')
+def binned(run, tmp_path_factory):
+  """The same run evaluated on the binned two-pass path (1 device, a padded last batch)."""
+  _, workdir, _ = run
+  wd = str(tmp_path_factory.mktemp('binned') / 'copy')
   shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns('eval', 'score_stats.npz'))
   config = checkpointing.load_config(wd)  # evaluate(None, ...) reads the same file
   config.eval.exact_max_pixels = 0
   config.eval.bootstrap_runs = 2
   config.eval.num_figures = 0
   config.eval.batch_size = 7  # indivisible by 4 devices: falls back to 1; 300 % 7 pads the last
-  out = evaluate.evaluate(config, wd)
+  return wd, evaluate.evaluate(config, wd)
+
+
+def test_binned_two_pass_agrees_with_exact(run, binned):
+  _, _, exact = run
+  _, out = binned
   assert out['method'] == 'binned' and out['timing']['test_passes'] == 2
   for k in ('auroc', 'auprc'):
     assert abs(out[k] - exact[k]) < 1e-3, k
@@ -135,6 +139,139 @@ def test_binned_two_pass_agrees_with_exact(run, tmp_path):
   assert abs(out['n_sigma']['dice'] - exact['n_sigma']['dice']) < 1e-3
   assert out['timing']['num_devices'] == 1
   assert out['num_images'] == exact['num_images']
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-group metrics, curves and TensorBoard summaries.
+
+
+@pytest.fixture(scope='module')
+def oracle(run):
+  """z-maps of the whole test split through load_localizer, with masks, subjects and attributes."""
+  config, workdir, _ = run
+  src = input_pipeline.get_source(config, 'test')
+  assert set(GROUP_BY) <= set(src.attributes)
+  ex = [src[i] for i in range(len(src))]
+  images = np.stack([e['image'] for e in ex])
+  localizer = localization.load_localizer(workdir)
+  zs = []
+  for s in range(0, len(images), 50):
+    z, mask = localizer(images[s:s + 50])
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(z) > config.localize.n_sigma)
+    zs.append(np.asarray(z))
+  return {'z': np.concatenate(zs).astype(np.float64),
+          'y': np.stack([e['mask'][..., 0] for e in ex]) > 0,
+          'subject': np.array([e['subject'] for e in ex]),
+          **{a: np.array([e[a] for e in ex]) for a in GROUP_BY}}
+
+
+def _check_groups(out, oracle, n, tol):
+  assert list(out['groups']) == list(GROUP_BY)
+  for attr in GROUP_BY:
+    section = out['groups'][attr]
+    assert sorted(section['values']) == sorted(set(oracle[attr]))
+    assert sum(e['num_images'] for e in section['values'].values()) == out['num_images']
+    for value, e in section['values'].items():
+      keep = oracle[attr] == value
+      assert e['num_images'] == keep.sum(), (attr, value)
+      assert e['num_subjects'] == len(set(oracle['subject'][keep]))
+      if value == 'none':  # the healthy crops: no anomalous pixel, so no AUROC/AUPRC/OP
+        assert e['auroc'] is None and e['auprc'] is None and 'no anomalous pixels' in e['reason']
+        assert e['n_sigma']['dice'] is None
+        assert abs(e['n_sigma']['fpr'] - (oracle['z'][keep] > n).mean()) < 1e-3
+        continue
+      ref = whole_set_metrics(oracle['z'][keep], oracle['y'][keep], n)
+      for got, want in ((e['auroc'], 'auroc'), (e['auprc'], 'auprc'),
+                        (e['operating_point']['dice'], 'op_dice'),
+                        (e['operating_point']['iou'], 'op_iou'),
+                        (e['n_sigma']['dice'], 'ns_dice'), (e['n_sigma']['iou'], 'ns_iou')):
+        assert abs(got - ref[want]) < tol, (attr, value, want, got, ref[want])
+    for m, g in section['gap'].items():
+      vals = {v: groups.value_at(e, groups.METRICS[m][1]) for v, e in section['values'].items()
+              if v != 'none'}
+      assert g['gap'] == pytest.approx(max(vals.values()) - min(vals.values()), abs=1e-12), m
+      assert g['gap_std'] is not None and g['gap_ci95'][0] <= g['gap_ci95'][1]
+
+
+def test_group_metrics_equal_sklearn_on_each_groups_images(run, oracle):
+  config, workdir, out = run
+  _check_groups(out, oracle, config.localize.n_sigma, tol=1e-3)
+  with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+    text = f.read()
+  json.loads(text, parse_constant=lambda c: pytest.fail(f'{c} in metrics.json'))  # no NaN/inf
+  for attr in GROUP_BY:
+    from PIL import Image
+    with Image.open(out['groups'][attr]['figure']) as im:
+      assert im.format == 'PNG'
+  assert out['groups']['anomaly_size']['values']['none']['num_images'] == out['num_healthy_images']
+
+
+def test_binned_group_metrics_equal_sklearn_on_each_groups_images(run, binned, oracle):
+  config, _, _ = run
+  _, out = binned
+  assert out['method'] == 'binned'
+  _check_groups(out, oracle, config.localize.n_sigma, tol=2e-3)
+
+
+def _integrated(points_path):
+  d = np.load(points_path)
+  auroc = float(np.trapezoid(d['roc_tpr'], d['roc_fpr']))
+  auprc = float(np.sum(np.diff(d['pr_recall'], prepend=0.0) * d['pr_precision']))
+  return d, auroc, auprc
+
+
+def test_curve_points_integrate_to_metrics_json(run, binned):
+  for workdir in (run[1], binned[0]):
+    with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+      m = json.load(f)
+    d, auroc, auprc = _integrated(m['curves']['points'])
+    assert abs(auroc - m['auroc']) < 1e-9 and abs(auprc - m['auprc']) < 1e-9, workdir
+    # The marked points: the OP's F1 is its Dice; N sigma's rates are metrics.json's.
+    p, r = float(d['op_precision']), float(d['op_tpr'])
+    assert abs(2 * p * r / (p + r) - m['operating_point']['dice']) < 1e-9
+    assert float(d['n_sigma_tpr']) == m['n_sigma']['tpr']
+    assert float(d['n_sigma_threshold']) == m['localization']['n_sigma_threshold']
+    assert d['hist_anomalous'].sum() == m['num_positive_pixels']
+    from PIL import Image
+    for name in ('roc', 'pr', 'z_histogram'):
+      with Image.open(m['curves']['figures'][name]) as im:
+        assert im.format == 'PNG'
+
+
+def test_tensorboard_holds_the_evaluation(run):
+  from tensorboard.backend.event_processing import event_accumulator
+  _, workdir, out = run
+  ea = event_accumulator.EventAccumulator(out['tensorboard'],
+                                          size_guidance={event_accumulator.IMAGES: 0,
+                                                         event_accumulator.TENSORS: 0})
+  ea.Reload()
+  tensors = {t: ea.Tensors(t) for t in ea.Tags()['tensors']}
+  step = evaluate.checkpoint_step(workdir)
+  assert step == 10
+  auroc = tensors['eval/auroc'][0]
+  assert auroc.step == step
+  assert abs(float(np.asarray(tf_value(auroc))) - out['auroc']) < 1e-6
+  gap = tensors['eval_groups/anomaly_size/gap/auroc'][0]
+  want = out['groups']['anomaly_size']['gap']['auroc']['gap']
+  assert abs(float(np.asarray(tf_value(gap))) - want) < 1e-6
+  for tag in ('eval/roc', 'eval/pr', 'eval/z_histogram', 'eval/groups_anomaly_source',
+              'eval/test_grid_00'):
+    assert tag in tensors, sorted(tensors)
+  assert 'tensorboard' in os.listdir(workdir)  # training's summaries sit beside: one --logdir
+
+
+def tf_value(event):
+  from tensorboard.util import tensor_util
+  return tensor_util.make_ndarray(event.tensor_proto)
+
+
+def test_unknown_group_attribute_names_the_available_ones(run):
+  config, workdir, _ = run
+  bad = _config(config.data.data_dir)
+  bad.eval.group_by = ('anomaly_source', 'skin_color')
+  with pytest.raises(ValueError, match=r"'skin_color'.*available are \['anomaly_size', "
+                                       r"'anomaly_source'\]"):
+    evaluate.evaluate(bad, workdir)
 
 
 def test_empty_validation_is_a_clear_error(run):

@@ -12,6 +12,12 @@ ellipse of side S/4..S/2, its intensities matched to the crop's own mean and spr
 intensity threshold does not find it: the structure does); the mask is exactly the pasted region.
 The rest of the test crops are healthy (zero mask).
 
+Two per-image group attributes (``config.eval.group_by``, per-group metrics): ``anomaly_source``,
+the wheel image the pasted content was cut from (``camera``, ..., ``none`` for a healthy crop), and
+``anomaly_size``, the pasted area as a share of the crop in three buckets of about a third of the
+anomalies each: ``04-10%``, ``10-14%``, ``14-25%`` (``none`` for a healthy crop). Train and
+validation crops have ``none`` for both.
+
 Subjects are cells of min(16, S/2) pixels (at least 8) of the source image (by crop centre) prefixed by the band,
 so that several crops share a subject (bootstrap by subject) and train and validation subjects are
 disjoint by construction. Names: ``{split}_{index}_y{Y}_x{X}_{anom|ok}`` with (Y, X) the crop's
@@ -39,6 +45,10 @@ CROP_SIZES = (16, 32, 64)
 GRAY_SOURCES = ('camera', 'coins', 'text', 'moon', 'page', 'clock')
 RGB_SOURCES = ('coffee', 'astronaut', 'chelsea', 'rocket', 'immunohistochemistry')
 BANDS = {'train': (0.0, 0.5), 'validation': (0.5, 0.75), 'test': (0.75, 1.0)}
+_PYRAMID = (0.5, 0.25, 0.125)  # rescale factors of each anomaly source image
+# anomaly_size buckets: (upper bound of the pasted area / crop area, name); ~terciles at S=16, 32.
+SIZE_BUCKETS = ((0.10, '04-10%'), (0.14, '10-14%'), (1.0, '14-25%'))
+NONE = 'none'  # the group attributes of a healthy crop
 
 
 @dataclasses.dataclass(eq=False)
@@ -121,7 +131,9 @@ def load_texture(texture: str, scale: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _anomaly_sources(channels: int) -> tuple[np.ndarray, ...]:
-  """Pyramids of real image content, float32 [h, w, C] in [0, 255], several scales per image."""
+  """Pyramids of real image content, float32 [h, w, C] in [0, 255], several scales per image:
+  entry i is image (GRAY_SOURCES + RGB_SOURCES)[i // len(_PYRAMID)] at scale
+  _PYRAMID[i % len(_PYRAMID)]."""
   from skimage import data  # pylint: disable=g-import-not-at-top
   out = []
   for name in GRAY_SOURCES + RGB_SOURCES:
@@ -135,7 +147,7 @@ def _anomaly_sources(channels: int) -> tuple[np.ndarray, ...]:
       img = (img @ np.array([0.2125, 0.7154, 0.0721]))[..., None]
     elif channels == 3 and img.shape[-1] == 1:
       img = np.repeat(img, 3, axis=-1)
-    for factor in (0.5, 0.25, 0.125):
+    for factor in _PYRAMID:
       out.append(_rescale(_to_uint8(img / 255.0), factor).astype(np.float32))
   return tuple(out)
 
@@ -151,12 +163,29 @@ def _shape_mask(h: int, w: int, kind: str) -> np.ndarray:
 def paste_anomaly(crop: np.ndarray, rng: np.random.Generator,
                   match_intensity: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Pastes a patch of real content into `crop` (uint8 [S,S,C]); returns (image, mask [S,S,1])."""
+  image, mask, _ = _paste(crop, rng, match_intensity)
+  return image, mask
+
+
+def size_bucket(mask: np.ndarray) -> str:
+  """The `anomaly_size` of a mask: the SIZE_BUCKETS name of its anomalous share of the pixels
+  (``none`` when the mask is empty)."""
+  share = float(np.mean(np.asarray(mask) > 0))
+  if share == 0.0:
+    return NONE
+  return next(name for upper, name in SIZE_BUCKETS if share < upper or upper == 1.0)
+
+
+def _paste(crop: np.ndarray, rng: np.random.Generator,
+           match_intensity: bool) -> tuple[np.ndarray, np.ndarray, str]:
+  """`paste_anomaly`, and the name of the source image the patch was cut from."""
   size, channels = crop.shape[0], crop.shape[-1]
   sources = _anomaly_sources(channels)
   lo, hi = max(3, size // 4), max(4, size // 2)
   h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))
   for _ in range(50):
-    src = sources[int(rng.integers(len(sources)))]
+    which = int(rng.integers(len(sources)))
+    src = sources[which]
     if src.shape[0] < h or src.shape[1] < w:
       continue
     y0 = int(rng.integers(src.shape[0] - h + 1))
@@ -183,7 +212,7 @@ def paste_anomaly(crop: np.ndarray, rng: np.random.Generator,
   region = image[py:py + h, px:px + w]
   region[shape] = patch[shape]
   mask[py:py + h, px:px + w, 0] = shape
-  return image, mask
+  return image, mask, (GRAY_SOURCES + RGB_SOURCES)[which // len(_PYRAMID)]
 
 
 def _grid(lo: int, hi: int, size: int, stride: int) -> list[int]:
@@ -231,7 +260,8 @@ def make_split(config: TexturesConfig, split: str) -> list[dict]:
         i = len(examples)
         examples.append(dict(image=tex[y:y + size, x:x + size], mask=zero,
                              subject=_subject(split, y, x, size),
-                             name=f'{split}_{i:05d}_y{y}_x{x}_ok'))
+                             name=f'{split}_{i:05d}_y{y}_x{x}_ok',
+                             anomaly_source=NONE, anomaly_size=NONE))
     return examples
   if split != 'test':
     raise ValueError(f'Unknown split {split!r}.')
@@ -245,11 +275,13 @@ def make_split(config: TexturesConfig, split: str) -> list[dict]:
     crop = tex[y:y + size, x:x + size]
     if healthy[i]:
       image, mask, tag = crop, np.zeros((size, size, 1), np.uint8), 'ok'
+      source = NONE
     else:
-      image, mask = paste_anomaly(crop, rng, config.match_intensity)
+      image, mask, source = _paste(crop, rng, config.match_intensity)
       tag = 'anom'
     examples.append(dict(image=image, mask=mask, subject=_subject(split, y, x, size),
-                         name=f'{split}_{i:05d}_y{y}_x{x}_{tag}'))
+                         name=f'{split}_{i:05d}_y{y}_x{x}_{tag}',
+                         anomaly_source=source, anomaly_size=size_bucket(mask)))
   return examples
 
 
@@ -257,8 +289,11 @@ class SanoTextures(ArrayRecordBuilder):
   """Crops of real CC0 textures with real content pasted in as anomalies (exact masks)."""
 
   name = 'sano_textures'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'Group attributes anomaly_source and anomaly_size (same images and masks).',
+  }
   BUILDER_CONFIGS = _make_configs()
   DEFAULT_BUILDER_CONFIG_NAME = 'brick_32'
 
@@ -273,6 +308,8 @@ class SanoTextures(ArrayRecordBuilder):
             'mask': tfds.features.Image(shape=(size, size, 1)),
             'subject': tfds.features.Text(),
             'name': tfds.features.Text(),
+            'anomaly_source': tfds.features.Text(),
+            'anomaly_size': tfds.features.Text(),
         }),
         homepage='https://scikit-image.org/docs/stable/api/skimage.data.html',
     )
