@@ -70,7 +70,12 @@ def _empty_trash(mngr: ocp.CheckpointManager) -> None:
 class CheckpointStore:
   """The latest `keep` train states under checkpoints/, the best-by-validation params under best/."""
 
-  def __init__(self, workdir: str, keep: int = 3):
+  def __init__(self, workdir: str, keep: int | None = 3):
+    # Orbax deletes every checkpoint as soon as it is written with max_to_keep=0 (no resume, and
+    # no error), and rejects negative values only at the first save.
+    if keep is not None and not (isinstance(keep, int) and keep >= 1):
+      raise ValueError(f'training.keep_checkpoints={keep!r} must be an integer >= 1: the newest '
+                       'checkpoint is what a run resumes from')
     self.workdir = workdir
     self.latest = _manager(os.path.join(workdir, 'checkpoints'), keep=keep, best=False)
     self._best = None

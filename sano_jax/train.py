@@ -122,14 +122,16 @@ def eval_step(params, batch: dict, rng: jax.Array, *, method: methods.Method) ->
   return jax.lax.psum({'loss_sum': jnp.sum(per_example * valid), 'count': jnp.sum(valid)}, AXIS)
 
 
-def make_steps(config, method: methods.Method, tx, mesh: Mesh):
+def make_steps(config, method: methods.Method, tx, mesh: Mesh, *, steps_per_call: int | None = None):
   """(train, evaluate): `train_step` (scanned when steps_per_call > 1) and `eval_step`, each
   shard_mapped over the mesh's 'batch' axis and jitted; the train state is replicated and donated,
   batches are sharded along their batch axis ([k, B, ...] for k steps per call).
+  steps_per_call: k (default: config.training.steps_per_call).
 
   This is pmap's data parallelism written with jit + shard_map, which is how jax.pmap itself is
   implemented since JAX 0.8 and what works across hosts with global arrays."""
-  multi = config.training.steps_per_call > 1
+  k = config.training.steps_per_call if steps_per_call is None else steps_per_call
+  multi = k > 1
   step_fn = functools.partial(train_steps if multi else train_step, method=method, tx=tx,
                               config=config)
   batch_spec = P(None, AXIS) if multi else P(AXIS)
@@ -234,11 +236,22 @@ def _stack_steps(it: Iterator[dict], k: int) -> Iterator[dict]:
     yield {key: np.stack([g[key] for g in group], axis=1) for key in group[0]}
 
 
-def _device_batches(it: Iterator[dict], mesh: Mesh, stacked: bool, depth: int = 2) -> Iterator[dict]:
-  """Shard host batches onto the mesh `depth` steps ahead, so transfers overlap compute."""
+def _calls(it: Iterator[dict], k: int, align: int) -> Iterator[tuple[int, dict]]:
+  """(steps, host batch) of each device call: `align` single steps ([ndev, b, ...]), then calls of
+  k steps ([ndev, k, b, ...] when k > 1)."""
+  for _ in range(align):
+    yield 1, next(it)
+  for batch in (_stack_steps(it, k) if k > 1 else it):
+    yield k, batch
+
+
+def _device_batches(it: Iterator[tuple[int, dict]], mesh: Mesh,
+                    depth: int = 2) -> Iterator[tuple[int, dict]]:
+  """Shard the host batches of `_calls` onto the mesh `depth` calls ahead, so transfers overlap
+  compute."""
   queue = collections.deque()
-  for batch in it:
-    queue.append(shard_batch(batch, mesh, stacked=stacked))
+  for n, batch in it:
+    queue.append((n, shard_batch(batch, mesh, stacked=n > 1)))
     if len(queue) > depth:
       yield queue.popleft()
   while queue:
@@ -365,15 +378,22 @@ def _train(config, workdir: str, train_source, val_source, preemption: Preemptio
   train_fn, eval_fn = make_steps(config, method, tx, mesh)
   state = replicate(state, mesh)
   k = config.training.steps_per_call
+  # A checkpoint of a run with another steps_per_call (or preempted at any step) may lie between
+  # multiples of k: single steps up to the next multiple, so that the logging, evaluation and
+  # checkpoint steps (multiples of k) and num_train_steps are met exactly.
+  align = -start_step % k
+  train_fns = {k: train_fn}
+  if align:
+    train_fns[1] = make_steps(config, method, tx, mesh, steps_per_call=1)[0]
+    logging.info('step %d is not a multiple of training.steps_per_call=%d: %d single step(s) first',
+                 start_step, k, align)
   batches = input_pipeline.train_iterator(
       train_source, global_batch_size=config.training.batch_size, seed=config.seed,
       start_step=start_step, num_local_devices=jax.local_device_count(),
       process_index=jax.process_index(), process_count=jax.process_count(),
       dtype=jnp.dtype(config.model.dtype), worker_count=config.data.worker_count,
       crop_size=config.data.get('crop_size'))
-  if k > 1:
-    batches = _stack_steps(batches, k)
-  batches = _device_batches(batches, mesh, stacked=k > 1)
+  batches = _device_batches(_calls(batches, k, align), mesh)
 
   t = config.training
   eval_params = (lambda s: s.ema_params) if config.localize.use_ema else (lambda s: s.params)
@@ -382,20 +402,22 @@ def _train(config, workdir: str, train_source, val_source, preemption: Preemptio
   tic, step, last_logged = time.perf_counter(), start_step, start_step
   run_start = tic
   in_flight = None  # the metrics of the last dispatched call: the bar counts COMPLETED steps
+  in_flight_steps = 0  # and its number of steps
   stopped = preemption.requested
   if stopped:  # during set-up: nothing new to save
     logging.info('preempted before the first step (step %d): nothing new to save; run the same '
                  'command again to resume', start_step)
   try:
     while step < t.num_train_steps and not stopped:
-      state, metrics = train_fn(state, next(batches))
-      step += k
-      preempted = preemption.reached(step, k)
+      size, batch = next(batches)
+      state, metrics = train_fns[size](state, batch)
+      step += size
+      preempted = preemption.reached(step, size)
       if in_flight is not None:  # one call stays queued behind this one, so dispatch still overlaps
         jax.block_until_ready(in_flight)
-        progress.update(k)
-      in_flight = metrics
-      if step == start_step + k:  # the first call compiles: keep it out of images/s
+        progress.update(in_flight_steps)
+      in_flight, in_flight_steps = metrics, size
+      if step == start_step + size:  # the first call compiles: keep it out of images/s
         jax.block_until_ready(metrics)
         log.write(step, {'perf/compile_and_first_step_s': time.perf_counter() - tic})
         tic, last_logged = time.perf_counter(), step
@@ -436,7 +458,7 @@ def _train(config, workdir: str, train_source, val_source, preemption: Preemptio
         stopped = True
     if in_flight is not None:
       jax.block_until_ready(in_flight)
-      progress.update(k)
+      progress.update(in_flight_steps)
   finally:
     progress.close()
     log.close()
