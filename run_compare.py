@@ -40,7 +40,8 @@ def main(argv):
       workdirs += compare.train_all(FLAGS.config, FLAGS.root, FLAGS.methods)
     if not workdirs:
       raise app.UsageError('give --workdirs=W1,W2,... or --config=... --root=...')
-    out = FLAGS.out or FLAGS.root or os.path.dirname(os.path.abspath(workdirs[0]))
+    from sano_jax import files  # pylint: disable=g-import-not-at-top
+    out = FLAGS.out or FLAGS.root or os.path.dirname(files.absolute(workdirs[0]))
     result = compare.compare(workdirs, out, figure=FLAGS.figure)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -30,6 +30,8 @@ from etils import epath
 import ml_collections
 import orbax.checkpoint as ocp
 
+from sano_jax import files
+
 
 class DamagedCheckpointError(RuntimeError):
   """Every checkpoint of a run directory is damaged (unreadable, truncated or incomplete)."""
@@ -47,7 +49,7 @@ def _manager(path: str, *, keep: int, best: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=False,
       best_fn=(lambda m: m['val_loss']) if best else None, best_mode='min', todelete_subdir=_TRASH)
-  return ocp.CheckpointManager(os.path.abspath(path), options=options)
+  return ocp.CheckpointManager(files.absolute(path), options=options)
 
 
 def _empty_trash(mngr: ocp.CheckpointManager) -> None:
@@ -165,20 +167,14 @@ class CheckpointStore:
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, 'config.json.tmp')
-  with open(tmp, 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, os.path.join(workdir, 'config.json'))
+  files.atomic_write_text(os.path.join(workdir, 'config.json'),
+                          config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: {workdir!r} is not a sano-jax run directory '
-                            '(train one with run_train.py --workdir=...)')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(files.read_json(
+      os.path.join(workdir, 'config.json'),
+      f'{workdir!r} is not a sano-jax run directory (train one with run_train.py --workdir=...)'))
 
 
 def model_signature(config) -> dict:
@@ -189,7 +185,7 @@ def model_signature(config) -> dict:
 
 def check_same_model(config, workdir: str) -> None:
   """A clear error when `workdir` holds a run of another method or model than `config` describes."""
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
+  if not files.exists(os.path.join(workdir, 'config.json')):
     return
   from sano_jax import methods  # pylint: disable=g-import-not-at-top
   saved = load_config(workdir)
@@ -221,7 +217,7 @@ def restore_for_inference(workdir: str, *, best: bool = True, ema: bool | None =
   ema = config.localize.use_ema if ema is None else ema
   key = 'ema_params' if ema else 'params'
   restored, damaged = None, []
-  if best and os.path.isdir(os.path.join(workdir, 'best')):
+  if best and files.isdir(os.path.join(workdir, 'best')):
     mngr = _manager(os.path.join(workdir, 'best'), keep=1, best=True)
     step = mngr.best_step() or mngr.latest_step()
     if step is not None:

@@ -15,30 +15,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Sequence
 
 import numpy as np
 
+from sano_jax import files
+
 COLUMNS = (('auroc', 'AUROC'), ('auprc', 'AUPRC'), ('op_dice', 'Dice @ OP'), ('op_iou', 'IoU @ OP'),
            ('ns_dice', 'Dice @ Nσ*'), ('ns_iou', 'IoU @ Nσ*'))
-
-
-def _read_json(path: str, what: str) -> dict:
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: {what}')
-  with open(path) as f:
-    return json.load(f)
 
 
 def training_summary(workdir: str) -> dict:
   """Median training img/s and the wall seconds of the training steps, from WORKDIR/metrics.jsonl."""
   path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  if not files.exists(path):
     return {'train_images_per_s': None, 'train_seconds': None}
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
   speeds = [r['perf/images_per_s'] for r in rows if 'perf/images_per_s' in r]
   timing = [r for r in rows if 'perf/wall_s' in r]
   return {'train_images_per_s': float(np.median(speeds)) if speeds else None,
@@ -47,8 +40,8 @@ def training_summary(workdir: str) -> dict:
 
 def row_of(workdir: str) -> dict:
   """One table row from a run's eval/metrics.json."""
-  m = _read_json(os.path.join(workdir, 'eval', 'metrics.json'),
-                 f'evaluate the run first: python run_eval.py --workdir={workdir}')
+  m = files.read_json(os.path.join(workdir, 'eval', 'metrics.json'),
+                      f'evaluate the run first: python run_eval.py --workdir={workdir}')
   op, ns = m['operating_point'], m['n_sigma']
   row = {'workdir': workdir, 'method': m['localization'].get('method', 'sano'), 'dataset': m['data']['dataset'],
          'test_split': m['data']['test_split'], 'num_images': m['num_images'],
@@ -152,13 +145,12 @@ def reuse_sano_model(sano_dir: str, workdir: str, config) -> bool:
   """AnoDDPM trains exactly SANO's model with SANO's loss: copy a trained SANO run's checkpoints
   (not its statistics or evaluation) instead of training the same model twice."""
   from sano_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(os.path.join(sano_dir, 'best')) or os.path.exists(workdir):
+  if not files.isdir(os.path.join(sano_dir, 'best')) or files.exists(workdir):
     return False
   if checkpointing.model_signature(checkpointing.load_config(sano_dir)) != {
       **checkpointing.model_signature(config), 'method': 'sano'}:
     return False
-  shutil.copytree(sano_dir, workdir, ignore=shutil.ignore_patterns('eval', 'score_stats.npz',
-                                                                    'config.json'))
+  files.copytree(sano_dir, workdir, ignore=('eval', 'score_stats.npz', 'config.json'))
   checkpointing.save_config(config, workdir)
   return True
 
@@ -176,7 +168,7 @@ def train_all(config, root: str, names) -> list[str]:
       print(f'[{name}] uses the SANO model trained in {os.path.join(root, "sano")} (same model, '
             'same loss); evaluating', flush=True)
       evaluate.evaluate(cfg, workdir)
-    if not os.path.exists(os.path.join(workdir, 'eval', 'metrics.json')):
+    if not files.exists(os.path.join(workdir, 'eval', 'metrics.json')):
       tic, cpu = time.perf_counter(), time.process_time()
       print(f'[{name}] training {cfg.data.dataset} for {cfg.training.num_train_steps} steps in '
             f'{workdir}', flush=True)
@@ -194,14 +186,9 @@ def compare(workdirs: Sequence[str], out_dir: str, *, figure: bool = True) -> di
     raise ValueError('no workdirs to compare')
   rows = [row_of(wd) for wd in workdirs]
   check_same_test_data(rows)
-  os.makedirs(out_dir, exist_ok=True)
   table = markdown_table(rows)
-  with open(os.path.join(out_dir, 'compare.md'), 'w') as f:
-    f.write(table)
+  files.atomic_write_text(os.path.join(out_dir, 'compare.md'), table)
   fig_path = write_figure(workdirs, os.path.join(out_dir, 'compare.png')) if figure else None
   out = {'rows': rows, 'markdown': table, 'figure': fig_path}
-  tmp = os.path.join(out_dir, 'compare.json.tmp')
-  with open(tmp, 'w') as f:
-    json.dump({'rows': rows, 'figure': fig_path}, f, indent=2)
-  os.replace(tmp, os.path.join(out_dir, 'compare.json'))
+  files.atomic_write_json(os.path.join(out_dir, 'compare.json'), {'rows': rows, 'figure': fig_path})
   return out

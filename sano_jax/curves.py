@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+from sano_jax import files
+
 
 def _levels(pos, neg, thresholds):
   pos = np.asarray(pos, np.float64)
@@ -119,10 +121,8 @@ def curve_data(levels, op_threshold: float, n_sigma: dict) -> dict[str, np.ndarr
 
 
 def save_points(data: dict, path: str) -> str:
-  """`curve_data` as an .npz, written to a temporary name and renamed."""
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **data)
-  os.replace(tmp, path)
+  """`curve_data` as an .npz, written atomically (local or gs://)."""
+  files.save_npz(path, **data)
   return path
 
 
@@ -138,11 +138,9 @@ def pyplot():
   return plt
 
 
-def save_figure(fig, path: str) -> None:
-  """PNG written to a temporary name and renamed: an interrupted run leaves no half-written file."""
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=100)
-  os.replace(tmp, path)
+# PNG rendered in memory, written atomically (local or gs://): an interrupted run leaves no
+# half-written file. evaluate.py, groups.py and compare.py save their figures with it too.
+save_figure = files.save_figure
 
 
 def _thin(*arrays, limit: int = 20000):
@@ -175,7 +173,7 @@ def write_figures(data: dict, out_dir: str, *, auroc, auprc, n_sigma: float,
                   title: str = '') -> dict[str, str]:
   """roc.png, pr.png and z_histogram.png in `out_dir`; returns {name: path}."""
   plt = pyplot()
-  os.makedirs(out_dir, exist_ok=True)
+  files.makedirs(out_dir)
   num = lambda v: 'n/a' if v is None else f'{v:.3f}'
   paths = {}
 

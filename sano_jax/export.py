@@ -116,8 +116,7 @@ def read_exported(path: str) -> tuple[dict, bytes]:
 
   Raises ValueError naming the file and the problem (wrong magic, truncated, tampered...).
   """
-  with open(path, 'rb') as f:
-    data = f.read()
+  data = _read_file(path)
   what = 'a sano-jax exported localizer (python -m sano_jax.export)'
   if data[:len(MAGIC)] != MAGIC:
     if len(data) < len(MAGIC) and MAGIC.startswith(data):
@@ -153,6 +152,20 @@ def read_exported(path: str) -> tuple[dict, bytes]:
   return metadata, payload
 
 
+def _read_file(path: str) -> bytes:
+  """The file's bytes; FileNotFoundError saying how to make one. A URI (gs://...) is read through
+  `sano_jax.files` (etils.epath); a local file with open(): loading needs only jax and numpy."""
+  hint = 'export a run with python -m sano_jax.export --workdir=W --out=FILE'
+  if '://' in path:
+    from sano_jax import files  # pylint: disable=g-import-not-at-top
+    return files.read_bytes(path, hint)
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'{path} not found: {hint}') from e
+
+
 def _split_payload(metadata: dict, payload: bytes) -> tuple[dict, list]:
   """({dtype: serialized function}, [argument arrays]) as the header lays them out."""
   blobs, offset = {}, 0
@@ -178,9 +191,6 @@ def load_exported(path: str) -> ExportedLocalizer:
   the current backend is not among them). ValueError for a file that is not a valid artifact.
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: export a run with python -m sano_jax.export '
-                            '--workdir=W --out=FILE')
   metadata, payload = read_exported(path)
   try:
     blobs, arguments = _split_payload(metadata, payload)
@@ -270,7 +280,7 @@ def _shape(aval) -> list:
 
 def export_localizer(workdir: str, out: str, *, platforms: Sequence[str] = PLATFORMS) -> dict:
   """Writes `load_localizer(workdir)` to `out` (atomically); returns the metadata written."""
-  from sano_jax import checkpointing, localization  # pylint: disable=g-import-not-at-top
+  from sano_jax import checkpointing, files, localization  # pylint: disable=g-import-not-at-top
   config = checkpointing.load_config(workdir)
   localizer = localization.load_localizer(workdir)
   h = w = int(config.data.image_size)
@@ -301,7 +311,7 @@ def export_localizer(workdir: str, out: str, *, platforms: Sequence[str] = PLATF
   metadata = {
       'format': 'sano-jax exported localizer',
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'workdir': os.path.abspath(workdir),
+      'workdir': files.absolute(workdir),
       'code_version': version,
       'code_dirty': dirty,
       'jax_version': jax.__version__,
@@ -320,18 +330,8 @@ def export_localizer(workdir: str, out: str, *, platforms: Sequence[str] = PLATF
       'payload_sha256': hashlib.sha256(payload).hexdigest(),
   }
   header = json.dumps(metadata, indent=1, sort_keys=True).encode('utf-8')
-  out = os.fspath(out)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = f'{out}.tmp{os.getpid()}'
-  try:
-    with open(tmp, 'wb') as f:
-      f.write(MAGIC + _PREFIX.pack(FORMAT_VERSION, len(header)) + header + payload)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  files.atomic_write_bytes(out,
+                           MAGIC + _PREFIX.pack(FORMAT_VERSION, len(header)) + header + payload)
   return metadata
 
 
@@ -351,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  size = os.path.getsize(args.out)
+  from sano_jax import files  # pylint: disable=g-import-not-at-top
+  size = files.stat(args.out)[0]
   print(f'wrote {args.out} ({size / 2**20:.2f} MiB; platforms {", ".join(metadata["platforms"])}'
         f'; code {metadata["code_version"]})')
   for p, why in metadata['platforms_failed'].items():

@@ -14,26 +14,26 @@ WORKDIR/score_stats.npz, written by run_eval.py.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import sys
 from typing import Sequence
 
 import numpy as np
 
+from sano_jax import files
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
                     '.pgm')
 
 
 def find_images(pattern: str) -> list[str]:
-  """Files matching a glob (or all image files of a directory), sorted; FileNotFoundError if none."""
-  if os.path.isdir(pattern):
-    paths = [os.path.join(pattern, f) for f in sorted(os.listdir(pattern))
+  """Files matching a glob (or all image files of a directory; local or gs://), sorted;
+  FileNotFoundError if none."""
+  if files.isdir(pattern):
+    paths = [os.path.join(pattern, f) for f in files.listdir(pattern)
              if f.lower().endswith(IMAGE_EXTENSIONS)]
   else:
-    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(p))
+    paths = [p for p in files.glob(pattern) if files.isfile(p)]
   if not paths:
     raise FileNotFoundError(f'no image file matches {pattern!r} (quote the glob so that the shell '
                             "does not expand it, e.g. --images='dir/*.jpg')")
@@ -72,7 +72,7 @@ def _check_readable(path: str) -> None:
   """Header-only check (cheap); a file cut off after its header fails later, in read_image."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
-    with Image.open(path):
+    with files.path(path).open('rb') as f, Image.open(f):
       pass
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f'cannot read {path!r} as an image: {e}') from e
@@ -136,7 +136,7 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
   stats_path = os.path.join(workdir, 'score_stats.npz')
   config = checkpointing.load_config(workdir)  # clear error when workdir is not a run
   config = calibration.applied(config, workdir)  # the calibrated N, when run_eval.py chose one
-  if not os.path.exists(stats_path):
+  if not files.exists(stats_path):
     raise FileNotFoundError(f'no score statistics at {stats_path}: run run_eval.py '
                             f'--workdir={workdir} first (it fits them on the healthy validation '
                             'split)')
@@ -145,7 +145,7 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
   for p in paths:  # header-only check of every file before any work is done
     _check_readable(p)
   localizer = localization.load_localizer(workdir, method=method)
-  os.makedirs(out_dir, exist_ok=True)
+  files.makedirs(out_dir)
   names = _out_names(paths)
   batch_size = max(1, int(batch_size))
   results = []
@@ -172,8 +172,8 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
         stem = names[start + i]
         mask_path = os.path.join(out_dir, f'{stem}_mask.png')
         heat_path = os.path.join(out_dir, f'{stem}_heatmap.png')
-        Image.fromarray(m_full.astype(np.uint8) * 255, 'L').save(mask_path)
-        Image.fromarray(heatmap_overlay(im, z_full, n_sigma), 'RGB').save(heat_path)
+        files.save_png(Image.fromarray(m_full.astype(np.uint8) * 255, 'L'), mask_path)
+        files.save_png(Image.fromarray(heatmap_overlay(im, z_full, n_sigma), 'RGB'), heat_path)
         results.append({'path': path, 'mask': mask_path, 'heatmap': heat_path, 'height': h,
                         'width': w, 'max_z': float(z[i].max()),
                         'anomalous_fraction': float(m_full.mean()),
@@ -181,8 +181,8 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
       bar.update(len(chunk))
   finally:
     bar.close()
-  with open(os.path.join(out_dir, 'predictions.json'), 'w') as f:
-    json.dump({'workdir': workdir, 'n_sigma': n_sigma, 'images': results}, f, indent=2)
+  files.atomic_write_json(os.path.join(out_dir, 'predictions.json'),
+                          {'workdir': workdir, 'n_sigma': n_sigma, 'images': results})
   return results
 
 

@@ -30,6 +30,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from sano_jax import checkpointing
+from sano_jax import files
 from sano_jax import methods
 from sano_jax.sharding import AXIS, make_mesh, replicate, shard_batch, to_host  # pylint: disable=unused-import
 
@@ -202,10 +203,11 @@ class MetricsLog:
     self.enabled = enabled
     self.writer = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self.jsonl = files.LineAppender(os.path.join(workdir, 'metrics.jsonl'))  # local or gs://
       try:
         from flax.metrics import tensorboard
+        from sano_jax.datasets import hide_gpus_from_tf
+        hide_gpus_from_tf()  # the writer starts TensorFlow: it must not take JAX's GPU memory
         self.writer = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
       except ImportError:  # TensorFlow absent: TensorBoard summaries are skipped.
         logging.warning('TensorFlow not installed: no TensorBoard summaries.')
@@ -214,8 +216,7 @@ class MetricsLog:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self.jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
-    self.jsonl.flush()
+    self.jsonl.append(json.dumps({'step': step, **scalars}))
     if self.writer is not None:
       for k, v in scalars.items():
         self.writer.scalar(k, v, step)

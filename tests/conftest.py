@@ -44,3 +44,19 @@ def pytest_runtest_setup(item):
   if platform != 'cpu' or count != 4:
     pytest.skip(f'needs 4 simulated CPU devices; JAX_PLATFORMS={os.environ.get("JAX_PLATFORMS")!r} '
                 f'gives {count} {platform} device(s)')
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+  """A fake gs:// bucket (``tests/fake_gcs.py``): ``fake_gcs.url('run')`` is a gs:// URI that epath
+  and Orbax serve from a local folder with an object store's semantics. The test runs in an empty
+  working directory; a stray local 'gs:' folder there (code that bypassed epath with the URI
+  string) fails it."""
+  import fake_gcs as fake_gcs_lib  # pylint: disable=g-import-not-at-top
+  cwd = tmp_path / 'cwd'
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  bucket = fake_gcs_lib.install(monkeypatch, str(tmp_path / 'gcs'))
+  yield bucket
+  stray = bucket.stray(str(cwd))
+  assert not stray, f'code bypassed epath and wrote local paths made from gs:// URIs: {stray}'

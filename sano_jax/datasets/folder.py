@@ -12,6 +12,8 @@ Inputs (``configs/folder.py``: ``--config.data.normal_dir=... --config.data.test
 * ``subjects_csv`` (optional): columns ``name,subject``; ``name`` is a file name or stem. Without
   it (or for files it does not list), the subject is the file stem.
 
+Folders and the CSV may be local paths or gs:// URIs (read through ``sano_jax.files``).
+
 Images keep their aspect ratio: the central square (side = the short side) is cut and resized to
 ``image_size`` x ``image_size`` with anti-aliasing (Lanczos), masks the same way with nearest
 neighbour; ``predict`` scores the same square. Training may then draw smaller random crops of it
@@ -30,14 +32,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
-from pathlib import Path
 
+from etils.epath import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sano_jax import files
 from sano_jax.datasets import images as images_lib
 from sano_jax.datasets.base import ArrayRecordBuilder
 
@@ -71,11 +75,9 @@ def _fingerprint(parts: dict) -> str:
   listing = {}
   for key in ('normal_dir', 'test_dir', 'mask_dir'):
     if parts.get(key):
-      listing[key] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                      for p in list_images(parts[key])]
+      listing[key] = [(p.name, *files.stat(p)) for p in list_images(parts[key])]
   if parts.get('subjects_csv'):
-    st = Path(parts['subjects_csv']).stat()
-    listing['subjects_csv'] = (st.st_size, st.st_mtime_ns)
+    listing['subjects_csv'] = files.stat(parts['subjects_csv'])
   blob = json.dumps([parts, listing], sort_keys=True).encode()
   return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -91,13 +93,13 @@ def make_config(*, normal_dir, test_dir=None, mask_dir=None, subjects_csv=None, 
   if num_channels not in (1, 3):
     raise ValueError(f'num_channels must be 1 or 3, got {num_channels}.')
   parts = dict(
-      normal_dir=os.path.abspath(normal_dir),
-      test_dir=os.path.abspath(test_dir) if test_dir else '',
-      mask_dir=os.path.abspath(mask_dir) if mask_dir else '',
-      subjects_csv=os.path.abspath(subjects_csv) if subjects_csv else '',
+      normal_dir=files.absolute(normal_dir),
+      test_dir=files.absolute(test_dir) if test_dir else '',
+      mask_dir=files.absolute(mask_dir) if mask_dir else '',
+      subjects_csv=files.absolute(subjects_csv) if subjects_csv else '',
       image_size=int(image_size), num_channels=int(num_channels),
       validation_fraction=float(validation_fraction))
-  if parts['subjects_csv'] and not Path(parts['subjects_csv']).is_file():
+  if parts['subjects_csv'] and not files.isfile(parts['subjects_csv']):
     raise FileNotFoundError(f'subjects_csv {parts["subjects_csv"]} does not exist.')
   name = f'{parts["image_size"]}px_{parts["num_channels"]}c_{_fingerprint(parts)}'
   return FolderConfig(name=name, description='User folders: ' + json.dumps(parts), **parts)
@@ -168,7 +170,8 @@ def _read_subjects(csv_path: str) -> dict[str, str]:
   """name -> subject; ValueError naming the file on missing columns, empty or conflicting rows."""
   if not csv_path:
     return {}
-  with open(csv_path, newline='', encoding='utf-8-sig') as f:
+  text = files.read_bytes(csv_path).decode('utf-8-sig')
+  with io.StringIO(text, newline='') as f:
     reader = csv.DictReader(f)
     cols = {c.strip() for c in (reader.fieldnames or ()) if c is not None}
     if not {'name', 'subject'} <= cols:

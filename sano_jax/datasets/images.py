@@ -1,8 +1,9 @@
 """Decoding image and mask files, the same way for training data and for prediction.
 
-Imports nothing of this package and no TensorFlow: ``sano_jax.predict`` uses it too, so that an
-image file becomes the same pixels whether the folder builder reads it for training or
-``predict`` reads it for localization.
+Imports nothing of this package but ``sano_jax.files`` (files are read through etils.epath: local
+or gs://), and no TensorFlow: ``sano_jax.predict`` uses it too, so that an image file becomes the
+same pixels whether the folder builder reads it for training or ``predict`` reads it for
+localization.
 
 * ``open_image``: decodes fully (a truncated file fails here, not later), applies the EXIF
   orientation (a phone photo is seen upright, as every viewer shows it) and turns any failure
@@ -22,6 +23,8 @@ import os
 
 import numpy as np
 
+from sano_jax import files
+
 _ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa', 'La')
 
 
@@ -34,8 +37,7 @@ def open_image(source: str | os.PathLike | bytes, where: str | None = None):
     if isinstance(source, bytes):
       data = source
     else:
-      with open(source, 'rb') as f:
-        data = f.read()
+      data = files.read_bytes(source)
     img = Image.open(io.BytesIO(data))
     img.load()
     ImageOps.exif_transpose(img, in_place=True)  # no-op without an orientation tag
