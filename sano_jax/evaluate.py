@@ -20,7 +20,14 @@
      WORKDIR/eval/tensorboard at the evaluated checkpoint's step (`tensorboard --logdir=WORKDIR`
      shows training and evaluation together).
 
-Evaluation runs in one process (any number of local devices); multi-host evaluation is not supported.
+Several processes (`run_eval.py --distributed`, every host of a slice): each process scores its
+share of every split (rows [p*b, (p+1)*b) of each global batch, b = eval.batch_size / processes) on
+its own devices with no collective in the loop; the healthy statistics, the baseline mean, the
+histogram range and the metric accumulators are then gathered (`gather_from_processes`) and merged
+in an order fixed by the images' global indices and the global device order, so that the numbers
+do not depend on which process saw which image (2 processes x 2 devices give the metrics of 1 x 4).
+Process 0 alone writes; the others wait for it at a barrier. The label-free calibration (small: at
+most 512 validation images) runs whole on every process and process 0's choice is used by all.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from typing import Iterator
@@ -37,10 +45,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sano_jax import calibration
 from sano_jax import checkpointing
 from sano_jax import curves
+from sano_jax import distributed
 from sano_jax import groups as groups_lib
 from sano_jax import localization
 from sano_jax import metrics as metrics_lib
@@ -65,11 +75,66 @@ def _check_workdir(workdir: str) -> None:
                             f'empty): train first with run_train.py --config=... --workdir={workdir}')
 
 
+def eval_mesh(config):
+  """The mesh of this process's devices that score its share of each evaluation batch: as many
+  local devices as divide eval.batch_size / the number of processes."""
+  bs, n = int(config.eval.batch_size), jax.process_count()
+  if bs % n:
+    raise ValueError(f'eval.batch_size={bs} is not divisible by the {n} processes: set '
+                     f'--config.eval.batch_size to a multiple of {n}')
+  return sharding.local_mesh_for(bs // n)
+
+
 def _batches(source, config, mesh, extra_keys=()) -> Iterator[dict]:
+  """This process's share of each global evaluation batch (`input_pipeline.eval_iterator`)."""
   from sano_jax import input_pipeline
   return input_pipeline.eval_iterator(source, global_batch_size=int(config.eval.batch_size),
-                                      num_local_devices=mesh.devices.size, dtype=np.float32,
+                                      num_local_devices=mesh.devices.size,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count(), dtype=np.float32,
                                       extra_keys=extra_keys)
+
+
+def gather_from_processes(obj, name: str) -> list:
+  """[process 0's obj, process 1's obj, ...] on every process ([obj] in one process): pickled,
+  padded to the longest and exchanged by `multihost_utils.process_allgather` (bytes, so float64 and
+  int64 survive whatever jax_enable_x64 says). Every process calls it with the same names in the
+  same order. They meet first at the coordination service (`distributed.barrier`, a long limit):
+  gloo, the CPU collectives, gives a process only 30 s to join a collective."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  distributed.barrier(f'sano_eval_{name}')
+  blob = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+  if blob.size >= 2**31:
+    raise ValueError(f'{name}: {blob.size} bytes to gather from one process (at most 2**31 - 1)')
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([blob.size], np.int32),
+                                                       tiled=True))
+  padded = np.zeros((int(sizes.max()),), np.uint8)
+  padded[:blob.size] = blob
+  blobs = np.asarray(multihost_utils.process_allgather(padded))
+  return [pickle.loads(blobs[p, :int(n)].tobytes()) for p, n in enumerate(sizes)]
+
+
+def _pairwise(items: list, merge):
+  """items merged by a fixed tree, adjacent pairs level by level: ((x0 x1) (x2 x3)) ... (an odd
+  last one moves up a level). An aligned block of 2^k items is one subtree of it."""
+  while len(items) > 1:
+    items = [merge(*items[i:i + 2]) if i + 1 < len(items) else items[i]
+             for i in range(0, len(items), 2)]
+  return items[0]
+
+
+def merge_device_stats(per_device, name: str = 'score_stats'):
+  """This process's per-device stats (leaves [local devices, ...]) -> the stats of every device of
+  every process, merged (`localization.merge_stats`) by `_pairwise` over the global device order;
+  a power-of-two number of local devices merges its own subtree before the gather."""
+  n = jax.tree.leaves(per_device)[0].shape[0]
+  devices = [jax.tree.map(lambda x, i=i: x[i], per_device) for i in range(n)]
+  if n & (n - 1) == 0:
+    devices = [_pairwise(devices, localization.merge_stats)]
+  parts = gather_from_processes(devices, name)
+  return jax.device_get(_pairwise([d for part in parts for d in part], localization.merge_stats))
 
 
 def _unit_images(batch) -> np.ndarray:
@@ -115,31 +180,38 @@ def needs_multi_stats(method: methods_lib.Method, config) -> bool:
 
 
 def fit_stats(method: methods_lib.Method, params, config, source, mesh):
-  """Streams the healthy `source` through a jitted, batch-sharded update of `ScoreStats` (the
-  statistics of the method's field: SANO's score, a baseline's residual)."""
+  """Streams the healthy `source` through a jitted update of `ScoreStats` (the statistics of the
+  method's field: SANO's score, a baseline's residual). Each device keeps the stats of its own rows
+  of every batch (no collective); `merge_device_stats` then merges all devices of all processes in a
+  fixed order, so the result depends on the devices and the per-device batch, not on the hosts."""
   lc = config.localize
+  sigma = float(lc.smoothing_sigma)
   if len(source) == 0:
     raise ValueError('cannot fit the score statistics: the healthy validation split '
                      f'({config.data.validation_split!r} of {config.data.dataset!r}) is empty')
 
-  @jax.jit
-  def step(stats, params, images, valid):
-    return localization.make_stats_step(method.field_fn(params), float(lc.smoothing_sigma))(
-        stats, images, valid)
+  def local(stats, params, images, valid):  # one device: its stats [1, ...] and rows [b, ...]
+    one = jax.tree.map(lambda x: x[0], stats)
+    one = localization.make_stats_step(method.field_fn(params), sigma)(one, images, valid)
+    return jax.tree.map(lambda x: x[None], one)
 
+  axis = P(sharding.AXIS)
+  step = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(axis, P(), axis, axis), out_specs=axis))
   h = w = int(config.data.image_size)
   shape = (h, w, int(config.data.num_channels))
   if needs_multi_stats(method, config):
-    stats = localization.init_multi_stats(shape, method.ts, smoothing_sigma=float(lc.smoothing_sigma))
+    stats = localization.init_multi_stats(shape, method.ts, smoothing_sigma=sigma)
   else:
-    stats = localization.init_stats(shape, smoothing_sigma=float(lc.smoothing_sigma))
-  stats = sharding.replicate(stats, mesh)
+    stats = localization.init_stats(shape, smoothing_sigma=sigma)
+  ndev = mesh.devices.size
+  stats = jax.device_put(jax.tree.map(lambda x: np.stack([np.asarray(x)] * ndev), stats),
+                         NamedSharding(mesh, axis))
   params = sharding.replicate(params, mesh)
   for batch in _progress(_batches(source, config, mesh), _num_batches(source, config),
                          'score stats (validation)'):
     arrays = sharding.shard_batch({'image': _unit_images(batch), 'valid': batch['valid']}, mesh)
     stats = step(stats, params, arrays['image'], arrays['valid'])
-  stats = jax.device_get(stats)
+  stats = merge_device_stats(jax.device_get(stats))
   try:
     stats = localization.finalize(stats)
   except ValueError as e:
@@ -157,17 +229,21 @@ def fit_stats(method: methods_lib.Method, params, config, source, mesh):
 
 
 def mean_intensity(config, source, mesh) -> np.ndarray:
-  """Per-channel mean intensity in [0, 1] of the (healthy) training split, streaming on the host."""
-  total = np.zeros((int(config.data.num_channels),), np.float64)
-  count = 0
+  """Per-channel mean intensity in [0, 1] of the (healthy) training split: each image's channel
+  sums (float64, on the host) of every process, added in image-index order, / the pixel count."""
+  index, sums, pixels = [], [], 0
   for batch in _progress(_batches(source, config, mesh), _num_batches(source, config),
                          'baseline mean (train)'):
-    x = _flat(_unit_images(batch))[_flat(batch['valid'])]
-    total += x.reshape(-1, x.shape[-1]).sum(axis=0, dtype=np.float64)
-    count += x.shape[0] * x.shape[1] * x.shape[2]
-  if count == 0:
+    valid = _flat(batch['valid'])
+    x = _flat(_unit_images(batch))[valid]
+    sums.append(x.reshape(x.shape[0], -1, x.shape[-1]).sum(axis=1, dtype=np.float64))
+    index.append(_flat(batch['index'])[valid])
+    pixels = x.shape[1] * x.shape[2]
+  parts = gather_from_processes((np.concatenate(index), np.concatenate(sums)), 'train_mean')
+  index, sums = (np.concatenate(a) for a in zip(*parts))
+  if index.size == 0:
     raise ValueError('the training split is empty: cannot compute the baseline mean intensity')
-  return total / count
+  return sums[np.argsort(index, kind='stable')].sum(axis=0) / (index.size * pixels)
 
 
 def baseline_map(images, mean, smoothing_sigma: float):
@@ -207,6 +283,14 @@ class _FigureSet:
   def add(self, masks, indices, valid):
     for i in np.flatnonzero(valid):
       self.sizes[int(indices[i])] = int(masks[i].sum())
+
+  @classmethod
+  def merge(cls, parts: list['_FigureSet']) -> '_FigureSet':
+    """The figure rows of the images all parts saw (one per process)."""
+    out = cls(parts[0].k)
+    for part in parts:
+      out.sizes.update(part.sizes)
+    return out
 
   def picks(self) -> list[int]:
     keys = np.asarray(sorted(self.sizes), np.int64)
@@ -267,11 +351,11 @@ def write_figures(items: list[tuple], out_dir: str, *, op_threshold: float, n_si
 
 def _figure_rows(picks, source, config, mesh, zmaps) -> list[tuple]:
   """Reads the picked test images again and scores them with `zmaps` (sharded images -> z), the
-  pass's own compiled step, padded to one evaluation batch."""
+  pass's own compiled step, padded to one process's share of an evaluation batch."""
   if not picks:
     return []
   rows = []
-  bs = int(config.eval.batch_size)
+  bs = int(config.eval.batch_size) // jax.process_count()
   ndev = mesh.devices.size
   for start in range(0, len(picks), bs):
     exs = [source[i] for i in picks[start:start + bs]]
@@ -382,12 +466,12 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   config: the evaluation config (None: the run's WORKDIR/config.json). Its model fields must match
   the checkpoint; data/localize/eval fields may differ. Sources default to
   `input_pipeline.get_source(config, split)`; tests may pass in-memory lists of contract dicts.
+  With several processes (module docstring) every process calls it alike; process 0 writes and
+  returns the dict, the others return None once it has written.
   """
   from sano_jax import input_pipeline
   _check_workdir(workdir)
-  if jax.process_count() > 1:
-    raise NotImplementedError('evaluation runs in one process (any number of local devices); '
-                              f'got {jax.process_count()} processes')
+  chief = jax.process_index() == 0
   if config is None:
     config = checkpointing.load_config(workdir)
   checkpointing.check_same_model(config, workdir)
@@ -397,9 +481,11 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   sigma = float(lc.smoothing_sigma)
   t_start = time.perf_counter()
 
+  mesh = eval_mesh(config)
+  # Orbax's restore may run a cross-process collective: meet first (gloo's 30 s to join one).
+  distributed.barrier('sano_eval_start')
   _, method, params = checkpointing.restore_for_inference(workdir, ema=bool(lc.use_ema),
                                                          config=config)
-  mesh = sharding.local_mesh_for(int(ec.batch_size))
   val_source = val_source if val_source is not None else input_pipeline.get_source(
       config, config.data.validation_split)
   test_source = test_source if test_source is not None else input_pipeline.get_source(
@@ -413,24 +499,28 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   calib_path = os.path.join(workdir, calibration.CHOICE_FILE)
   if lc.get('calibrate', False):
     choice = calibration.calibrate(config, params, val_source, seed=int(config.get('seed', 0)))
+    choice = gather_from_processes(choice, 'calibration')[0]  # every process uses process 0's
     config = calibration.apply(config, choice)
     lc = config.localize
     method = methods_lib.create(config)
     rule, n_sigma = localization._rule_from_config(lc), float(lc.n_sigma)  # pylint: disable=protected-access
-    calibration.save_choice(choice, calib_path)
+    if chief:
+      calibration.save_choice(choice, calib_path)
     logging.info('calibrated on %d synthetic anomalies in %.1f s: t=%s rule=%s N=%.3g',
                  choice['synthetic']['num_synthetic_images'], choice['seconds'], choice['t'],
                  choice['rule'], choice['n_sigma'])
-  elif os.path.exists(calib_path):
+  elif chief and os.path.exists(calib_path):
     os.remove(calib_path)  # this evaluation's settings replace an earlier calibration
-  logging.info('evaluating %s (%s) on %d device(s), rule=%s, t=%s', workdir, method.name,
-               mesh.devices.size, rule, method.ts)
+  num_devices = mesh.devices.size * jax.process_count()
+  logging.info('evaluating %s (%s) on %d device(s) in %d process(es), rule=%s, t=%s', workdir,
+               method.name, num_devices, jax.process_count(), rule, method.ts)
 
   # 1. Healthy statistics on the validation images.
   tic = time.perf_counter()
   stats = fit_stats(method, params, config, val_source, mesh)
   stats_seconds = time.perf_counter() - tic
-  localization.save_stats(stats, os.path.join(workdir, STATS_FILE))
+  if chief:
+    localization.save_stats(stats, os.path.join(workdir, STATS_FILE))
   logging.info('healthy score std %.4g over %d validation images', float(stats.std),
                int(stats.n_images))
 
@@ -479,7 +569,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
     rng = metrics_lib.StreamingRange()
     for batch, z, _, _ in scored('test range pass'):
       rng.add(z, _flat(batch['valid']))
-    lo, hi = rng.range
+    lo, hi = metrics_lib.StreamingRange.merge(gather_from_processes(rng, 'test_range')).range
     score_range = (min(lo, 0.0), max(hi, n_threshold * 1.01))
     passes = 2
   make_acc, base_acc = _make_accumulators(config, n_pixels, (n_threshold,), score_range,
@@ -493,19 +583,35 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
     valid = _flat(batch['valid'])
     masks = _flat(batch['mask'])[..., 0]
     subjects = _flat(batch['subject'])
-    acc.add(z, masks, subjects, valid)
+    index = _flat(batch['index'])
+    acc.add(z, masks, subjects, valid, indices=index)
     if base_acc is not None:
-      base_acc.add(base, masks, subjects, valid)
+      base_acc.add(base, masks, subjects, valid, indices=index)
     if b > 0 or n_batches == 1:  # the first call compiles: keep it out of images/s if we can
       device_s += dt
       timed_images += int(valid.sum())
     n_valid += int(valid.sum())
     n_anomalous += int((masks[valid].reshape(int(valid.sum()), -1).any(axis=1)).sum())
-    fig_set.add(masks, _flat(batch['index']), valid)
+    fig_set.add(masks, index, valid)
     if grouped is not None:
       flat = {k: _flat(batch[k]) for k in lookup.carried + ('name',)}
-      grouped.add(z, masks, subjects, valid, lookup.values(flat))
+      grouped.add(z, masks, subjects, valid, lookup.values(flat), indices=index)
   pass_s = time.perf_counter() - tic_pass
+  parts = gather_from_processes(
+      (acc, base_acc, grouped, fig_set, (device_s, timed_images, n_anomalous, n_valid)), 'test')
+  if not chief:  # process 0 reports; the others wait until it has written
+    distributed.barrier('sano_eval_written')
+    return None
+  if len(parts) > 1:  # one accumulator of each kind over all processes' images
+    acc = metrics_lib.PixelMetricsAccumulator.merge([p[0] for p in parts])
+    if base_acc is not None:
+      base_acc = metrics_lib.PixelMetricsAccumulator.merge([p[1] for p in parts])
+    if grouped is not None:
+      grouped = groups_lib.GroupedMetrics.merge([p[2] for p in parts])
+    fig_set = _FigureSet.merge([p[3] for p in parts])
+    counts = np.array([p[4] for p in parts])
+    device_s = float(counts[:, 0].max())  # the processes score at the same time
+    timed_images, n_anomalous, n_valid = (int(c) for c in counts[:, 1:].sum(axis=0))
 
   # 4. Metrics.
   runs = int(ec.bootstrap_runs)
@@ -537,8 +643,8 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
       timing={'images_per_s': timed_images / device_s if device_s > 0 else None,
               'end_to_end_images_per_s': n_valid / pass_s if pass_s > 0 else None,
               'score_stats_seconds': stats_seconds, 'test_passes': passes,
-              'total_seconds': None, 'num_devices': int(mesh.devices.size),
-              'batch_size': int(ec.batch_size)},
+              'total_seconds': None, 'num_devices': int(num_devices),
+              'num_processes': int(jax.process_count()), 'batch_size': int(ec.batch_size)},
   )
 
   # 5. Figures and metrics.json.
@@ -575,6 +681,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
                num(out['operating_point']['iou']), n_sigma, num(out['n_sigma']['dice']),
                None if base_metrics is None else out['baseline']['auroc'])
   logging.info('wrote %s', path)
+  distributed.barrier('sano_eval_written')
   return out
 
 

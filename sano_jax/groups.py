@@ -149,14 +149,24 @@ class GroupedMetrics:
     self.make_accumulator = make_accumulator
     self.accumulators: dict[str, dict[str, metrics_lib.PixelMetricsAccumulator]] = {
         a: {} for a in self.attributes}
-    self._subjects: dict = {}  # all subjects, in order of first appearance (the whole set's order)
+    # All subjects -> their first image index, in order of first appearance (the whole set's order).
+    self._subjects: dict = {}
+    self._seen = 0  # the next default image index
 
-  def add(self, scores, labels, subjects, valid, values: dict[str, np.ndarray]) -> None:
-    """A batch [B, ...] with its valid flags [B] and attribute values {attribute: [B] str}."""
+  def add(self, scores, labels, subjects, valid, values: dict[str, np.ndarray],
+          indices=None) -> None:
+    """A batch [B, ...] with its valid flags [B], attribute values {attribute: [B] str} and the
+    images' indices in the whole set [B] (default: next in line; `merge` orders subjects by them)."""
     valid = np.asarray(valid, bool).reshape(-1)
     subjects = np.asarray(subjects).reshape(-1)
-    for s in subjects[valid]:
-      self._subjects.setdefault(metrics_lib.subject_key(s), None)
+    if indices is None:
+      indices = np.arange(self._seen, self._seen + valid.shape[0], dtype=np.int64)
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    if valid.any():
+      self._seen = max(self._seen, int(indices[valid].max()) + 1)
+    for s, i in zip(subjects[valid], indices[valid]):
+      key = metrics_lib.subject_key(s)
+      self._subjects[key] = min(self._subjects.get(key, int(i)), int(i))
     for a in self.attributes:
       v = np.asarray(values[a]).reshape(-1)
       for value in np.unique(v[valid]):
@@ -165,7 +175,30 @@ class GroupedMetrics:
         acc = self.accumulators[a].get(key)
         if acc is None:
           acc = self.accumulators[a][key] = self.make_accumulator()
-        acc.add(scores[sel], labels[sel], subjects[sel])
+        acc.add(scores[sel], labels[sel], subjects[sel], indices=indices[sel])
+
+  @classmethod
+  def merge(cls, parts: Sequence['GroupedMetrics']) -> 'GroupedMetrics':
+    """The groups of everything the given parts saw (one per process, say): per (attribute, value)
+    `PixelMetricsAccumulator.merge`, and all subjects ordered by their first image index (the
+    joint bootstrap's columns), as one pass over the whole set in index order gives."""
+    parts = list(parts)
+    if not parts:
+      raise ValueError('merge needs at least one GroupedMetrics')
+    out = cls(parts[0].attributes, parts[0].make_accumulator)
+    first: dict = {}
+    for g in parts:
+      if g.attributes != out.attributes:
+        raise ValueError(f'cannot merge groups of {g.attributes} with groups of {out.attributes}')
+      for key, i in g._subjects.items():  # pylint: disable=protected-access
+        first[key] = min(first.get(key, i), i)
+      out._seen = max(out._seen, g._seen)  # pylint: disable=protected-access
+    out._subjects = {k: first[k] for k in sorted(first, key=first.__getitem__)}
+    for a in out.attributes:
+      values = sorted({v for g in parts for v in g.accumulators[a]})
+      out.accumulators[a] = {v: metrics_lib.PixelMetricsAccumulator.merge(
+          [g.accumulators[a][v] for g in parts if v in g.accumulators[a]]) for v in values}
+    return out
 
   def compute(self, bootstrap_runs: int, seed: int, n_sigma: float | None = None) -> dict:
     """{attribute: {'values': {value: entry}, 'gap': {metric: gap}}} (see the module docstring);

@@ -253,8 +253,20 @@ def update_stats(stats: ScoreStats, scores: jax.Array, anomaly_maps: jax.Array,
                        hist=hist)
 
 
-def merge_stats(a: ScoreStats, b: ScoreStats) -> ScoreStats:
-  """The stats of the union of two streams (e.g. per-device stats after pmap)."""
+def merge_stats(a, b):
+  """The stats of the union of two streams (e.g. per-device stats after pmap): ScoreStats by
+  Chan et al.'s merge of each moment and the sum of the histograms; MultiStats per t and the
+  log-map Gaussian (`multiscale.merge_density`)."""
+  if isinstance(a, MultiStats) != isinstance(b, MultiStats):
+    raise ValueError(f'cannot merge {type(a).__name__} with {type(b).__name__}')
+  if isinstance(a, MultiStats):
+    if tuple(a.ts) != tuple(b.ts):
+      raise ValueError(f'cannot merge MultiStats of t={a.ts} with t={b.ts}')
+    return MultiStats(per_t=tuple(merge_stats(x, y) for x, y in zip(a.per_t, b.per_t)),
+                      density=multiscale.merge_density(a.density, b.density), ts=a.ts)
+  if (a.image_shape, a.hist.shape) != (b.image_shape, b.hist.shape):
+    raise ValueError(f'cannot merge ScoreStats of images {a.image_shape} ({a.hist.shape[0]} bins) '
+                     f'with {b.image_shape} ({b.hist.shape[0]} bins)')
   count, mean, m2 = _chan_merge(a.count, a.mean, a.m2, b.count, b.mean, b.m2)
   n_img, pmean, pm2 = _chan_merge(a.n_images, a.pixel_mean, a.pixel_m2,
                                   b.n_images, b.pixel_mean, b.pixel_m2)

@@ -236,8 +236,9 @@ class PixelMetricsAccumulator:
     exact_max_pixels: while the total pixel count is at most this, the raw scores are kept as well
       and `compute` uses the exact sort-based curve (0: always binned).
 
-  Memory: subjects x 2 x num_bins int32 (100 MB for 190 subjects at 2**16 bins) plus O(subjects x
-  thresholds), whatever the number of pixels.
+  Memory: subjects x 2 x num_bins int32 (100 MB for 190 subjects at 2**16 bins) plus O(images x
+  thresholds) (each image's Dice and IoU, summed per subject in index order), whatever the number
+  of pixels. Accumulators of parts of a set (one per process) combine with `merge`.
   """
 
   def __init__(self, num_bins: int = 2**16, score_range: tuple[float, float] = (0.0, 50.0),
@@ -255,10 +256,15 @@ class PixelMetricsAccumulator:
     self._hist = np.zeros((0, 2, self.num_bins), np.int32)
     t = len(self.thresholds)
     self._conf = np.zeros((0, t, 3), np.int64)  # tp, fp, fn at each fixed threshold
-    self._img = np.zeros((0, t, 2), np.float64)  # sums of per-image dice, iou (non-empty truth)
     self._n_images = np.zeros((0,), np.int64)
     self._n_images_pos = np.zeros((0,), np.int64)
     self._pixels = np.zeros((0,), np.int64)
+    self._first = np.zeros((0,), np.int64)  # each subject's first image index
+    # Per image: (indices [k], subject rows [k], dice and iou [k, T, 2] (0 without truth)), summed
+    # per subject in image-index order by `_image_sums` (the order one pass in index order adds).
+    self._per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    self._seen = 0  # the next default image index
+    # Exact path: (scores [P], labels [P], subject rows [P], first image index) per `add`.
     self._raw: list | None = [] if self.exact_max_pixels > 0 else None
     self._raw_pixels = 0
 
@@ -268,21 +274,28 @@ class PixelMetricsAccumulator:
     lo, hi = self.score_range
     return lo + (hi - lo) * np.arange(self.num_bins) / self.num_bins
 
-  def _row(self, subject) -> int:
+  def _row(self, subject, index: int) -> int:
     key = subject_key(subject)
     row = self._rows.get(key)
     if row is None:
       row = self._rows[key] = len(self._rows)
       if row >= self._hist.shape[0]:
-        cap = max(16, 2 * self._hist.shape[0])
-        grow = lambda a: np.concatenate([a, np.zeros((cap - a.shape[0],) + a.shape[1:], a.dtype)])
-        self._hist, self._conf, self._img = grow(self._hist), grow(self._conf), grow(self._img)
-        self._n_images, self._n_images_pos = grow(self._n_images), grow(self._n_images_pos)
-        self._pixels = grow(self._pixels)
+        self._grow(max(16, 2 * self._hist.shape[0]))
+      self._first[row] = index
+    elif index < self._first[row]:
+      self._first[row] = index
     return row
 
-  def add(self, scores, labels, subjects, valid=None) -> None:
-    """scores [B, ...] float, labels [B, ...] (nonzero = anomalous), subjects [B], valid [B] bool."""
+  def _grow(self, cap: int) -> None:
+    grow = lambda a: np.concatenate([a, np.zeros((cap - a.shape[0],) + a.shape[1:], a.dtype)])
+    self._hist, self._conf, self._first = grow(self._hist), grow(self._conf), grow(self._first)
+    self._n_images, self._n_images_pos = grow(self._n_images), grow(self._n_images_pos)
+    self._pixels = grow(self._pixels)
+
+  def add(self, scores, labels, subjects, valid=None, indices=None) -> None:
+    """scores [B, ...] float, labels [B, ...] (nonzero = anomalous), subjects [B], valid [B] bool,
+    indices [B] int: the images' positions in the whole evaluated set (default: next in line),
+    which order the subjects when accumulators of parts of the set are merged (`merge`)."""
     s = np.asarray(scores)
     y = np.asarray(labels)
     if s.ndim < 1 or s.shape != y.shape:
@@ -296,6 +309,14 @@ class PixelMetricsAccumulator:
       raise ValueError(f'valid has {keep.shape[0]} entries for a batch of {b}')
     if not keep.any():
       return
+    if indices is None:
+      index = np.arange(self._seen, self._seen + int(keep.sum()), dtype=np.int64)
+    else:
+      index = np.asarray(indices, np.int64).reshape(-1)
+      if index.shape[0] != b:
+        raise ValueError(f'indices has {index.shape[0]} entries for a batch of {b}')
+      index = index[keep]
+    self._seen = max(self._seen, int(index.max()) + 1)
     s_in = s[keep].reshape(int(keep.sum()), -1)
     if not np.issubdtype(s_in.dtype, np.floating):
       s_in = s_in.astype(np.float64)
@@ -304,7 +325,7 @@ class PixelMetricsAccumulator:
     subjects = subjects[keep]
     if not np.isfinite(s).all():
       raise ValueError('scores contain NaN or inf')
-    rows = np.array([self._row(x) for x in subjects], np.int64)
+    rows = np.array([self._row(x, i) for x, i in zip(subjects, index)], np.int64)
     nb = self.num_bins
     lo, hi = self.score_range
     idx = np.floor((s - np.float32(lo)) * np.float32(nb / (hi - lo))).astype(np.int64)
@@ -321,6 +342,7 @@ class PixelMetricsAccumulator:
     npos = y.sum(axis=1)
     np.add.at(self._n_images, rows, 1)
     np.add.at(self._n_images_pos, rows, (npos > 0).astype(np.int64))
+    per_image = np.zeros((len(rows), len(self.thresholds), 2), np.float64)
     for j, t in enumerate(self.thresholds):
       pred = s > np.float32(t)
       inter = np.count_nonzero(pred & y, axis=1)
@@ -328,9 +350,9 @@ class PixelMetricsAccumulator:
       conf = np.stack([inter, npred - inter, npos - inter], axis=1)
       np.add.at(self._conf[:, j], rows, conf)
       has = npos > 0
-      d = np.where(has, 2.0 * inter / np.maximum(npred + npos, 1), 0.0)
-      u = np.where(has, inter / np.maximum(npred + npos - inter, 1), 0.0)
-      np.add.at(self._img[:, j], rows, np.stack([d, u], axis=1))
+      per_image[:, j, 0] = np.where(has, 2.0 * inter / np.maximum(npred + npos, 1), 0.0)
+      per_image[:, j, 1] = np.where(has, inter / np.maximum(npred + npos - inter, 1), 0.0)
+    self._per_image.append((index, rows, per_image))
 
     if self._raw is not None:
       self._raw_pixels += s.size
@@ -338,7 +360,62 @@ class PixelMetricsAccumulator:
         self._raw = None
       else:
         self._raw.append((s_in.reshape(-1).copy(), y.reshape(-1).copy(),
-                          np.repeat(rows, s.shape[1])))
+                          np.repeat(rows, s.shape[1]), int(index.min())))
+
+  def _image_sums(self) -> np.ndarray:
+    """[S, T, 2]: per subject, the sums of its images' Dice and IoU at each fixed threshold
+    (images without anomalous pixels add 0), added in image-index order."""
+    out = np.zeros((len(self._rows), len(self.thresholds), 2), np.float64)
+    if self._per_image:
+      index, rows, values = (np.concatenate(a) for a in zip(*self._per_image))
+      order = np.argsort(index, kind='stable')
+      np.add.at(out, rows[order], values[order])
+    return out
+
+  @classmethod
+  def merge(cls, accumulators: Sequence['PixelMetricsAccumulator']) -> 'PixelMetricsAccumulator':
+    """One accumulator of everything the given ones saw (e.g. one per process, each fed its share
+    of the images with their global `indices`): counts and histograms add; the subjects are ordered
+    by their first image index, the order one pass over the whole set in index order gives, so the
+    bootstrap (whose columns are the subjects) does not depend on who saw which image. Equal
+    settings required; the inputs are not changed."""
+    accs = list(accumulators)
+    if not accs:
+      raise ValueError('merge needs at least one accumulator')
+    a0 = accs[0]
+    settings = lambda a: (a.num_bins, a.score_range, a.thresholds, a.exact_max_pixels)
+    for a in accs[1:]:
+      if settings(a) != settings(a0):
+        raise ValueError(f'cannot merge accumulators with different settings (num_bins, '
+                         f'score_range, thresholds, exact_max_pixels): {settings(a0)} and '
+                         f'{settings(a)}')
+    out = cls(a0.num_bins, a0.score_range, a0.thresholds, a0.exact_max_pixels)
+    first: dict[Hashable, int] = {}
+    for a in accs:
+      for key, row in a._rows.items():
+        first[key] = min(first.get(key, int(a._first[row])), int(a._first[row]))
+    out._rows = {k: i for i, k in enumerate(sorted(first, key=first.__getitem__))}
+    out._grow(len(out._rows))
+    out._first[:] = [first[k] for k in out._rows]
+    hist = np.zeros((len(out._rows), 2, out.num_bins), np.int64)
+    raw = [] if all(a._raw is not None for a in accs) else None
+    for a in accs:
+      n = len(a._rows)
+      to = np.array([out._rows[k] for k in a._rows], np.int64)  # a's row -> the merged row
+      hist[to] += a._hist[:n]
+      for mine, theirs in ((out._conf, a._conf), (out._n_images, a._n_images),
+                           (out._n_images_pos, a._n_images_pos), (out._pixels, a._pixels)):
+        mine[to] += theirs[:n]
+      out._per_image += [(i, to[r], v) for i, r, v in a._per_image]
+      if raw is not None:
+        raw += [(sc, y, to[r], i) for sc, y, r, i in a._raw]
+      out._raw_pixels += a._raw_pixels
+      out._seen = max(out._seen, a._seen)
+    out._hist = hist if out._pixels.max(initial=0) > np.iinfo(np.int32).max else \
+        hist.astype(np.int32)
+    out._raw = None if raw is None or out._raw_pixels > out.exact_max_pixels else \
+        sorted(raw, key=lambda chunk: chunk[3])
+    return out
 
   # -- compute ---------------------------------------------------------------------------------
 
@@ -411,7 +488,7 @@ class PixelMetricsAccumulator:
     out = dict(self._curves(weights))
     conf = weights @ self._conf[:s].reshape(s, -1).astype(np.float64)  # [R, T*3]
     conf = conf.reshape(weights.shape[0], len(self.thresholds), 3)
-    img = np.einsum('rs,stk->rtk', weights, self._img[:s])
+    img = np.einsum('rs,stk->rtk', weights, self._image_sums())
     nimg_pos = weights @ self._n_images_pos[:s].astype(np.float64)
     neg = weights @ self._hist[:s, 1].sum(axis=1, dtype=np.int64).astype(np.float64)
     fixed = []
@@ -497,6 +574,14 @@ class StreamingRange:
 
   def __init__(self):
     self.lo, self.hi = math.inf, -math.inf
+
+  @classmethod
+  def merge(cls, ranges: Sequence['StreamingRange']) -> 'StreamingRange':
+    """The range of everything the given ones saw: (min of lo, max of hi)."""
+    out = cls()
+    for r in ranges:
+      out.lo, out.hi = min(out.lo, r.lo), max(out.hi, r.hi)
+    return out
 
   def add(self, scores, valid=None) -> None:
     s = np.asarray(scores)

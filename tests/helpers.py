@@ -162,3 +162,79 @@ def run_train_fast_process(workdir, data_dir, *extra, log, cache_dir):
                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0)
   with open(log, 'w') as f:  # the child keeps its own copy of the descriptor
     return subprocess.Popen(cmd, cwd=root, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def tiny_run_config(data_dir, steps: int = 10, **overrides):
+  """configs/tiny.py on its embedded data (built in `data_dir` when absent) for a short training
+  run: `steps` steps, logged every steps // 2, evaluated (one validation batch) and checkpointed
+  at the end, EMA rate 0.5 (so that a few steps move the EMA params away from the zero-output
+  init), no figures; then `overrides` as in `tiny_config` ('block.field': value)."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  return tiny_config(**{
+      'data.dataset': tiny.get_config().data.dataset, 'data.data_dir': str(data_dir),
+      'training.num_train_steps': steps, 'training.eval_every': steps,
+      'training.checkpoint_every': steps, 'training.log_every': max(1, steps // 2),
+      'training.eval_batches': 1, 'training.ema_rate': 0.5, 'eval.num_figures': 0, **overrides})
+
+
+# ------------------------------------------------------------------------------------------------
+# Two processes of one jax.distributed job on localhost (tests/test_multihost_eval.py).
+
+
+def free_port() -> int:
+  """A TCP port free now on 127.0.0.1 (released again: another program may take it first)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def run_process_pair(argv, log_prefix, *, local_devices: int = 2, attempts: int = 3,
+                     process_env=None, **env) -> list[str]:
+  """Runs `argv` (a Python script and its arguments) as processes 0 and 1 of one jax.distributed
+  job on a free localhost port (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES=2, JAX_PROCESS_ID; CPU,
+  `local_devices` simulated devices each, `env` added, and `process_env(i)` (a dict) for process i
+  when given), their output to the files LOG_PREFIX.process{i}.attempt{k}.log; returns both
+  outputs once both exited 0.
+
+  The script prints 'process I initialized' once it has joined. The port may be taken between
+  picking and binding it: a pair that fails before both printed that is started again on a new
+  port (at most `attempts` times); a failure after both joined is reported (pytest.fail). One
+  failing process gets the other killed (it would wait for it forever); the pair shares one
+  generous limit (`subprocess_timeout`)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  deadline = time.monotonic() + subprocess_timeout()
+  for attempt in range(attempts):
+    logs = [f'{log_prefix}.process{i}.attempt{attempt}.log' for i in range(2)]
+    port, procs = free_port(), []
+    try:
+      for i, log in enumerate(logs):
+        with open(log, 'w') as f:  # the child keeps its own copy of the descriptor
+          procs.append(subprocess.Popen(
+              [sys.executable, *map(str, argv)], stdout=f, stderr=subprocess.STDOUT,
+              env=subprocess_env(local_devices, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+                                 JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i, **env,
+                                 **(process_env(i) if process_env else {}))))
+      while any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs):
+          break
+        if time.monotonic() > deadline:
+          pytest.fail(f'the two processes did not finish in {subprocess_timeout():.0f} s '
+                      '(SANO_TEST_SUBPROCESS_TIMEOUT):\n' + '\n'.join(read_log(l) for l in logs))
+        time.sleep(0.2)
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+        p.wait()
+    outs = [read_log(l, tail=10**7) for l in logs]
+    codes = [p.returncode for p in procs]
+    if codes == [0, 0]:
+      return outs
+    if all(f'process {i} initialized' in o for i, o in enumerate(outs)):
+      break  # both joined: a real failure
+  pytest.fail(f'the pair failed (return codes {codes}, attempt {attempt + 1} of {attempts}):\n'
+              + '\n'.join(f'--- process {i}:\n{o[-4000:]}' for i, o in enumerate(outs)))

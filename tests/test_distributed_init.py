@@ -87,3 +87,46 @@ def test_already_distributed_is_not_initialized_again(init_calls, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # Two processes.
 
+# distributed.barrier (the real wait: train_and_evaluate in tests/test_multihost.py).
+
+
+class _Client:
+  """Records wait_at_barrier calls in place of JAX's coordination-service client."""
+
+  def __init__(self):
+    self.waits = []
+
+  def wait_at_barrier(self, barrier_id, timeout_in_ms):
+    self.waits.append((barrier_id, timeout_in_ms))
+
+
+@pytest.fixture
+def client(monkeypatch):
+  from jax._src import distributed as jax_distributed
+  jax.devices()  # the backend first: it would take the fake for a real client
+  fake = _Client()
+  monkeypatch.setattr(jax_distributed.global_state, 'client', fake)
+  monkeypatch.setattr(distributed, '_barriers', {})
+  return fake
+
+
+def test_barrier_is_a_no_op_in_one_process(client):
+  assert jax.process_count() == 1
+  distributed.barrier('start')
+  assert client.waits == []
+
+
+def test_barrier_waits_at_the_coordination_service_with_its_limit(client, monkeypatch):
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  distributed.barrier('start')
+  distributed.barrier('compiled', timeout_s=2.5)
+  distributed.barrier('start')  # a name used again is a new barrier of the service
+  assert client.waits == [('start:0', 3_600_000), ('compiled:0', 2500), ('start:1', 3_600_000)]
+
+
+def test_barrier_without_a_client_is_a_clear_error(client, monkeypatch):
+  from jax._src import distributed as jax_distributed
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax_distributed.global_state, 'client', None)
+  with pytest.raises(RuntimeError, match='no jax.distributed client'):
+    distributed.barrier('start')
