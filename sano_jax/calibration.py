@@ -27,7 +27,6 @@ rule and N. The choice is applied by `apply` (config.localize) and saved with th
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
+from sano_jax import files
 from sano_jax import localization
 from sano_jax import metrics as metrics_lib
 from sano_jax import methods as methods_lib
@@ -243,19 +243,15 @@ def apply(config, choice: dict):
 
 def save_choice(choice: dict, path: str) -> None:
   """Writes the choice atomically (load_localizer applies it over config.localize)."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump({k: choice[k] for k in ('t', 'rule', 'n_sigma')}, f, indent=2)
-  os.replace(tmp, path)
+  files.atomic_write_json(path, {k: choice[k] for k in ('t', 'rule', 'n_sigma')})
 
 
 def load_choice(path: str) -> dict | None:
   """The saved choice, or None when the workdir was not calibrated."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     return None
   try:
-    with open(path) as f:
-      choice = json.load(f)
+    choice = files.read_json(path)
     return {k: choice[k] for k in ('t', 'rule', 'n_sigma')}
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f'{path} is not a readable calibration file ({e}); rerun run_eval.py') from e

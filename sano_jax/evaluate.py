@@ -32,11 +32,9 @@ most 512 validation images) runs whole on every process and process 0's choice i
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import pickle
-import shutil
 import time
 from typing import Iterator
 
@@ -51,6 +49,7 @@ from sano_jax import calibration
 from sano_jax import checkpointing
 from sano_jax import curves
 from sano_jax import distributed
+from sano_jax import files
 from sano_jax import groups as groups_lib
 from sano_jax import localization
 from sano_jax import metrics as metrics_lib
@@ -65,11 +64,10 @@ STATS_FILE = 'score_stats.npz'
 
 
 def _check_workdir(workdir: str) -> None:
-  if not os.path.isdir(workdir):
+  if not files.isdir(workdir):  # local or gs://
     raise FileNotFoundError(f'workdir {workdir!r} does not exist: train first with '
                             f'run_train.py --config=... --workdir={workdir}')
-  has_ckpt = any(os.path.isdir(os.path.join(workdir, d)) and os.listdir(os.path.join(workdir, d))
-                 for d in ('best', 'checkpoints'))
+  has_ckpt = any(files.listdir(os.path.join(workdir, d)) for d in ('best', 'checkpoints'))
   if not has_ckpt:
     raise FileNotFoundError(f'no checkpoint in {workdir!r} (best/ and checkpoints/ are missing or '
                             f'empty): train first with run_train.py --config=... --workdir={workdir}')
@@ -309,7 +307,7 @@ def write_figures(items: list[tuple], out_dir: str, *, op_threshold: float, n_si
   if not items:
     return []
   plt = curves.pyplot()
-  os.makedirs(out_dir, exist_ok=True)
+  files.makedirs(out_dir)
   vmax = max(float(np.percentile(np.concatenate([it[5].ravel() for it in items]), 99.5)),
              1.5 * n_sigma_threshold, 1.2 * op_threshold, 1e-6)
   cols = ('image', 'ground truth', 'z-map (healthy std)', f'mask at OP (z >= {op_threshold:.2f})',
@@ -395,7 +393,7 @@ def checkpoint_step(workdir: str) -> int:
   checkpoints/ (0 if none): where evaluation's TensorBoard summaries sit on training's axis."""
   for sub in ('best', 'checkpoints'):
     path = os.path.join(workdir, sub)
-    steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
+    steps = [int(n) for n in files.listdir(path) if n.isdigit()]  # [] without the directory
     if steps:
       return max(steps)
   return 0
@@ -413,14 +411,13 @@ def write_summaries(log_dir: str, step: int, scalars: dict, images: dict[str, st
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from sano_jax import datasets  # pylint: disable=g-import-not-at-top
   datasets.hide_gpus_from_tf()  # the writer starts TensorFlow: it must not take JAX's GPU memory
-  if os.path.isdir(log_dir):
-    shutil.rmtree(log_dir)
+  files.rmtree(log_dir)  # the writer itself goes through TensorFlow's gfile, which speaks gs://
   writer = tensorboard.SummaryWriter(log_dir, auto_flush=False)
   for tag, value in scalars.items():
     if value is not None:
       writer.scalar(tag, float(value), step)
   for tag, path in images.items():
-    with Image.open(path) as im:
+    with files.path(path).open('rb') as f, Image.open(f) as im:
       writer.image(tag, np.asarray(im.convert('RGB')), step)
   writer.close()
   return True
@@ -509,8 +506,8 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
     logging.info('calibrated on %d synthetic anomalies in %.1f s: t=%s rule=%s N=%.3g',
                  choice['synthetic']['num_synthetic_images'], choice['seconds'], choice['t'],
                  choice['rule'], choice['n_sigma'])
-  elif chief and os.path.exists(calib_path):
-    os.remove(calib_path)  # this evaluation's settings replace an earlier calibration
+  elif chief:
+    files.remove(calib_path)  # this evaluation's settings replace an earlier calibration
   num_devices = mesh.devices.size * jax.process_count()
   logging.info('evaluating %s (%s) on %d device(s) in %d process(es), rule=%s, t=%s', workdir,
                method.name, num_devices, jax.process_count(), rule, method.ts)
@@ -649,7 +646,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
 
   # 5. Figures and metrics.json.
   eval_dir = os.path.join(workdir, 'eval')
-  os.makedirs(eval_dir, exist_ok=True)
+  files.makedirs(eval_dir)
   zmaps = lambda x: score_step(params_d, stats_d, x, mean_d)[0]
   figures = write_figures(_figure_rows(fig_set.picks(), test_source, config, mesh, zmaps),
                           os.path.join(eval_dir, 'figures'),
@@ -671,10 +668,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
     out['tensorboard'] = None
   out['timing']['total_seconds'] = time.perf_counter() - t_start
   path = os.path.join(eval_dir, 'metrics.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(out, f, indent=2)
-  os.replace(tmp, path)
+  files.atomic_write_json(path, out)  # local or gs://; never half written
   num = lambda v: math.nan if v is None else v  # JSON null (undefined) -> nan; 0.0 stays 0.0
   logging.info('AUROC %.4f AUPRC %.4f | OP dice %.4f iou %.4f | N=%g dice %.4f | baseline AUROC %s',
                num(out['auroc']), num(out['auprc']), num(out['operating_point']['dice']),

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import os
 from typing import Callable, Sequence
 
 import numpy as np
 
+from sano_jax import files
 from sano_jax import metrics as metrics_lib
 
 CONTRACT_KEYS = ('image', 'mask', 'subject', 'name')
@@ -74,7 +76,8 @@ def source_attributes(source) -> tuple[str, ...]:
 def read_csv_attributes(csv_path: str) -> tuple[tuple[str, ...], dict[str, dict[str, str]]]:
   """(extra columns, name -> {column: value}) of a folder dataset's subjects_csv: every column
   besides name and subject; ValueError naming the file when it has no name column."""
-  with open(csv_path, newline='', encoding='utf-8-sig') as f:
+  text = files.read_bytes(csv_path).decode('utf-8-sig')  # local or gs://
+  with io.StringIO(text, newline='') as f:
     reader = csv.DictReader(f)
     cols = [c.strip() for c in (reader.fieldnames or ()) if c is not None]
     if 'name' not in cols:

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sano_jax import files
 from sano_jax import multiscale
 from sano_jax.image_checks import check_images  # pylint: disable=unused-import  (public here too)
 
@@ -416,37 +417,33 @@ def save_stats(stats, path: str) -> None:
   arrays.update(image_shape=np.asarray(first.image_shape, np.int64),
                 smoothing_sigma=np.float64(first.smoothing_sigma),
                 hist_lo=np.float64(first.hist_lo), hist_hi=np.float64(first.hist_hi))
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  files.save_npz(path, **arrays)  # atomically, local or gs://
 
 
 def load_stats(path: str):
   """Reads the ScoreStats or MultiStats written by `save_stats`."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise FileNotFoundError(
         f'no score statistics at {path}: run run_eval.py first or fit_score_stats + save_stats')
   try:
-    with np.load(path, allow_pickle=False) as f:
-      ts = tuple(float(v) for v in f['ts']) if 'ts' in f else None
-      arrays = ([f't{i}.{k}' for i in range(len(ts)) for k in _ARRAY_FIELDS]
-                + [f'density.{k}' for k in ('n', 'mean', 'comoment')]) if ts else list(_ARRAY_FIELDS)
-      missing = [k for k in arrays + ['image_shape', 'smoothing_sigma', 'hist_lo', 'hist_hi']
-                 if k not in f]
-      if missing:
-        raise ValueError(f'missing {missing}')
-      meta = dict(image_shape=tuple(int(s) for s in f['image_shape']),
-                  smoothing_sigma=float(f['smoothing_sigma']), hist_lo=float(f['hist_lo']),
-                  hist_hi=float(f['hist_hi']))
-      if ts:
-        per_t = tuple(ScoreStats(**{k: jnp.asarray(f[f't{i}.{k}']) for k in _ARRAY_FIELDS}, **meta)
-                      for i in range(len(ts)))
-        density = multiscale.DensityStats(
-            **{k: jnp.asarray(f[f'density.{k}']) for k in ('n', 'mean', 'comoment')})
-        return MultiStats(per_t=per_t, density=density, ts=ts)
-      return ScoreStats(**{k: jnp.asarray(f[k]) for k in _ARRAY_FIELDS}, **meta)
+    f = files.load_npz(path)  # {name: array}, local or gs://
+    ts = tuple(float(v) for v in f['ts']) if 'ts' in f else None
+    arrays = ([f't{i}.{k}' for i in range(len(ts)) for k in _ARRAY_FIELDS]
+              + [f'density.{k}' for k in ('n', 'mean', 'comoment')]) if ts else list(_ARRAY_FIELDS)
+    missing = [k for k in arrays + ['image_shape', 'smoothing_sigma', 'hist_lo', 'hist_hi']
+               if k not in f]
+    if missing:
+      raise ValueError(f'missing {missing}')
+    meta = dict(image_shape=tuple(int(s) for s in f['image_shape']),
+                smoothing_sigma=float(f['smoothing_sigma']), hist_lo=float(f['hist_lo']),
+                hist_hi=float(f['hist_hi']))
+    if ts:
+      per_t = tuple(ScoreStats(**{k: jnp.asarray(f[f't{i}.{k}']) for k in _ARRAY_FIELDS}, **meta)
+                    for i in range(len(ts)))
+      density = multiscale.DensityStats(
+          **{k: jnp.asarray(f[f'density.{k}']) for k in ('n', 'mean', 'comoment')})
+      return MultiStats(per_t=per_t, density=density, ts=ts)
+    return ScoreStats(**{k: jnp.asarray(f[k]) for k in _ARRAY_FIELDS}, **meta)
   except (ValueError, OSError, EOFError, KeyError) as e:
     raise ValueError(f'{path} is not a readable ScoreStats file ({e}); rerun run_eval.py to fit '
                      'the healthy statistics again') from e
@@ -571,7 +568,7 @@ def load_localizer(workdir: str, *, method: str | None = None
     config, method_obj = calibrated, methods.create(calibrated)
   lc = config.localize
   path = os.path.join(workdir, 'score_stats.npz')
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise FileNotFoundError(f'no score statistics at {path}: run run_eval.py first '
                             '(or fit_score_stats + save_stats)')
   stats = load_stats(path)
