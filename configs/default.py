@@ -22,6 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # deterministic in (seed, step)); None trains on the whole image. The U-Net and autoencoders
   # are fully convolutional, so a model trained on crops scores whole images.
   data.crop_size = ml_collections.config_dict.placeholder(int)
+  # Random up-down and left-right flips of each training image (deterministic in (seed, step)):
+  # off for the paper's hands, whose orientation is part of what is healthy.
+  data.random_flips = False
   data.num_channels = 3
   data.train_split = 'train'
   data.validation_split = 'validation'

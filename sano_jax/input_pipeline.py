@@ -213,11 +213,25 @@ def random_crops(images: np.ndarray, offsets: np.ndarray, crop: int) -> np.ndarr
   return images[b, rows[:, :, None], cols[:, None, :]]
 
 
+def flip_draws(seed: int, step: int, global_batch_size: int) -> np.ndarray:
+  """[G, 2] bool (flip up-down, flip left-right) of global batch `step`'s images, each a fair coin:
+  a pure function of (seed, step) like `crop_offsets`, drawn from a stream of its own."""
+  rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0xF11B, int(step)])
+  return rng.integers(0, 2, size=(global_batch_size, 2)).astype(bool)
+
+
+def random_flips(images: np.ndarray, flips: np.ndarray) -> np.ndarray:
+  """images [B,H,W,C]: image i flipped up-down where flips[i, 0] and left-right where flips[i, 1]
+  (the four elements of the flip group, each with probability 1/4)."""
+  images = np.where(flips[:, 0, None, None, None], images[:, ::-1], images)
+  return np.where(flips[:, 1, None, None, None], images[:, :, ::-1], images)
+
+
 class _TrainBatch:
   """Batch j of this process (j counted from start_step): picklable for grain workers."""
 
   def __init__(self, source, *, num_examples, global_batch_size, local_batch_size, offset,
-               seed, start_step, num_local_devices, dtype, crop_size=None):
+               seed, start_step, num_local_devices, dtype, crop_size=None, flips=False):
     self.source = source
     self.n = num_examples
     self.gbs = global_batch_size
@@ -229,6 +243,7 @@ class _TrainBatch:
     self.dtype = np.dtype(dtype)
     self.batches_per_epoch = num_examples // global_batch_size
     self.crop = crop_size
+    self.flips = flips
 
   def indices(self, j: int) -> np.ndarray:
     epoch, b = divmod(self.start_step + int(j), self.batches_per_epoch)
@@ -245,6 +260,10 @@ class _TrainBatch:
       offsets = crop_offsets(self.seed, self.start_step + int(j), self.gbs,
                              images.shape[1] - self.crop)[self.offset:self.offset + self.lbs]
       images = random_crops(images, offsets, self.crop)
+    if self.flips:
+      step = self.start_step + int(j)
+      flips = flip_draws(self.seed, step, self.gbs)[self.offset:self.offset + self.lbs]
+      images = random_flips(images, flips)
     images = _to_model_range(images, self.dtype)
     return {'image': images.reshape(self.ndev, self.lbs // self.ndev, *images.shape[1:])}
 
@@ -333,7 +352,8 @@ def _default_threads() -> int:
 def train_iterator(source, *, global_batch_size: int, seed: int, start_step: int = 0,
                    num_local_devices: int, process_index: int = 0, process_count: int = 1,
                    dtype=np.float32, worker_count: int = 0,
-                   crop_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                   crop_size: int | None = None,
+                   flips: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Infinite iterator of {'image': [num_local_devices, per_device_batch, H, W, C] in [-1, 1]}.
 
   Each epoch is a seeded shuffle of the whole split (``epoch_permutation(len, seed, epoch)``);
@@ -342,6 +362,7 @@ def train_iterator(source, *, global_batch_size: int, seed: int, start_step: int
   ``[p*G/P:(p+1)*G/P]`` of it. ``start_step=k`` starts at global batch k without reading earlier
   ones. ``worker_count > 0`` reads in that many grain worker processes. ``crop_size=S`` cuts an
   S x S window of each image at offsets ``crop_offsets(seed, i, G, H - S)`` (then H = W = S).
+  ``flips=True`` then flips each image up-down and/or left-right by ``flip_draws(seed, i, G)``.
   """
   import grain  # pylint: disable=g-import-not-at-top
   n = len(source)
@@ -356,7 +377,7 @@ def train_iterator(source, *, global_batch_size: int, seed: int, start_step: int
   load = _TrainBatch(source, num_examples=n, global_batch_size=global_batch_size,
                      local_batch_size=local_bs, offset=process_index * local_bs, seed=seed,
                      start_step=start_step, num_local_devices=num_local_devices, dtype=dtype,
-                     crop_size=crop_size)
+                     crop_size=crop_size, flips=flips)
   dataset = grain.MapDataset.range(0, sys.maxsize // 2).map(load)
   return _grain_iter(dataset, worker_count, _default_threads())
 

@@ -30,6 +30,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from sano_jax import checkpointing
+from sano_jax import distributed
 from sano_jax import files
 from sano_jax import methods
 from sano_jax.sharding import AXIS, make_mesh, replicate, shard_batch, to_host  # pylint: disable=unused-import
@@ -173,6 +174,12 @@ def check_config(config, num_devices: int) -> None:
   for key, lr in rates.items():
     if not lr > 0:
       raise ValueError(f'{key}={lr}: the learning rate must be > 0')
+  o = config.optim  # (None, like 0, turns warm-up and clipping off)
+  if not (o.warmup_steps or 0) >= 0:
+    raise ValueError(f'optim.warmup_steps={o.warmup_steps} must be >= 0 (0: no warm-up)')
+  if not (o.grad_clip or 0) >= 0:
+    raise ValueError(f'optim.grad_clip={o.grad_clip} must be >= 0 (the largest global gradient '
+                     'norm; 0: no clipping)')
   if not 0.0 <= float(config.training.ema_rate) < 1.0:
     raise ValueError(f'training.ema_rate={config.training.ema_rate} must lie in [0, 1)')
   if name in ('sano', 'anoddpm'):
@@ -362,6 +369,9 @@ def _train(config, workdir: str, train_source, val_source, preemption: Preemptio
   method = methods.create(config)
   tx = create_optimizer(config, method)
   state = create_train_state(config, method, tx, jax.random.PRNGKey(config.seed))
+  # Orbax's manager runs the first cross-process collective: meet first (model init and data
+  # loading take each process its own time; gloo gives a latecomer only 30 s to join it).
+  distributed.barrier('sano_train_start')
   store = checkpointing.CheckpointStore(workdir, keep=config.training.keep_checkpoints)
   if store.latest_step() is not None:
     # The newest intact checkpoint (damaged ones are logged and skipped); a clear error for a
@@ -376,7 +386,8 @@ def _train(config, workdir: str, train_source, val_source, preemption: Preemptio
                  n_params / 1e6, num_devices, config.training.batch_size)
 
   mesh = make_mesh()
-  train_fn, eval_fn = make_steps(config, method, tx, mesh)
+  train_fn, eval_fn = (_compile_then_meet(f, f'sano_compiled_{name}')
+                       for f, name in zip(make_steps(config, method, tx, mesh), ('train', 'eval')))
   state = replicate(state, mesh)
   k = config.training.steps_per_call
   # A checkpoint of a run with another steps_per_call (or preempted at any step) may lie between
@@ -385,7 +396,8 @@ def _train(config, workdir: str, train_source, val_source, preemption: Preemptio
   align = -start_step % k
   train_fns = {k: train_fn}
   if align:
-    train_fns[1] = make_steps(config, method, tx, mesh, steps_per_call=1)[0]
+    train_fns[1] = _compile_then_meet(make_steps(config, method, tx, mesh, steps_per_call=1)[0],
+                                      'sano_compiled_train_single')
     logging.info('step %d is not a multiple of training.steps_per_call=%d: %d single step(s) first',
                  start_step, k, align)
   batches = input_pipeline.train_iterator(
@@ -393,7 +405,7 @@ def _train(config, workdir: str, train_source, val_source, preemption: Preemptio
       start_step=start_step, num_local_devices=jax.local_device_count(),
       process_index=jax.process_index(), process_count=jax.process_count(),
       dtype=jnp.dtype(config.model.dtype), worker_count=config.data.worker_count,
-      crop_size=config.data.get('crop_size'))
+      crop_size=config.data.get('crop_size'), flips=config.data.get('random_flips', False))
   batches = _device_batches(_calls(batches, k, align), mesh)
 
   t = config.training
@@ -465,6 +477,24 @@ def _train(config, workdir: str, train_source, val_source, preemption: Preemptio
     log.close()
     store.close()
   return to_host(state)
+
+
+def _compile_then_meet(fn, name: str):
+  """The jitted `fn`; with several processes, its first call compiles it ahead of time, then waits
+  for the other processes (`distributed.barrier`) before running its collectives: compiling takes
+  each process its own time, and gloo gives a latecomer only 30 s to join. Later calls reuse the
+  compilation."""
+  if jax.process_count() == 1:
+    return fn
+  compiled = [False]
+
+  def call(*args):
+    if not compiled[0]:
+      fn.lower(*args).compile()  # cached: the call below does not compile again
+      distributed.barrier(name)
+      compiled[0] = True
+    return fn(*args)
+  return call
 
 
 def _progress(start: int, total: int, enabled: bool):

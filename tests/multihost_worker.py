@@ -1,16 +1,32 @@
-"""One process of the multi-host test: 3 training steps on the tiny config, params to an .npz.
+"""One process of the multi-host test (tests/test_multihost.py), always on CPU.
 
-  python tests/multihost_worker.py OUT LOCAL_DEVICES  (env JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-                                                      JAX_PROCESS_ID for several processes)
+  python tests/multihost_worker.py WORKDIR NUM_STEPS LOCAL_DEVICES OUT
+
+runs `train.train_and_evaluate` on the tiny config (in-memory gratings; dropout on, no warm-up; log,
+evaluate and checkpoint every 2 steps) to NUM_STEPS in WORKDIR, resuming from its latest checkpoint,
+and saves this process's final params (and step) to OUT + '.{process index}.npz'. It prints
+  'process I initialized'           once it has joined the others (several processes only),
+  'process I restored step S'       for the checkpoint it resumed from (CheckpointStore.restore_latest),
+  "process I wrote [...]"           the files it wrote in WORKDIR outside checkpoints/ and best/:
+                                    opened for writing, created, renamed, deleted or made as folders,
+                                    as Python's audit hooks see them (TensorFlow writes the
+                                    TensorBoard event files from C++: their names carry its pid),
+  'process I of N pid P done'       at the end.
+
+Several processes: env JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (read by
+`distributed.maybe_initialize`). SANO_TEST_NO_TENSORBOARD=1: no TensorBoard (saves importing
+TensorFlow where the test does not look at it).
 """
 import os
 import sys
 
-out, local_devices = sys.argv[1], int(sys.argv[2])
+workdir, num_steps, local_devices, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 # Always CPU, whatever the parent environment says (e.g. JAX_PLATFORMS=cuda on a GPU machine).
 os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={local_devices}'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if os.environ.get('SANO_TEST_NO_TENSORBOARD') == '1':
+  sys.modules['flax.metrics.tensorboard'] = None  # unimportable: MetricsLog skips TensorBoard
 
 from sano_jax import distributed  # noqa: E402
 
@@ -21,23 +37,60 @@ if 'JAX_COORDINATOR_ADDRESS' in os.environ:  # the test retries a pair that fail
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sano_jax import input_pipeline, methods, train  # noqa: E402
+from sano_jax import checkpointing, train  # noqa: E402
 from tests.helpers import grating_source, tiny_config  # noqa: E402
 
-config = tiny_config(**{'optim.warmup_steps': 0, 'model.dropout': 0.1})
 assert jax.device_count() == 4, jax.devices()
-method = methods.create(config)
-tx = train.create_optimizer(config, method)
-state = train.create_train_state(config, method, tx, jax.random.PRNGKey(0))
-mesh = train.make_mesh()
-step, _ = train.make_steps(config, method, tx, mesh)
-state = train.replicate(state, mesh)
-batches = input_pipeline.train_iterator(
-    grating_source(32), global_batch_size=8, seed=0, num_local_devices=jax.local_device_count(),
-    process_index=jax.process_index(), process_count=jax.process_count())
-for _ in range(3):
-  state, metrics = step(state, train.shard_batch(next(batches), mesh))
-host = train.to_host(state)
-if jax.process_index() == 0:
-  np.savez(out, *jax.tree.leaves(host.params), loss=np.asarray(train.to_host(metrics['loss'])))
-print('process', jax.process_index(), 'of', jax.process_count(), 'done', flush=True)
+me = jax.process_index()
+
+
+def audit_writes(root: str) -> list:
+  """The paths (relative to `root`, outside checkpoints/ and best/) that this process writes from
+  now on, in a list that grows as it runs."""
+  root = os.path.realpath(root)
+  wrote = []
+  write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+  def hook(event, args):
+    if event == 'open':
+      path, mode, flags = args
+      writes = (any(c in mode for c in 'wax+') if isinstance(mode, str)
+                else bool((flags or 0) & write_flags))
+      paths = [path] if writes else []
+    elif event in ('os.mkdir', 'os.rename', 'os.remove', 'os.rmdir', 'shutil.rmtree'):
+      paths = list(args[:2]) if event == 'os.rename' else [args[0]]
+    else:
+      return
+    for p in paths:
+      if not isinstance(p, (str, bytes, os.PathLike)):
+        continue
+      rel = os.path.relpath(os.path.realpath(os.fsdecode(p)), root)
+      if rel != '..' and not rel.startswith('..' + os.sep) and \
+          rel.split(os.sep)[0] not in ('checkpoints', 'best'):
+        wrote.append(rel)
+
+  sys.addaudithook(hook)
+  return wrote
+
+
+restore_latest = checkpointing.CheckpointStore.restore_latest
+
+
+def reporting_restore(self, target):
+  state = restore_latest(self, target)
+  print('process', me, 'restored step', int(state.step), flush=True)
+  return state
+
+
+checkpointing.CheckpointStore.restore_latest = reporting_restore
+
+config = tiny_config(**{'optim.warmup_steps': 0, 'model.dropout': 0.1,
+                        'training.num_train_steps': num_steps, 'training.log_every': 2,
+                        'training.eval_every': 2, 'training.checkpoint_every': 2,
+                        'training.eval_batches': 1})
+source = grating_source(32)
+wrote = audit_writes(workdir)
+state = train.train_and_evaluate(config, workdir, train_source=source, val_source=source)
+print('process', me, 'wrote', sorted(set(wrote)), flush=True)
+np.savez(f'{out}.{me}.npz', *jax.tree.leaves(state.params), step=np.asarray(state.step))
+print('process', me, 'of', jax.process_count(), 'pid', os.getpid(), 'done', flush=True)

@@ -506,6 +506,17 @@ def test_config_negative_lr():
     train.check_config(tiny_config(**{'optim.lr': -1e-3}), 1)
 
 
+def test_config_negative_warmup():
+  with pytest.raises(ValueError, match=r'optim\.warmup_steps=-5 must be >= 0'):
+    train.check_config(tiny_config(**{'optim.warmup_steps': -5}), 1)
+
+
+def test_config_negative_grad_clip():
+  with pytest.raises(ValueError, match=r'optim\.grad_clip=-1\.0 must be >= 0'):
+    train.check_config(tiny_config(**{'optim.grad_clip': -1.0}), 1)
+  train.check_config(tiny_config(**{'optim.grad_clip': 0.0, 'optim.warmup_steps': 0}), 1)  # off
+
+
 def test_config_batch_not_divisible_by_devices():
   with pytest.raises(ValueError, match=r'training\.batch_size=6 is not divisible by the 4 devices'):
     train.check_config(tiny_config(**{'training.batch_size': 6}), 4)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sano_jax import calibration, evaluate, input_pipeline, localization, train
+from tests.helpers import tiny_run_config
 
 
 def test_synthesize_changes_exactly_the_masked_region():
@@ -66,17 +67,8 @@ def test_choose_picks_the_only_informative_t():
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  from configs import tiny
   root = tmp_path_factory.mktemp('calib')
-  config = tiny.get_config()
-  config.data.data_dir = str(root / 'tfds')
-  t = config.training
-  t.num_train_steps, t.eval_every, t.checkpoint_every, t.log_every = 10, 10, 10, 5
-  t.eval_batches = 1
-  t.ema_rate = 0.5
-  config.eval.num_figures = 0
-  config.eval.bootstrap_runs = 2
-  config.localize.calibrate = True
+  config = tiny_run_config(root / 'tfds', **{'eval.bootstrap_runs': 2, 'localize.calibrate': True})
   workdir = str(root / 'wd')
   train.train_and_evaluate(config, workdir)
   return config, workdir

@@ -85,8 +85,6 @@ def test_already_distributed_is_not_initialized_again(init_calls, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# Two processes.
-
 # distributed.barrier (the real wait: train_and_evaluate in tests/test_multihost.py).
 
 

@@ -12,6 +12,7 @@ import scipy.ndimage as ndi
 from sklearn import metrics as skm
 
 from sano_jax import checkpointing, evaluate, groups, input_pipeline, localization, train
+from tests.helpers import tiny_run_config
 from tests.sklearn_oracle import whole_set_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,16 +20,7 @@ GROUP_BY = ('anomaly_source', 'anomaly_size')  # the embedded data's group attri
 
 
 def _config(data_dir):
-  from configs import tiny
-  config = tiny.get_config()
-  config.data.data_dir = str(data_dir)
-  t = config.training
-  t.num_train_steps, t.eval_every, t.checkpoint_every, t.log_every = 10, 10, 10, 5
-  t.eval_batches = 1
-  t.ema_rate = 0.5  # a few steps: let the EMA params move away from the zero-output init
-  config.eval.num_figures = 3
-  config.eval.group_by = GROUP_BY
-  return config
+  return tiny_run_config(data_dir, **{'eval.num_figures': 3, 'eval.group_by': GROUP_BY})
 
 
 @pytest.fixture(scope='module')

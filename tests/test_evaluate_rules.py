@@ -11,20 +11,14 @@ import pytest
 import scipy.ndimage as ndi
 from sklearn import metrics as skm
 
-from configs import tiny
 from sano_jax import checkpointing, evaluate, input_pipeline, localization, train
+from tests.helpers import tiny_run_config
 
 
 @pytest.fixture(scope='module')
 def base(tmp_path_factory):
   root = tmp_path_factory.mktemp('rules')
-  config = tiny.get_config()
-  config.data.data_dir = str(root / 'tfds')
-  t = config.training
-  t.num_train_steps, t.eval_every, t.checkpoint_every, t.log_every, t.eval_batches = 10, 10, 10, 5, 1
-  t.ema_rate = 0.5
-  config.optim.warmup_steps = 0
-  config.eval.num_figures, config.eval.bootstrap_runs = 0, 2
+  config = tiny_run_config(root / 'tfds', **{'optim.warmup_steps': 0, 'eval.bootstrap_runs': 2})
   workdir = str(root / 'wd')
   train.train_and_evaluate(config, workdir)
   return root, workdir
@@ -115,13 +109,8 @@ def test_raw_params_end_to_end(base):
 
 def test_constant_model_is_a_clear_error(tmp_path):
   # Warm-up from lr 0: the single step leaves the zero-initialised output layer at zero, so the
-  # score is 0 everywhere and the healthy std is 0.
-  config = tiny.get_config()
-  config.data.data_dir = str(tmp_path / 'tfds')
-  t = config.training
-  t.num_train_steps, t.eval_every, t.checkpoint_every, t.log_every, t.eval_batches = 1, 1, 1, 1, 1
-  config.optim.warmup_steps = 10
-  config.eval.num_figures = 0
+  # score is 0 everywhere and the healthy std is 0 (the EMA params too, whatever the EMA rate).
+  config = tiny_run_config(tmp_path / 'tfds', steps=1, **{'optim.warmup_steps': 10})
   wd = str(tmp_path / 'wd')
   train.train_and_evaluate(config, wd)
   with pytest.raises(ValueError, match=r"healthy std of the 'sano' field is 0\.0: the model is constant"):

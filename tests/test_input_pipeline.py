@@ -2,6 +2,7 @@
 import ml_dtypes
 import numpy as np
 import pytest
+import scipy.stats as sps
 
 from configs import tiny
 from sano_jax import input_pipeline as ip
@@ -244,3 +245,53 @@ def test_hands11k_needs_manual_dir(tmp_path):
   cfg.data.data_dir = str(tmp_path)
   with pytest.raises(ValueError, match='manual_dir'):
     ip.get_source(cfg, 'train')
+
+
+class NumberedSource:
+  """Every image is the same 3x3 grid of distinct pixel values: its flips tell each other apart."""
+
+  def __init__(self, n):
+    self.n = n
+    self.image = (np.arange(9, dtype=np.uint8).reshape(3, 3, 1) * 20)
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return {'image': self.image, 'mask': np.zeros((3, 3, 1), np.uint8), 'subject': 's', 'name': f'{i}'}
+
+
+def _flip_ids(images, base):
+  """Which of the four flips of `base` each image is: 2 * up-down + left-right (-1: none)."""
+  flips = [base, base[:, ::-1], base[::-1], base[::-1, ::-1]]
+  ids = []
+  for img in images.reshape(-1, *images.shape[2:]):
+    got = np.round((img.astype(np.float32) + 1) * 127.5).astype(np.uint8)
+    ids.append(next((k for k, f in enumerate(flips) if np.array_equal(got, f)), -1))
+  return np.array(ids)
+
+
+def test_random_flips_are_the_flip_group_uniformly():
+  src = NumberedSource(16)
+  it = ip.train_iterator(src, global_batch_size=16, seed=5, num_local_devices=2, flips=True)
+  ids = np.concatenate([_flip_ids(next(it)['image'], src.image) for _ in range(50)])
+  assert ids.min() >= 0  # every image is one of the four flips, nothing else
+  counts = np.bincount(ids, minlength=4)
+  assert counts.min() > 0 and sps.chisquare(counts).pvalue > 1e-3, counts
+  plain = ip.train_iterator(src, global_batch_size=16, seed=5, num_local_devices=2)
+  assert (_flip_ids(next(plain)['image'], src.image) == 0).all()  # off by default
+
+
+def test_flips_are_deterministic_across_process_counts_and_resume():
+  src = NumberedSource(24)
+  kw = dict(global_batch_size=8, seed=3, num_local_devices=2, flips=True)
+  one = _take(ip.train_iterator(src, **kw), 5)
+  p0 = ip.train_iterator(src, process_index=0, process_count=2, **kw)
+  p1 = ip.train_iterator(src, process_index=1, process_count=2, **kw)
+  late = ip.train_iterator(src, start_step=3, **kw)
+  for k, b in enumerate(one):
+    both = np.concatenate([_flip_ids(next(p)['image'], src.image) for p in (p0, p1)])
+    np.testing.assert_array_equal(both, _flip_ids(b['image'], src.image))
+    if k >= 3:
+      np.testing.assert_array_equal(next(late)['image'], b['image'])
+  assert len({tuple(_flip_ids(b['image'], src.image)) for b in one}) == 5  # new flips each step

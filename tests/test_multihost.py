@@ -1,88 +1,132 @@
-"""Two processes on localhost (jax.distributed, gloo CPU collectives, 2 devices each) train exactly
-like one process with 4 devices fed the same global batches.
+"""Multi-host training: a real run of `train.train_and_evaluate` by two processes on localhost
+(jax.distributed, gloo CPU collectives, 2 simulated CPU devices each) that stops, resumes, and ends
+where one process with 4 devices does. The workers add no synchronization of their own: on a busy
+machine one process can fall far behind the other, and only train.py's `distributed.barrier`s keep
+it within gloo's 30 s limit to join the first collective.
 
 The children always run on CPU (JAX_PLATFORMS=cpu, whatever the parent has), write their output to
-files (never to a pipe that nobody reads while the test waits), and get a generous limit
-(SANO_TEST_SUBPROCESS_TIMEOUT, default 600 s). The coordinator's port is picked free and then
-released, so another program may take it before the coordinator binds it: a pair whose processes
-fail before both have joined is started again on a new port (at most 3 times).
+files (never to a pipe that nobody reads while the test waits), and each phase gets a generous
+limit (SANO_TEST_SUBPROCESS_TIMEOUT, default 600 s; a hung child still ends the test).
+
+The coordinator's port is picked free and then released, so another program may take it first: a
+pair that fails before both processes have joined is started again on a new port
+(`helpers.run_process_pair`); a failure after both joined is a real one and is reported.
 """
+import ast
+import glob
+import json
 import os
-import socket
+import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from tests.helpers import read_log, subprocess_env, subprocess_timeout
+from tests.helpers import finish_process, run_process_pair, subprocess_env
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multihost_worker.py')
-ATTEMPTS = 3
+N = 4  # the first run trains to step N (evaluating and checkpointing at 2 and 4), the resumed to 2N
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+def _cache_env(cache_dir) -> dict:
+  """JAX's persistent compilation cache in `cache_dir`, every compilation kept (however short: the
+  model's eager init compiles many small ones), so that the resumed run compiles nothing. One
+  folder per process: JAX writes cache entries in place, so a concurrent reader could see half."""
+  return dict(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0,
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0)
 
 
-def _kill(procs):
-  for p in procs:
-    if p.poll() is None:
-      p.kill()
-  for p in procs:
-    p.wait()
+def _pair(tmp_path, name, args):
+  """Both processes' outputs of a successful pair run of the worker with `args`."""
+  caches = [tmp_path / 'cache' / f'process{i}' for i in range(2)]
+  outs = run_process_pair([WORKER, *args], tmp_path / name,
+                          process_env=lambda i: _cache_env(caches[i]))
+  for i, out in enumerate(outs):
+    assert f'process {i} of 2 pid' in out, out[-4000:]
+  return outs
 
 
-def _run_pair(out, logs, port, deadline):
-  """Starts the two processes; returns (return codes, outputs, started) where started says whether
-  both joined the distributed runtime (the worker prints 'initialized' once it has)."""
-  procs = []
-  for i, log in enumerate(logs):
-    with open(log, 'w') as f:
-      procs.append(subprocess.Popen(
-          [sys.executable, WORKER, str(out), '2'], stdout=f, stderr=subprocess.STDOUT,
-          env=subprocess_env(2, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
-                             JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i)))
-  try:
-    while any(p.poll() is None for p in procs):
-      if any(p.poll() not in (None, 0) for p in procs):  # one failed: the other would wait forever
-        break
-      if time.monotonic() > deadline:
-        pytest.fail(f'the two processes did not finish in {subprocess_timeout():.0f} s '
-                    '(SANO_TEST_SUBPROCESS_TIMEOUT):\n' + '\n'.join(read_log(l) for l in logs))
-      time.sleep(0.2)
-  finally:
-    _kill(procs)
-  outs = [read_log(l, tail=10**6) for l in logs]
-  started = all(f'process {i} initialized' in o for i, o in enumerate(outs))
-  return [p.returncode for p in procs], outs, started
+def _report(out, i, what):
+  return re.findall(rf'^process {i} {what}', out, re.M)
 
 
-def test_two_processes_match_one_process(tmp_path):
-  deadline = time.monotonic() + subprocess_timeout()
+def _wrote(out, i):
+  (listed,) = _report(out, i, r'wrote (\[.*\])')
+  return ast.literal_eval(listed)
+
+
+def _pid(out, i):
+  (pid,) = _report(out, i, r'of \d+ pid (\d+) done')
+  return int(pid)
+
+
+def _params(prefix):
+  with np.load(prefix) as f:
+    return {k: f[k] for k in f.files}
+
+
+def _steps(folder):
+  return sorted(int(s) for s in os.listdir(folder) if s.isdigit())
+
+
+def _rows(workdir, key):
+  """{step: value} of `key` in metrics.jsonl; every step at most once."""
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  steps = [r['step'] for r in rows if key in r]
+  assert len(steps) == len(set(steps)), (key, steps)
+  return {r['step']: r[key] for r in rows if key in r}
+
+
+@pytest.mark.slow
+def test_two_processes_train_resume_and_match_one_process(tmp_path):
+  wd, single_wd = tmp_path / 'run', tmp_path / 'single'
+  args = lambda steps: [str(wd), str(steps), '2', str(tmp_path / f'params{steps}')]
+  # The reference, meanwhile: one process with 4 devices trains to 2N without stopping.
   single_log = tmp_path / 'single.log'
-  with open(single_log, 'w') as f:  # runs meanwhile
-    single = subprocess.Popen([sys.executable, WORKER, str(tmp_path / 'single.npz'), '4'],
-                              stdout=f, stderr=subprocess.STDOUT, env=subprocess_env(4))
+  with open(single_log, 'w') as f:
+    single = subprocess.Popen(
+        [sys.executable, WORKER, str(single_wd), str(2 * N), '4', str(tmp_path / 'single')],
+        stdout=f, stderr=subprocess.STDOUT, env=subprocess_env(4, SANO_TEST_NO_TENSORBOARD=1))
   try:
-    for attempt in range(ATTEMPTS):
-      logs = [tmp_path / f'process{i}_attempt{attempt}.log' for i in range(2)]
-      codes, outs, started = _run_pair(tmp_path / 'multi.npz', logs, _free_port(), deadline)
-      if codes == [0, 0] or started:
-        break  # done, or a failure after start-up: a real one, reported below
-    single.wait(timeout=max(1.0, deadline - time.monotonic()))
-  except subprocess.TimeoutExpired:
-    pytest.fail(f'the single process did not finish:\n{read_log(single_log)}')
+    first = _pair(tmp_path, 'first', args(N))
+    code, out = finish_process(single, single_log)
   finally:
-    _kill([single])
-  assert single.returncode == 0, read_log(single_log)
-  for code, out in zip(codes, outs):
-    assert code == 0, f'(attempt {attempt + 1} of {ATTEMPTS})\n{out[-4000:]}'
-  assert 'process 1 of 2 done' in outs[1] and 'process 0 of 2 done' in outs[0]
-  multi, one = np.load(tmp_path / 'multi.npz'), np.load(tmp_path / 'single.npz')
-  assert sorted(multi.files) == sorted(one.files) and len(one.files) > 10
-  for k in one.files:
-    np.testing.assert_allclose(multi[k], one[k], atol=1e-5, err_msg=k)
+    if single.poll() is None:  # the pair failed
+      single.kill()
+      single.wait()
+  assert code == 0, out[-4000:]
+  second = _pair(tmp_path, 'resumed', args(2 * N))  # the same command, to 2N
+
+  for outs, step in ((first, N), (second, 2 * N)):
+    # Only process 0 writes logs and the config (process 1 writes nothing outside the checkpoints).
+    assert {'config.json', 'metrics.jsonl'} <= set(_wrote(outs[0], 0)), outs[0][-4000:]
+    assert _wrote(outs[1], 1) == [], outs[1][-4000:]
+    # Both processes end with the same params, bit for bit.
+    p0, p1 = (_params(tmp_path / f'params{step}.{i}.npz') for i in range(2))
+    assert int(p0['step']) == int(p1['step']) == step
+    for k in p0:
+      np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
+  # The first run started fresh; the second restored the first's last checkpoint on both processes.
+  assert [_report(first[i], i, r'restored step (\d+)') for i in range(2)] == [[], []]
+  assert [_report(second[i], i, r'restored step (\d+)') for i in range(2)] == [[str(N)], [str(N)]]
+  assert _steps(wd / 'checkpoints') == [N, N + 2, 2 * N]  # keep_checkpoints=3
+  assert len(_steps(wd / 'best')) == 1
+  # TensorBoard: one event file per run, each written by that run's process 0.
+  events = sorted(glob.glob(str(wd / '**' / 'events.out.tfevents.*'), recursive=True))
+  pids = sorted(int(re.search(r'\.(\d+)\.\d+\.v2$', e).group(1)) for e in events)
+  assert pids == sorted([_pid(first[0], 0), _pid(second[0], 0)]), (events, first[1][-200:])
+  assert all(os.path.dirname(e) == str(wd / 'tensorboard') for e in events), events
+  assert os.listdir(wd) and set(os.listdir(wd)) <= {'config.json', 'metrics.jsonl', 'tensorboard',
+                                                    'checkpoints', 'best'}, os.listdir(wd)
+  # metrics.jsonl: each logged and evaluated step once (no step logged twice by two processes or
+  # again after the resume), the same numbers as the run that did not stop.
+  for key in ('train/loss', 'validation/loss'):
+    rows, ref = _rows(wd, key), _rows(single_wd, key)
+    assert sorted(rows) == sorted(ref) == [2, 4, 6, 8], (key, rows, ref)
+    np.testing.assert_allclose([rows[s] for s in ref], list(ref.values()), rtol=1e-5, err_msg=key)
+  # The final params equal those of one process with 4 devices and no stop.
+  multi, one = _params(tmp_path / f'params{2 * N}.0.npz'), _params(tmp_path / 'single.0.npz')
+  assert sorted(multi) == sorted(one) and len(one) > 10
+  for k in one:
+    np.testing.assert_allclose(multi[k], one[k], rtol=0, atol=1e-5, err_msg=k)

@@ -10,6 +10,7 @@ from configs import tiny
 from sano_jax import checkpointing, evaluate, input_pipeline as ip, localization, methods, tiling
 from sano_jax import train
 from sano_jax.models.unet import UNet
+from tests.helpers import tiny_run_config
 
 
 class GridSource:
@@ -156,13 +157,7 @@ def test_crop_config_errors():
 @pytest.fixture(scope='module')
 def crop_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('crops')
-  config = tiny.get_config()
-  config.data.data_dir = str(root / 'tfds')
-  config.data.image_size, config.data.crop_size = 32, 16
-  t = config.training
-  t.num_train_steps, t.eval_every, t.checkpoint_every, t.log_every, t.eval_batches = 6, 6, 6, 3, 1
-  t.ema_rate = 0.5
-  config.eval.num_figures = 0
+  config = tiny_run_config(root / 'tfds', steps=6, **{'data.image_size': 32, 'data.crop_size': 16})
   workdir = str(root / 'wd')
   train.train_and_evaluate(config, workdir)
   out = evaluate.evaluate(config, workdir)
