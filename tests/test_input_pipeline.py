@@ -154,11 +154,21 @@ def test_eval_covers_each_example_once(n):
   assert sorted(seen) == list(range(n))
 
 
-def test_eval_order_matches_single_process():
+@pytest.mark.parametrize('processes', [2, 4])
+def test_eval_order_matches_single_process(processes):
+  """P processes: batch b of each, laid side by side in process order, is the single process's
+  batch b (indices, images and validity), so every example is seen once and in the same place."""
   src = ListSource(21)
   single = list(ip.eval_iterator(src, global_batch_size=4, num_local_devices=1))
   order = np.concatenate([b['index'].ravel() for b in single])
   assert order[order >= 0].tolist() == list(range(21))
+  parts = [list(ip.eval_iterator(src, global_batch_size=4, num_local_devices=1, process_index=p,
+                                 process_count=processes)) for p in range(processes)]
+  assert all(len(p) == len(single) for p in parts)  # every process the same number of batches
+  for b, whole in enumerate(single):
+    for key in ('index', 'valid', 'image'):
+      joined = np.concatenate([p[b][key].reshape(-1, *p[b][key].shape[2:]) for p in parts])
+      np.testing.assert_array_equal(joined, whole[key].reshape(-1, *whole[key].shape[2:]))
 
 
 def test_worker_processes_give_the_same_batches():
