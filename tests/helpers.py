@@ -238,3 +238,35 @@ def run_process_pair(argv, log_prefix, *, local_devices: int = 2, attempts: int 
       break  # both joined: a real failure
   pytest.fail(f'the pair failed (return codes {codes}, attempt {attempt + 1} of {attempts}):\n'
               + '\n'.join(f'--- process {i}:\n{o[-4000:]}' for i, o in enumerate(outs)))
+
+
+def audit_writes(root: str) -> list:
+  """The paths (relative to `root`, outside checkpoints/ and best/) that this process writes from
+  now on, in a list that grows as it runs (a `sys.addaudithook`: opened for writing, renamed,
+  removed, made or removed as folders)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.realpath(root)
+  wrote = []
+  write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+  def hook(event, args):
+    if event == 'open':
+      path, mode, flags = args
+      writes = (any(c in mode for c in 'wax+') if isinstance(mode, str)
+                else bool((flags or 0) & write_flags))
+      paths = [path] if writes else []
+    elif event in ('os.mkdir', 'os.rename', 'os.remove', 'os.rmdir', 'shutil.rmtree'):
+      paths = list(args[:2]) if event == 'os.rename' else [args[0]]
+    else:
+      return
+    for p in paths:
+      if not isinstance(p, (str, bytes, os.PathLike)):
+        continue
+      rel = os.path.relpath(os.path.realpath(os.fsdecode(p)), root)
+      if rel != '..' and not rel.startswith('..' + os.sep) and \
+          rel.split(os.sep)[0] not in ('checkpoints', 'best'):
+        wrote.append(rel)
+
+  sys.addaudithook(hook)
+  return wrote

@@ -63,36 +63,16 @@ def config(path: str = 'exact'):
       'eval.num_bins': 2**12, 'eval.exact_max_pixels': 10**6 if path == 'exact' else 0})
 
 
-def writes_under(root: str) -> list:
-  """A list that grows with the paths under `root` (relative; checkpoints/ and best/ left out) this
-  process writes from now on: opened with a write mode, renamed, removed, created as folders."""
-  root, wrote = os.path.realpath(root), []
-  events = {'open': 1, 'os.rename': 2, 'os.remove': 1, 'os.mkdir': 1, 'shutil.rmtree': 1}
-
-  def hook(event, args):
-    if event not in events or (event == 'open' and not (
-        isinstance(args[1], str) and set(args[1]) & set('wax+')
-        or isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))):
-      return
-    for path in args[:events[event]]:
-      if isinstance(path, (str, bytes, os.PathLike)):
-        rel = os.path.relpath(os.path.realpath(os.fsdecode(path)), root)
-        if not rel.startswith('..') and rel.split(os.sep)[0] not in ('checkpoints', 'best'):
-          wrote.append(rel)
-
-  sys.addaudithook(hook)
-  return wrote
-
-
 def main(workdir: str, out: str, local_devices: int) -> None:
   import shutil  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from sano_jax import distributed, evaluate  # pylint: disable=g-import-not-at-top
+  from tests.helpers import audit_writes  # pylint: disable=g-import-not-at-top
 
   me, n = jax.process_index(), jax.process_count()
   assert jax.local_device_count() == local_devices, jax.devices()
   data = sources()
-  wrote = writes_under(workdir)
+  wrote = audit_writes(workdir)
   for path in ('exact', 'binned'):
     result = evaluate.evaluate(config(path), workdir, train_source=data['train'],
                                val_source=data['validation'], test_source=data['test'])

@@ -38,39 +38,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sano_jax import checkpointing, train  # noqa: E402
-from tests.helpers import grating_source, tiny_config  # noqa: E402
+from tests.helpers import audit_writes, grating_source, tiny_config  # noqa: E402
 
 assert jax.device_count() == 4, jax.devices()
 me = jax.process_index()
-
-
-def audit_writes(root: str) -> list:
-  """The paths (relative to `root`, outside checkpoints/ and best/) that this process writes from
-  now on, in a list that grows as it runs."""
-  root = os.path.realpath(root)
-  wrote = []
-  write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-  def hook(event, args):
-    if event == 'open':
-      path, mode, flags = args
-      writes = (any(c in mode for c in 'wax+') if isinstance(mode, str)
-                else bool((flags or 0) & write_flags))
-      paths = [path] if writes else []
-    elif event in ('os.mkdir', 'os.rename', 'os.remove', 'os.rmdir', 'shutil.rmtree'):
-      paths = list(args[:2]) if event == 'os.rename' else [args[0]]
-    else:
-      return
-    for p in paths:
-      if not isinstance(p, (str, bytes, os.PathLike)):
-        continue
-      rel = os.path.relpath(os.path.realpath(os.fsdecode(p)), root)
-      if rel != '..' and not rel.startswith('..' + os.sep) and \
-          rel.split(os.sep)[0] not in ('checkpoints', 'best'):
-        wrote.append(rel)
-
-  sys.addaudithook(hook)
-  return wrote
 
 
 restore_latest = checkpointing.CheckpointStore.restore_latest

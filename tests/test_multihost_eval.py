@@ -276,3 +276,13 @@ def test_two_processes_evaluate_like_one(tmp_path):
     assert (want_timing['num_devices'], want_timing['num_processes']) == (4, 1)
     assert got_timing['test_passes'] == want_timing['test_passes'] == (1 if path == 'exact' else 2)
     _assert_close(got, want, path)
+
+
+def test_eval_batch_not_divisible_by_processes_is_a_clear_error(monkeypatch):
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(**{'eval.batch_size': 9})
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(ValueError, match=r'eval.batch_size=9 is not divisible by the 2 processes'):
+    evaluate.eval_mesh(config)
+  config.eval.batch_size = 8
+  assert evaluate.eval_mesh(config).devices.size in (1, 2, 4)  # 4 images a process: divisors
