@@ -501,11 +501,12 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
     lc = config.localize
     method = methods_lib.create(config)
     rule, n_sigma = localization._rule_from_config(lc), float(lc.n_sigma)  # pylint: disable=protected-access
+    sigma = float(lc.smoothing_sigma)
     if chief:
       calibration.save_choice(choice, calib_path)
-    logging.info('calibrated on %d synthetic anomalies in %.1f s: t=%s rule=%s N=%.3g',
+    logging.info('calibrated on %d synthetic anomalies in %.1f s: t=%s rule=%s sigma=%g N=%.3g',
                  choice['synthetic']['num_synthetic_images'], choice['seconds'], choice['t'],
-                 choice['rule'], choice['n_sigma'])
+                 choice['rule'], sigma, choice['n_sigma'])
   elif chief:
     files.remove(calib_path)  # this evaluation's settings replace an earlier calibration
   num_devices = mesh.devices.size * jax.process_count()

@@ -88,10 +88,21 @@ def gaussian_filter2d(x: jax.Array, sigma: float, truncate: float = 4.0) -> jax.
   return gaussian_filter1d(x, sigma, axis=-1, truncate=truncate)
 
 
+def raw_map(scores: jax.Array) -> jax.Array:
+  """a = mean_c |s_c|, the anomaly map before smoothing: scores [B,H,W,C] -> [B,H,W] float32."""
+  return jnp.mean(jnp.abs(scores.astype(jnp.float32)), axis=-1)
+
+
 def anomaly_map(scores: jax.Array, smoothing_sigma: float = 2.0) -> jax.Array:
   """A = G_sigma * mean_c |s_c|   (SANO §2.2): scores [B,H,W,C] -> [B,H,W] float32."""
-  a = jnp.mean(jnp.abs(scores.astype(jnp.float32)), axis=-1)
-  return gaussian_filter2d(a, smoothing_sigma)
+  return gaussian_filter2d(raw_map(scores), smoothing_sigma)
+
+
+def density_feature_maps(raw_maps, smoothing_sigma: float,
+                         scales=multiscale.DENSITY_SCALES) -> list[jax.Array]:
+  """The density rule's K * S maps [B,H,W] from K raw maps a_k: G_{f sigma} * a_k for each t
+  (outer) and scale factor f in `scales` (inner), the order of `multiscale.feature_index`."""
+  return [gaussian_filter2d(a, float(f) * float(smoothing_sigma)) for a in raw_maps for f in scales]
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,10 +272,12 @@ def merge_stats(a, b):
   if isinstance(a, MultiStats) != isinstance(b, MultiStats):
     raise ValueError(f'cannot merge {type(a).__name__} with {type(b).__name__}')
   if isinstance(a, MultiStats):
-    if tuple(a.ts) != tuple(b.ts):
-      raise ValueError(f'cannot merge MultiStats of t={a.ts} with t={b.ts}')
+    if (tuple(a.ts), a.density_scales) != (tuple(b.ts), b.density_scales):
+      raise ValueError(f'cannot merge MultiStats of t={a.ts} (density scales {a.density_scales}) '
+                       f'with t={b.ts} (density scales {b.density_scales})')
     return MultiStats(per_t=tuple(merge_stats(x, y) for x, y in zip(a.per_t, b.per_t)),
-                      density=multiscale.merge_density(a.density, b.density), ts=a.ts)
+                      density=multiscale.merge_density(a.density, b.density), ts=a.ts,
+                      density_scales=a.density_scales)
   if (a.image_shape, a.hist.shape) != (b.image_shape, b.hist.shape):
     raise ValueError(f'cannot merge ScoreStats of images {a.image_shape} ({a.hist.shape[0]} bins) '
                      f'with {b.image_shape} ({b.hist.shape[0]} bins)')
@@ -292,6 +305,8 @@ class MultiStats:
   per_t: tuple
   density: multiscale.DensityStats
   ts: tuple = flax.struct.field(pytree_node=False, default=())
+  # The density's smoothing scales (x smoothing_sigma); (1.0,) in statistics saved before them.
+  density_scales: tuple = flax.struct.field(pytree_node=False, default=(1.0,))
 
   @property
   def image_shape(self) -> tuple:
@@ -318,18 +333,22 @@ class MultiStats:
     """The stats of a subset of the t-set (by position)."""
     index = tuple(int(i) for i in index)
     return MultiStats(per_t=tuple(self.per_t[i] for i in index),
-                      density=multiscale.sub_density(self.density, index),
-                      ts=tuple(self.ts[i] for i in index))
+                      density=multiscale.sub_density(self.density, index,
+                                                     len(self.density_scales)),
+                      ts=tuple(self.ts[i] for i in index), density_scales=self.density_scales)
 
 
-def init_multi_stats(image_shape, ts, num_bins: int = 2**16, *, smoothing_sigma: float = 2.0
-                     ) -> MultiStats:
+def init_multi_stats(image_shape, ts, num_bins: int = 2**16, *, smoothing_sigma: float = 2.0,
+                     density_scales=multiscale.DENSITY_SCALES) -> MultiStats:
   """Empty MultiStats for images (H, W, C) and t-set `ts` ((None,): a method without t, one field;
   stored as t = 1.0)."""
   ts = (1.0,) if tuple(ts) == (None,) else multiscale.as_ts(ts)
+  scales = tuple(float(f) for f in density_scales)
   one = init_stats(image_shape, num_bins, smoothing_sigma=smoothing_sigma)
   h, w, _ = one.image_shape
-  return MultiStats(per_t=(one,) * len(ts), density=multiscale.init_density(h, w, len(ts)), ts=ts)
+  return MultiStats(per_t=(one,) * len(ts),
+                    density=multiscale.init_density(h, w, len(ts) * len(scales)), ts=ts,
+                    density_scales=scales)
 
 
 def update_multi_stats(stats: MultiStats, fields, valid=None) -> MultiStats:
@@ -337,10 +356,12 @@ def update_multi_stats(stats: MultiStats, fields, valid=None) -> MultiStats:
   fields = _as_fields(fields)
   if len(fields) != len(stats.ts):
     raise ValueError(f'got {len(fields)} fields for {len(stats.ts)} values of t')
-  maps = [anomaly_map(f, stats.smoothing_sigma) for f in fields]
+  raw = [raw_map(f) for f in fields]
+  maps = [gaussian_filter2d(a, stats.smoothing_sigma) for a in raw]
   per_t = tuple(update_stats(s, f, a, valid) for s, f, a in zip(stats.per_t, fields, maps))
-  return MultiStats(per_t=per_t, density=multiscale.update_density(stats.density, maps, valid),
-                    ts=stats.ts)
+  features = density_feature_maps(raw, stats.smoothing_sigma, stats.density_scales)
+  return MultiStats(per_t=per_t, density=multiscale.update_density(stats.density, features, valid),
+                    ts=stats.ts, density_scales=stats.density_scales)
 
 
 def _as_fields(fields) -> list:
@@ -409,7 +430,9 @@ def save_stats(stats, path: str) -> None:
               for i, st in enumerate(stats.per_t) for k in _ARRAY_FIELDS}
     arrays.update({f'density.{k}': np.asarray(getattr(stats.density, k))
                    for k in ('n', 'mean', 'comoment')})
-    arrays.update(ts=np.asarray(stats.ts, np.float64), format_version=np.int64(2))
+    arrays.update(ts=np.asarray(stats.ts, np.float64),
+                  density_scales=np.asarray(stats.density_scales, np.float64),
+                  format_version=np.int64(3))
   else:
     first = stats
     arrays = {k: np.asarray(getattr(stats, k)) for k in _ARRAY_FIELDS}
@@ -442,7 +465,11 @@ def load_stats(path: str):
                     for i in range(len(ts)))
       density = multiscale.DensityStats(
           **{k: jnp.asarray(f[f'density.{k}']) for k in ('n', 'mean', 'comoment')})
-      return MultiStats(per_t=per_t, density=density, ts=ts)
+      scales = tuple(float(v) for v in f['density_scales']) if 'density_scales' in f else (1.0,)
+      if density.mean.shape[-1] != len(ts) * len(scales):
+        raise ValueError(f'the density has {density.mean.shape[-1]} features for {len(ts)} t x '
+                         f'{len(scales)} scales')
+      return MultiStats(per_t=per_t, density=density, ts=ts, density_scales=scales)
     return ScoreStats(**{k: jnp.asarray(f[k]) for k in _ARRAY_FIELDS}, **meta)
   except (ValueError, OSError, EOFError, KeyError) as e:
     raise ValueError(f'{path} is not a readable ScoreStats file ({e}); rerun run_eval.py to fit '
@@ -503,7 +530,7 @@ def localize(score_fn: ScoreFn, images: jax.Array, stats, *, n_sigma: float = 3.
   if multi:
     if rule == 'quantile':
       raise ValueError("rule 'quantile' takes one t; with a t-set use 'density' or a z rule")
-    z = combine(stats, [anomaly_map(f, smoothing_sigma) for f in fields], rule)
+    z = combine(stats, [raw_map(f) for f in fields], rule)
     return z, z > n_sigma
   if rule == 'density':
     raise ValueError("rule 'density' needs MultiStats (init_multi_stats / a t-set)")
@@ -516,13 +543,17 @@ def localize(score_fn: ScoreFn, images: jax.Array, stats, *, n_sigma: float = 3.
   return z.astype(jnp.float32), mask
 
 
-def combine(stats: MultiStats, maps, rule: str) -> jax.Array:
-  """One z-map [B,H,W] from the K anomaly maps of a t-set: the density z, or the mean over t of
-  each t's z against its own healthy stats (`sano_jax.multiscale`)."""
+def combine(stats: MultiStats, raw_maps, rule: str) -> jax.Array:
+  """One z-map [B,H,W] from the K raw maps a_k = mean_c |s_k| of a t-set (`raw_map`): the density z
+  (`sano_jax.multiscale`), or the mean over t of each t's z against its own healthy stats, each
+  on its smoothed map A_k = G_sigma * a_k."""
+  sigma = stats.smoothing_sigma
   if rule == 'density':
-    z = gaussian_filter2d(multiscale.density_z(stats.density, maps), stats.smoothing_sigma)
+    features = density_feature_maps(raw_maps, sigma, stats.density_scales)
+    z = gaussian_filter2d(multiscale.density_z(stats.density, features), sigma)
   else:
-    z = jnp.mean(jnp.stack([_zmap(a, st, rule) for a, st in zip(maps, stats.per_t)]), axis=0)
+    z = jnp.mean(jnp.stack([_zmap(gaussian_filter2d(a, sigma), st, rule)
+                            for a, st in zip(raw_maps, stats.per_t)]), axis=0)
   return z.astype(jnp.float32)
 
 

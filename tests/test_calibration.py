@@ -65,6 +65,26 @@ def test_choose_picks_the_only_informative_t():
   assert max(r['auroc'] for r in noise_rows) < 0.65  # the noise fields rank at chance
 
 
+def test_choose_smooths_more_when_the_field_is_pixel_noise_over_a_regional_signal():
+  """Flat healthy images; the field is 4 (x - 1/2) plus iid N(0, 1) pixel noise, redrawn per call.
+  The synthetic anomalies are regions of S/4..S/2, so averaging the noise over the widest kernel
+  ranks them best: the choice must be the largest sigma of the grid, and the grid must be
+  SIGMA_FACTORS x config sigma."""
+  def field_fn(x):
+    key = jax.random.PRNGKey(jnp.round(jnp.sum(x) * 1e3).astype(jnp.int32))
+    return 4.0 * x + jax.random.normal(key, x.shape)  # x in [-1, 1]: 4 (x01 - 1/2) x 2
+
+  rng = np.random.default_rng(0)
+  images = (0.5 + 0.02 * rng.standard_normal((48, 32, 32, 1))).astype(np.float32)
+  choice = calibration.choose(field_fn, (0.1,), images, batch_size=16, smoothing_sigma=1.0, seed=0)
+  assert sorted({r['smoothing_sigma'] for r in choice['candidates']}) == [0.5, 1.0, 2.0]
+  assert choice['smoothing_sigma'] == 2.0, choice['smoothing_sigma']
+  by_sigma = {}
+  for r in choice['candidates']:
+    by_sigma.setdefault(r['smoothing_sigma'], []).append(r['auroc_macro'])
+  assert max(by_sigma[0.5]) < max(by_sigma[1.0]) < max(by_sigma[2.0])
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp('calib')
@@ -99,12 +119,16 @@ def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp
   out = evaluate.evaluate(config, workdir)
   choice = out['calibration']
   assert choice is not None and choice['rule'] in localization.RULES
-  assert len(choice['candidates']) == len(calibration.candidates(calibration.T_GRID))
+  assert len(choice['candidates']) == (len(calibration.SIGMA_FACTORS)
+                                       * len(calibration.candidates(calibration.T_GRID)))
+  sigmas = {r['smoothing_sigma'] for r in choice['candidates']}
+  assert sigmas == {f * config.localize.smoothing_sigma for f in calibration.SIGMA_FACTORS}
   with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
     assert _strip(json.load(f)['calibration']) == _strip(choice)
   assert out['localization']['rule'] == choice['rule']
   assert out['localization']['t'] == choice['t']
   assert out['localization']['n_sigma'] == pytest.approx(choice['n_sigma'])
+  assert out['localization']['smoothing_sigma'] == choice['smoothing_sigma']
 
   wd = str(tmp_path / 'copy')
   shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns('eval', 'score_stats.npz',
@@ -121,6 +145,7 @@ def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp
   stats = localization.load_stats(os.path.join(workdir, 'score_stats.npz'))
   multi = len(choice['t']) > 1 or choice['rule'] == 'density'
   assert isinstance(stats, localization.MultiStats) == multi
+  assert stats.smoothing_sigma == choice['smoothing_sigma']  # fitted at the chosen sigma
 
 
 def test_a_method_without_t_calibrates_and_evaluates_with_the_density_rule(tmp_path):

@@ -239,9 +239,12 @@ def test_evaluation_files(root):
 
   choice_path = os.path.join(root, calibration.CHOICE_FILE)
   assert calibration.load_choice(choice_path) is None
-  choice = {'t': [0.1, 0.2], 'rule': 'per_pixel', 'n_sigma': 2.5}
+  choice = {'t': [0.1, 0.2], 'rule': 'per_pixel', 'n_sigma': 2.5, 'smoothing_sigma': 4.0}
   calibration.save_choice({**choice, 'seconds': 3.0}, choice_path)
   assert calibration.load_choice(choice_path) == choice
+  old = {k: choice[k] for k in ('t', 'rule', 'n_sigma')}  # a choice saved before sigma was chosen
+  files.atomic_write_json(choice_path, old)
+  assert calibration.load_choice(choice_path) == {**old, 'smoothing_sigma': None}
   files.atomic_write_text(choice_path, '{"t": [0.1]')
   with pytest.raises(ValueError, match='not a readable calibration file'):
     calibration.load_choice(choice_path)

@@ -1,0 +1,101 @@
+r"""How well does the label-free calibration choose? Every candidate's synthetic score beside its test score.
+
+  PYTHONPATH=. python benchmarks/calibration_oracle.py --workdir=workdirs/cal/grass [--method=ae]
+
+For every candidate of `calibration.choose` (rule x t of `calibration.T_GRID`, and the density
+over its t-sets, at each smoothing sigma of SIGMA_FACTORS): the synthetic macro AUROC that `calibration.choose` ranks by (healthy validation
+images only), and the pixel AUROC / AUPRC / best Dice on the REAL test split with statistics fitted
+on the whole validation split, and the test Dice at the candidate's label-free N (the test labels: a diagnosis, never a choice). One JSON line per
+candidate, then a summary line: the chosen candidate, the test-best one (an oracle, an upper bound
+for this model), the regret (oracle AUROC - chosen AUROC) and the Spearman rank correlation of the
+synthetic and the test AUROC over the candidates.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from scipy import stats as scipy_stats
+
+from sano_jax import calibration
+from sano_jax import checkpointing
+from sano_jax import input_pipeline
+from sano_jax import localization
+from sano_jax import methods as methods_lib
+from sano_jax import metrics
+
+flags.DEFINE_string('workdir', None, 'A trained run directory.')
+flags.DEFINE_string('method', None, 'Override config.method (the run trained several).')
+flags.DEFINE_integer('max_images', 512, 'Validation images the calibration reads (as run_eval).')
+flags.DEFINE_string('tag', '', 'A label copied into every JSON line.')
+flags.mark_flags_as_required(['workdir'])
+FLAGS = flags.FLAGS
+
+
+def split_images(source) -> tuple[np.ndarray, np.ndarray]:
+  """(images [N,H,W,C] float32 in [0, 1], masks [N,H,W] bool) of a whole source."""
+  images = np.stack([np.asarray(source[i]['image'], np.float32) / 255.0 for i in range(len(source))])
+  masks = np.stack([np.asarray(source[i]['mask'])[..., 0] > 0 if 'mask' in source[i]
+                    else np.zeros(images.shape[1:3], bool) for i in range(len(source))])
+  return images, masks
+
+
+def main(argv):
+  del argv
+  tic = time.perf_counter()
+  config = checkpointing.load_config(FLAGS.workdir)
+  if FLAGS.method:
+    with config.unlocked():
+      config.method = FLAGS.method
+  _, _, params = checkpointing.restore_for_inference(FLAGS.workdir, config=config)
+  val_source = input_pipeline.get_source(config, config.data.validation_split)
+  test_x, test_m = split_images(input_pipeline.get_source(config, config.data.test_split))
+
+  choice = calibration.calibrate(config, params, val_source, max_images=FLAGS.max_images,
+                                 seed=int(config.get('seed', 0)))
+  grid = config
+  if methods_lib.create(grid).ts != (None,):
+    calibration.set_t(grid, calibration.T_GRID)
+  method = methods_lib.create(grid)
+  field_fn, ts = method.field_fn(params), method.ts
+  cands = calibration.candidates(ts)
+  bs = int(config.eval.batch_size)
+  val_x, _ = split_images(val_source)
+  fields_fn = jax.jit(lambda x: localization._as_fields(field_fn(2.0 * x - 1.0)))  # pylint: disable=protected-access
+  zfn = jax.jit(lambda st, fields: calibration.candidate_zmaps(st, fields, cands))
+  sigmas = list(dict.fromkeys(r['smoothing_sigma'] for r in choice['candidates']))  # choose's order
+  zs = [np.concatenate([np.asarray(zfn(stats, fields_fn(chunk)))[:, valid]
+                        for chunk, valid in calibration._batched(test_x, bs)], axis=1)  # pylint: disable=protected-access
+        for stats in calibration.fit_stats_at(fields_fn, val_x, ts, sigmas, bs)]
+  zs = np.concatenate(zs)  # [sigma x candidate, N, H, W], the order of choice['candidates']
+
+  rows = []
+  for z, syn in zip(zs, choice['candidates']):
+    m = metrics.exact_curve_metrics(np.nan_to_num(z, nan=-np.inf).reshape(-1), test_m.reshape(-1))
+    row = {'tag': FLAGS.tag, 'rule': syn['rule'], 't': syn['t'],
+           'smoothing_sigma': syn['smoothing_sigma'],
+           'synthetic_auroc': round(syn['auroc_macro'], 4),
+           'synthetic_by_kind': {k: round(v, 3) for k, v in syn['auroc_by_kind'].items()},
+           'test_auroc': round(m['auroc'], 4), 'test_auprc': round(m['auprc'], 4),
+           'test_best_dice': round(m['dice'], 4),
+           'test_dice_at_n': round(metrics.dice(z > syn['threshold'], test_m), 4)}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  chosen = next(r for r in rows if (r['rule'], r['t'], r['smoothing_sigma'])
+                == (choice['rule'], choice['t'], choice['smoothing_sigma']))
+  oracle = max(rows, key=lambda r: r['test_auroc'])
+  rho = scipy_stats.spearmanr([r['synthetic_auroc'] for r in rows],
+                              [r['test_auroc'] for r in rows]).statistic
+  print(json.dumps({'tag': FLAGS.tag, 'workdir': FLAGS.workdir, 'chosen': chosen, 'oracle': oracle,
+                    'regret_auroc': round(oracle['test_auroc'] - chosen['test_auroc'], 4),
+                    'spearman_synthetic_vs_test': round(float(rho), 3),
+                    'n_val': len(val_x), 'n_test': len(test_x),
+                    'seconds': round(time.perf_counter() - tic, 1)}), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
