@@ -69,14 +69,15 @@ def test_choose_smooths_more_when_the_field_is_pixel_noise_over_a_regional_signa
   """Flat healthy images; the field is 4 (x - 1/2) plus iid N(0, 1) pixel noise, redrawn per call.
   The synthetic anomalies are regions of S/4..S/2, so averaging the noise over the widest kernel
   ranks them best: the choice must be the largest sigma of the grid, and the grid must be
-  SIGMA_FACTORS x config sigma."""
+  sigma_factors x the given sigma."""
   def field_fn(x):
     key = jax.random.PRNGKey(jnp.round(jnp.sum(x) * 1e3).astype(jnp.int32))
     return 4.0 * x + jax.random.normal(key, x.shape)  # x in [-1, 1]: 4 (x01 - 1/2) x 2
 
   rng = np.random.default_rng(0)
   images = (0.5 + 0.02 * rng.standard_normal((48, 32, 32, 1))).astype(np.float32)
-  choice = calibration.choose(field_fn, (0.1,), images, batch_size=16, smoothing_sigma=1.0, seed=0)
+  choice = calibration.choose(field_fn, (0.1,), images, batch_size=16, smoothing_sigma=1.0, seed=0,
+                              sigma_factors=(0.5, 1.0, 2.0))
   assert sorted({r['smoothing_sigma'] for r in choice['candidates']}) == [0.5, 1.0, 2.0]
   assert choice['smoothing_sigma'] == 2.0, choice['smoothing_sigma']
   by_sigma = {}
