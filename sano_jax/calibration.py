@@ -265,7 +265,8 @@ def apply(config, choice: dict):
 
 def save_choice(choice: dict, path: str) -> None:
   """Writes the choice atomically (load_localizer applies it over config.localize)."""
-  files.atomic_write_json(path, {k: choice[k] for k in ('t', 'rule', 'n_sigma', 'smoothing_sigma')})
+  files.atomic_write_json(path, {**{k: choice[k] for k in ('t', 'rule', 'n_sigma')},
+                                 'smoothing_sigma': choice.get('smoothing_sigma')})
 
 
 def load_choice(path: str) -> dict | None:
