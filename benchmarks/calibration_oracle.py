@@ -1,14 +1,15 @@
-r"""How well does the label-free calibration choose? Every candidate's synthetic score beside its test score.
+r"""How well does the label-free calibration choose? Each candidate's synthetic vs test score.
 
   PYTHONPATH=. python benchmarks/calibration_oracle.py --workdir=workdirs/cal/grass [--method=ae]
 
 For every candidate of `calibration.choose` (rule x t of `calibration.T_GRID`, and the density
-over its t-sets, at each smoothing sigma of SIGMA_FACTORS): the synthetic macro AUROC that `calibration.choose` ranks by (healthy validation
-images only), and the pixel AUROC / AUPRC / best Dice on the REAL test split with statistics fitted
-on the whole validation split, and the test Dice at the candidate's label-free N (the test labels: a diagnosis, never a choice). One JSON line per
-candidate, then a summary line: the chosen candidate, the test-best one (an oracle, an upper bound
-for this model), the regret (oracle AUROC - chosen AUROC) and the Spearman rank correlation of the
-synthetic and the test AUROC over the candidates.
+over its t-sets, at each smoothing sigma of SIGMA_FACTORS): the synthetic macro AUROC it ranks by
+(healthy validation images only), then the pixel AUROC / AUPRC / best Dice on the REAL test split
+with statistics fitted on the whole validation split, and the test Dice at the candidate's
+label-free N (the test labels: a diagnosis, never a choice). One JSON line per candidate, then a
+summary line: the chosen candidate, the test-best one (an oracle, an upper bound for this model),
+the regret (oracle AUROC - chosen AUROC) and the Spearman rank correlation of the synthetic and
+the test AUROC over the candidates.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from sano_jax import calibration
 from sano_jax import checkpointing
 from sano_jax import input_pipeline
 from sano_jax import localization
-from sano_jax import methods as methods_lib
 from sano_jax import metrics
 
 flags.DEFINE_string('workdir', None, 'A trained run directory.')
@@ -36,12 +36,11 @@ flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 
 
-def split_images(source) -> tuple[np.ndarray, np.ndarray]:
-  """(images [N,H,W,C] float32 in [0, 1], masks [N,H,W] bool) of a whole source."""
-  images = np.stack([np.asarray(source[i]['image'], np.float32) / 255.0 for i in range(len(source))])
-  masks = np.stack([np.asarray(source[i]['mask'])[..., 0] > 0 if 'mask' in source[i]
-                    else np.zeros(images.shape[1:3], bool) for i in range(len(source))])
-  return images, masks
+def test_split(source) -> tuple[np.ndarray, np.ndarray]:
+  """(images [N,H,W,C] float32 in [0, 1], masks [N,H,W] bool) of the whole test split."""
+  n = len(source)
+  masks = np.stack([np.asarray(source[i]['mask'])[..., 0] > 0 for i in range(n)])
+  return calibration.read_images(source, range(n)), masks
 
 
 def main(argv):
@@ -53,18 +52,15 @@ def main(argv):
       config.method = FLAGS.method
   _, _, params = checkpointing.restore_for_inference(FLAGS.workdir, config=config)
   val_source = input_pipeline.get_source(config, config.data.validation_split)
-  test_x, test_m = split_images(input_pipeline.get_source(config, config.data.test_split))
+  test_x, test_m = test_split(input_pipeline.get_source(config, config.data.test_split))
 
   choice = calibration.calibrate(config, params, val_source, max_images=FLAGS.max_images,
                                  seed=int(config.get('seed', 0)))
-  grid = config
-  if methods_lib.create(grid).ts != (None,):
-    calibration.set_t(grid, calibration.T_GRID)
-  method = methods_lib.create(grid)
+  method = calibration.grid_method(config)
   field_fn, ts = method.field_fn(params), method.ts
   cands = calibration.candidates(ts)
   bs = int(config.eval.batch_size)
-  val_x, _ = split_images(val_source)
+  val_x = calibration.read_images(val_source, range(len(val_source)))
   fields_fn = jax.jit(lambda x: localization._as_fields(field_fn(2.0 * x - 1.0)))  # pylint: disable=protected-access
   zfn = jax.jit(lambda st, fields: calibration.candidate_zmaps(st, fields, cands))
   sigmas = list(dict.fromkeys(r['smoothing_sigma'] for r in choice['candidates']))  # choose's order

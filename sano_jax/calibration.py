@@ -13,8 +13,9 @@ multiscale density), so `calibrate` decides from the healthy validation split al
 4. every candidate (rule x t, and the density over three t-sets, each at the smoothing sigmas
    SIGMA_FACTORS x config.localize.smoothing_sigma: only 1x by default, see there) scores them;
    the halves then swap roles (cross-fitting: every image serves once each way, twice the
-   synthetic anomalies of a single split); the candidate with the best synthetic pixel AUROC averaged over the kinds wins (each
-   kind counts equally), and N is its best-Dice threshold on the synthetic set.
+   synthetic anomalies of a single split); the candidate with the best synthetic pixel AUROC
+   averaged over the kinds wins (each kind counts equally), and N is its best-Dice threshold on
+   the synthetic set.
 
 A blurred region (`synthesize(kind='blur')`) is left out of the default kinds: it LOWERS |score|, so
 it favours the two-sided rules, and with it the choice was wrong on the RGB retina variant (two_sided,
@@ -148,7 +149,8 @@ def candidate_zmaps(stats: localization.MultiStats, fields, cands) -> jax.Array:
                     for rule, idx in cands])
 
 
-def _read(source, indices) -> np.ndarray:
+def read_images(source, indices) -> np.ndarray:
+  """Images [N,H,W,C] float32 in [0, 1] of `source` at `indices`."""
   return np.stack([np.asarray(source[int(i)]['image'], np.float32) / 255.0 for i in indices])
 
 
@@ -171,14 +173,19 @@ def calibrate(config, params, source, *, max_images: int = 512, seed: int = 0) -
   if n < 4:
     raise ValueError(f'calibration needs at least 4 healthy validation images, got {n}')
   pick = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(int))
-  images = _read(source, pick)
-  grid_config = copy.deepcopy(config)
-  if methods_lib.create(grid_config).ts != (None,):
-    set_t(grid_config, T_GRID)
-  method = methods_lib.create(grid_config)
+  images = read_images(source, pick)
+  method = grid_method(config)
   return choose(method.field_fn(params), method.ts, images,
                 batch_size=int(config.eval.batch_size),
                 smoothing_sigma=float(config.localize.smoothing_sigma), seed=seed)
+
+
+def grid_method(config) -> methods_lib.Method:
+  """`config`'s method at every t of T_GRID (methods without t: as is); `config` is not changed."""
+  config = copy.deepcopy(config)
+  if methods_lib.create(config).ts != (None,):
+    set_t(config, T_GRID)
+  return methods_lib.create(config)
 
 
 def fit_stats_at(fields_fn, images: np.ndarray, ts: tuple, sigmas, batch_size: int) -> list:
@@ -263,10 +270,16 @@ def apply(config, choice: dict):
   return config
 
 
+def _saved_fields(choice: dict) -> dict:
+  """The fields of a choice that calibration.json keeps (a KeyError names a missing one);
+  smoothing_sigma may be absent (choices made before it was chosen): None, the config's sigma."""
+  return {**{k: choice[k] for k in ('t', 'rule', 'n_sigma')},
+          'smoothing_sigma': choice.get('smoothing_sigma')}
+
+
 def save_choice(choice: dict, path: str) -> None:
   """Writes the choice atomically (load_localizer applies it over config.localize)."""
-  files.atomic_write_json(path, {**{k: choice[k] for k in ('t', 'rule', 'n_sigma')},
-                                 'smoothing_sigma': choice.get('smoothing_sigma')})
+  files.atomic_write_json(path, _saved_fields(choice))
 
 
 def load_choice(path: str) -> dict | None:
@@ -275,8 +288,7 @@ def load_choice(path: str) -> dict | None:
     return None
   try:
     choice = files.read_json(path)
-    return {**{k: choice[k] for k in ('t', 'rule', 'n_sigma')},
-            'smoothing_sigma': choice.get('smoothing_sigma')}
+    return _saved_fields(choice)
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f'{path} is not a readable calibration file ({e}); rerun run_eval.py') from e
 

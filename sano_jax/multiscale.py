@@ -144,7 +144,8 @@ def cholesky(a: jax.Array) -> jax.Array:
       lj = prev[..., j, :]  # L[..., j, :j]
       aj = aj - jnp.einsum('...ik,...k->...i', prev, lj)
     diag = jnp.sqrt(jnp.maximum(aj[..., j], 1e-30))
-    cols.append(jnp.where(rows > j, aj / diag[..., None], jnp.where(rows == j, diag[..., None], 0.0)))
+    below = jnp.where(rows > j, aj / diag[..., None], 0.0)
+    cols.append(jnp.where(rows == j, diag[..., None], below))
   return jnp.stack(cols, axis=-1)
 
 

@@ -176,3 +176,23 @@ def test_cholesky_and_lower_inverse_match_numpy_under_jit():
   d2 = np.asarray(jnp.sum(jnp.einsum('hwkl,bhwl->bhwk', whiten, jnp.asarray(u, jnp.float32))**2, -1))
   ref = np.einsum('bhwk,bhwk->bhw', u, np.linalg.solve(cov[None], u[..., None])[..., 0])
   np.testing.assert_allclose(d2, ref, rtol=1e-3)
+
+
+def test_density_scales_round_trip_and_a_mismatch_is_a_clear_error(tmp_path):
+  """score_stats.npz keeps the density's scales; a file whose feature count does not match
+  t x scales, and one saved before the scales (read as (1.0,)), are handled explicitly."""
+  stats = L.init_multi_stats((6, 5, 1), (0.1, 0.2), smoothing_sigma=1.5)
+  assert stats.density_scales == M.DENSITY_SCALES and stats.density.mean.shape[-1] == 6
+  path = str(tmp_path / 's.npz')
+  L.save_stats(stats, path)
+  assert L.load_stats(path).density_scales == M.DENSITY_SCALES
+  arrays = dict(np.load(path))
+  arrays['density_scales'] = np.asarray([1.0, 2.0])  # 2 t x 2 scales != 6 features
+  np.savez(path, **arrays)
+  with pytest.raises(ValueError, match=r'not a readable ScoreStats file.*6 features for 2 t x 2'):
+    L.load_stats(path)
+  old = L.init_multi_stats((6, 5, 1), (0.1, 0.2), density_scales=(1.0,))
+  L.save_stats(old, path)
+  arrays = {k: v for k, v in np.load(path).items() if k != 'density_scales'}
+  np.savez(path, **arrays)
+  assert L.load_stats(path).density_scales == (1.0,)
