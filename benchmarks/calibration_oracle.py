@@ -3,13 +3,13 @@ r"""How well does the label-free calibration choose? Each candidate's synthetic 
   PYTHONPATH=. python benchmarks/calibration_oracle.py --workdir=workdirs/cal/grass [--method=ae]
 
 For every candidate of `calibration.choose` (rule x t of `calibration.T_GRID`, and the density
-over its t-sets, at each smoothing sigma of SIGMA_FACTORS): the synthetic macro AUROC it ranks by
+over its t-sets, at each smoothing sigma of SIGMA_FACTORS): the synthetic score it ranks by
 (healthy validation images only), then the pixel AUROC / AUPRC / best Dice on the REAL test split
 with statistics fitted on the whole validation split, and the test Dice at the candidate's
 label-free N (the test labels: a diagnosis, never a choice). One JSON line per candidate, then a
 summary line: the chosen candidate, the test-best one (an oracle, an upper bound for this model),
-the regret (oracle AUROC - chosen AUROC) and the Spearman rank correlation of the synthetic and
-the test AUROC over the candidates.
+the regret (oracle AUROC - chosen AUROC) and the Spearman rank correlation of the synthetic score
+and the test AUROC over the candidates.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from sano_jax import metrics
 flags.DEFINE_string('workdir', None, 'A trained run directory.')
 flags.DEFINE_string('method', None, 'Override config.method (the run trained several).')
 flags.DEFINE_integer('max_images', 512, 'Validation images the calibration reads (as run_eval).')
+flags.DEFINE_list('sigma_factors', [str(f) for f in calibration.SIGMA_FACTORS],
+                  'Smoothing sigmas weighed, in units of config.localize.smoothing_sigma.')
 flags.DEFINE_string('tag', '', 'A label copied into every JSON line.')
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
@@ -55,7 +57,8 @@ def main(argv):
   test_x, test_m = test_split(input_pipeline.get_source(config, config.data.test_split))
 
   choice = calibration.calibrate(config, params, val_source, max_images=FLAGS.max_images,
-                                 seed=int(config.get('seed', 0)))
+                                 seed=int(config.get('seed', 0)),
+                                 sigma_factors=tuple(float(f) for f in FLAGS.sigma_factors))
   method = calibration.grid_method(config)
   field_fn, ts = method.field_fn(params), method.ts
   cands = calibration.candidates(ts)
@@ -74,6 +77,7 @@ def main(argv):
     m = metrics.exact_curve_metrics(np.nan_to_num(z, nan=-np.inf).reshape(-1), test_m.reshape(-1))
     row = {'tag': FLAGS.tag, 'rule': syn['rule'], 't': syn['t'],
            'smoothing_sigma': syn['smoothing_sigma'],
+           'synthetic_score': round(syn['score'], 4),
            'synthetic_auroc': round(syn['auroc_macro'], 4),
            'synthetic_by_kind': {k: round(v, 3) for k, v in syn['auroc_by_kind'].items()},
            'test_auroc': round(m['auroc'], 4), 'test_auprc': round(m['auprc'], 4),
@@ -84,7 +88,7 @@ def main(argv):
   chosen = next(r for r in rows if (r['rule'], r['t'], r['smoothing_sigma'])
                 == (choice['rule'], choice['t'], choice['smoothing_sigma']))
   oracle = max(rows, key=lambda r: r['test_auroc'])
-  rho = scipy_stats.spearmanr([r['synthetic_auroc'] for r in rows],
+  rho = scipy_stats.spearmanr([r['synthetic_score'] for r in rows],
                               [r['test_auroc'] for r in rows]).statistic
   print(json.dumps({'tag': FLAGS.tag, 'workdir': FLAGS.workdir, 'chosen': chosen, 'oracle': oracle,
                     'regret_auroc': round(oracle['test_auroc'] - chosen['test_auroc'], 4),

@@ -39,6 +39,23 @@ def test_candidates_cover_every_rule_and_the_density_sets():
                                              ('two_sided', (0,)), ('density', (0,))]
 
 
+def test_kind_score_is_the_geometric_mean_margin_and_prefers_finding_every_kind():
+  from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
+  lopsided = {'cutpaste': 0.99, 'noise': 0.99, 'shift': 0.56}  # one kind near chance
+  even = {'cutpaste': 0.8, 'noise': 0.8, 'shift': 0.8}
+  assert np.mean(list(lopsided.values())) > np.mean(list(even.values()))  # the mean prefers it
+  assert calibration.kind_score(even) > calibration.kind_score(lopsided)
+  np.testing.assert_allclose(calibration.kind_score(lopsided),
+                             0.5 + scipy_stats.gmean([0.49, 0.49, 0.06]), rtol=1e-12)
+  # below the floor every AUROC counts as 0.5 + MIN_MARGIN: noise around chance cannot decide
+  floor = calibration.MIN_MARGIN
+  assert calibration.kind_score({'a': 0.3, 'b': 0.9}) == pytest.approx(0.5 + np.sqrt(floor * 0.4))
+  assert calibration.kind_score({'a': 0.49, 'b': 0.9}) == calibration.kind_score({'a': 0.52,
+                                                                                 'b': 0.9})
+  assert calibration.kind_score({'a': 0.7, 'b': float('nan')}) == pytest.approx(0.7)
+  assert np.isnan(calibration.kind_score({'a': float('nan')}))
+
+
 def test_choose_picks_the_only_informative_t():
   """Field 1 of 3 sees structure (a high-pass of x); fields 0 and 2 are noise independent of x.
   The calibration must choose t = ts[1] with a single-t rule."""
@@ -82,7 +99,7 @@ def test_choose_smooths_more_when_the_field_is_pixel_noise_over_a_regional_signa
   assert choice['smoothing_sigma'] == 2.0, choice['smoothing_sigma']
   by_sigma = {}
   for r in choice['candidates']:
-    by_sigma.setdefault(r['smoothing_sigma'], []).append(r['auroc_macro'])
+    by_sigma.setdefault(r['smoothing_sigma'], []).append(r['score'])
   assert max(by_sigma[0.5]) < max(by_sigma[1.0]) < max(by_sigma[2.0])
 
 
