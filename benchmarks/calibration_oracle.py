@@ -80,6 +80,7 @@ def main(argv):
            'synthetic_score': round(syn['score'], 4),
            'synthetic_auroc': round(syn['auroc_macro'], 4),
            'synthetic_by_kind': {k: round(v, 3) for k, v in syn['auroc_by_kind'].items()},
+           'synthetic_macro_dice': round(syn['macro_dice'], 4), 'n_sigma': round(syn['threshold'], 3),
            'test_auroc': round(m['auroc'], 4), 'test_auprc': round(m['auprc'], 4),
            'test_best_dice': round(m['dice'], 4),
            'test_dice_at_n': round(metrics.dice(z > syn['threshold'], test_m), 4)}

@@ -96,6 +96,29 @@ def exact_curve_metrics(scores, labels, sample_weight=None) -> dict:
   return {k: float(v) for k, v in out.items()}
 
 
+def macro_dice_threshold(scores, labels, groups) -> tuple[float, float]:
+  """(threshold, mean Dice) maximizing the MEAN over groups of each group's Dice at one shared
+  threshold (predicted positive = score >= threshold); groups without a positive are skipped.
+
+  Dice_g(k) = 2 TP_g(k) / (TP_g(k) + FP_g(k) + P_g) at every distinct level k of the pooled scores
+  (one sort). Unlike the pooled best Dice, a group with many high scores (an easy kind of
+  anomaly) cannot pull the threshold to itself."""
+  s, y, _ = _flat(scores, labels)
+  g = np.asarray(groups).reshape(-1)
+  if g.shape != s.shape:
+    raise ValueError(f'groups ({np.shape(groups)}) and scores ({np.shape(scores)}) differ in size')
+  total, count, thresholds = 0.0, 0, None
+  for name in np.unique(g):
+    pos, neg, thresholds = _exact_levels(s, y, (g == name).astype(np.float64))
+    tp, fp = np.cumsum(pos), np.cumsum(neg)
+    if tp[-1] > 0:
+      total, count = total + 2.0 * tp / (tp + fp + tp[-1]), count + 1
+  if count == 0:
+    raise ValueError('macro_dice_threshold: no group has a positive pixel')
+  k = int(np.argmax(total))
+  return float(thresholds[k]), float(total[k] / count)
+
+
 def pixel_auroc(scores, labels, sample_weight=None) -> float:
   """Pixel AUROC (trapezoidal, ties as sklearn); NaN if only one class is present."""
   return exact_curve_metrics(scores, labels, sample_weight)['auroc']

@@ -74,6 +74,31 @@ def test_dice_iou():
   assert M.mean_iou_per_image(pi, yi) == pytest.approx(0.5)
 
 
+def test_macro_dice_threshold_matches_brute_force_and_ignores_an_easy_group():
+  """Group 0: hard positives (scores near the negatives'); group 1: easy ones, far above. The
+  pooled best Dice follows the many easy pixels; the macro threshold must serve both groups."""
+  rng = np.random.default_rng(0)
+  s = np.round(np.concatenate([rng.normal(0, 1, 600), rng.normal(1.5, 1, 100),  # group 0
+                               rng.normal(0, 1, 300), rng.normal(8, 1, 400)]), 2)  # group 1 (ties)
+  y = np.concatenate([np.zeros(600), np.ones(100), np.zeros(300), np.ones(400)]).astype(bool)
+  g = np.repeat(['hard', 'hard', 'easy', 'easy'], [600, 100, 300, 400])
+  thr, mean_dice = M.macro_dice_threshold(s, y, g)
+  brute = {t: np.mean([M.dice(s[g == k] >= t, y[g == k]) for k in ('hard', 'easy')])
+           for t in np.unique(s)}
+  best_t = max(brute, key=brute.get)
+  assert mean_dice == pytest.approx(brute[best_t]) and brute[thr] == pytest.approx(brute[best_t])
+  pooled_t = M.exact_curve_metrics(s, y)['threshold']
+  assert thr < pooled_t and brute[thr] > brute[pooled_t] + 0.05
+  # a group without positives is skipped; only negatives anywhere is a clear error
+  g2 = np.where(np.arange(s.size) < 50, 'none', g)
+  y2 = y & (np.arange(s.size) >= 50)
+  assert M.macro_dice_threshold(s, y2, g2)[0] == M.macro_dice_threshold(s[50:], y[50:], g[50:])[0]
+  with pytest.raises(ValueError, match='no group has a positive'):
+    M.macro_dice_threshold(s, np.zeros_like(y), g)
+  with pytest.raises(ValueError, match='groups'):
+    M.macro_dice_threshold(s, y, g[:-1])
+
+
 def _brute_aupro(s, y, max_fpr):
   from scipy import ndimage
   regions = []
