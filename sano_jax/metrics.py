@@ -74,15 +74,16 @@ def _flat(scores, labels, sample_weight=None):
 
 
 def _exact_levels(s, y, w=None):
-  """Sorts once: (pos, neg, thresholds) per distinct score, descending."""
+  """Sorts once: (pos, neg, thresholds) per distinct score, descending. Weights w [..., N] may
+  carry leading axes (several weightings of one sort): pos and neg are then [..., L]."""
   order = np.argsort(-s, kind='stable')
   ss = s[order]
   starts = np.concatenate([[0], np.flatnonzero(np.diff(ss)) + 1])
   yy = y[order].astype(np.float64)
   if w is not None:
-    ww = w[order]
-    pos = np.add.reduceat(ww * yy, starts)
-    neg = np.add.reduceat(ww * (1.0 - yy), starts)
+    ww = w[..., order]
+    pos = np.add.reduceat(ww * yy, starts, axis=-1)
+    neg = np.add.reduceat(ww * (1.0 - yy), starts, axis=-1)
   else:
     pos = np.add.reduceat(yy, starts)
     neg = (np.diff(np.append(starts, ss.size)) - pos)
@@ -107,16 +108,16 @@ def macro_dice_threshold(scores, labels, groups) -> tuple[float, float]:
   g = np.asarray(groups).reshape(-1)
   if g.shape != s.shape:
     raise ValueError(f'groups ({np.shape(groups)}) and scores ({np.shape(scores)}) differ in size')
-  total, count, thresholds = 0.0, 0, None
-  for name in np.unique(g):
-    pos, neg, thresholds = _exact_levels(s, y, (g == name).astype(np.float64))
-    tp, fp = np.cumsum(pos), np.cumsum(neg)
-    if tp[-1] > 0:
-      total, count = total + 2.0 * tp / (tp + fp + tp[-1]), count + 1
-  if count == 0:
+  one_hot = (g[None, :] == np.unique(g)[:, None]).astype(np.float64)  # [G, N]
+  pos, neg, thresholds = _exact_levels(s, y, one_hot)  # [G, L]: one sort for every group
+  tp, fp = np.cumsum(pos, axis=-1), np.cumsum(neg, axis=-1)
+  p = tp[:, -1:]
+  if not (p > 0).any():
     raise ValueError('macro_dice_threshold: no group has a positive pixel')
-  k = int(np.argmax(total))
-  return float(thresholds[k]), float(total[k] / count)
+  dice = 2.0 * tp[p[:, 0] > 0] / (tp + fp + p)[p[:, 0] > 0]
+  mean = dice.mean(axis=0)
+  k = int(np.argmax(mean))
+  return float(thresholds[k]), float(mean[k])
 
 
 def pixel_auroc(scores, labels, sample_weight=None) -> float:
