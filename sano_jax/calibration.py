@@ -10,8 +10,9 @@ multiscale density), so `calibrate` decides from the healthy validation split al
 3. the other half gets one synthetic anomaly per image (`synthesize`: a patch of another healthy
    image rotated or rescaled and matched to the image's intensities, a noisy region, an intensity
    shift; rectangles or ellipses of side S/4..S/2, exact masks);
-4. every candidate (rule x t, and the density over three t-sets, each at the smoothing sigmas
-   SIGMA_FACTORS x config.localize.smoothing_sigma) scores them;
+4. every candidate (rule x t with the per-channel density among the rules, and the density over
+   three t-sets, each at the smoothing sigmas SIGMA_FACTORS x config.localize.smoothing_sigma)
+   scores them;
    the halves then swap roles (cross-fitting: every image serves once each way, twice the
    synthetic anomalies of a single split); the candidate with the best `kind_score` wins (the
    synthetic pixel AUROC of each kind, combined by a geometric mean of the margins over chance:
@@ -135,10 +136,11 @@ def synthetic_set(images: np.ndarray, seed: int = 0):
 
 
 def candidates(ts: tuple) -> list[tuple[str, tuple[int, ...]]]:
-  """(rule, indices into ts) for every z rule at every t, and the density over each t-set."""
-  out = [(rule, (i,)) for i in range(len(ts)) for rule in Z_RULES]
+  """(rule, indices into ts) for every z rule and the (per-channel) density at every t, and the
+  density over each t-set."""
+  out = [(rule, (i,)) for i in range(len(ts)) for rule in Z_RULES + ('density',)]
   if len(ts) == 1:
-    return out + [('density', (0,))]
+    return out
   for tset in DENSITY_SETS:
     idx = tuple(i for i, t in enumerate(ts) if t in tset)
     if len(idx) > 1:
@@ -149,8 +151,8 @@ def candidates(ts: tuple) -> list[tuple[str, tuple[int, ...]]]:
 def candidate_zmaps(stats: localization.MultiStats, fields, cands) -> jax.Array:
   """z-maps [num_candidates, B, H, W] of all candidates from the K fields (jit-able), smoothed
   with the stats' sigma."""
-  raw = [localization.raw_map(f) for f in localization._as_fields(fields)]  # pylint: disable=protected-access
-  return jnp.stack([localization.combine(stats.select(idx), [raw[i] for i in idx], rule)
+  fields = localization._as_fields(fields)  # pylint: disable=protected-access
+  return jnp.stack([localization.combine(stats.select(idx), [fields[i] for i in idx], rule)
                     for rule, idx in cands])
 
 
@@ -241,10 +243,11 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   rows = []
   for (sigma, (rule, idx)), z in zip([(s, c) for s in sigmas for c in cands], zs):
     z = np.nan_to_num(z, nan=-np.inf)
-    m = metrics_lib.exact_curve_metrics(z, labels)
-    by_kind = {k: metrics_lib.pixel_auroc(z[kind_ids == i], labels[kind_ids == i])
-               for i, k in enumerate(KINDS)}
-    threshold, macro_dice = metrics_lib.macro_dice_threshold(z, labels, kind_ids)
+    curves = metrics_lib.grouped_curve_metrics(z, labels, kind_ids)  # one sort per candidate
+    m = curves['pooled']
+    by_kind = {k: curves['by_group'][i]['auroc'] for i, k in enumerate(KINDS)
+               if i in curves['by_group']}
+    threshold, macro_dice = curves['macro_threshold']
     rows.append({'rule': rule, 't': [ts[i] for i in idx], 'smoothing_sigma': sigma,
                  'score': kind_score(by_kind),
                  'auroc_macro': float(np.nanmean(list(by_kind.values()))),

@@ -105,6 +105,15 @@ def density_feature_maps(raw_maps, smoothing_sigma: float,
   return [gaussian_filter2d(a, float(f) * float(smoothing_sigma)) for a in raw_maps for f in scales]
 
 
+def channel_feature_maps(field: jax.Array, smoothing_sigma: float,
+                         scales=multiscale.DENSITY_SCALES) -> list[jax.Array]:
+  """The one-t density's S * C maps [B,H,W] from one field [B,H,W,C]: G_{f sigma} * |s_c| for each
+  scale factor f (outer) and colour channel c (inner). C = 1: the maps of `density_feature_maps`."""
+  a = jnp.abs(field.astype(jnp.float32))
+  return [gaussian_filter2d(a[..., c], float(f) * float(smoothing_sigma))
+          for f in scales for c in range(a.shape[-1])]
+
+
 # --------------------------------------------------------------------------------------------
 # Healthy score statistics, fitted by streaming.
 # --------------------------------------------------------------------------------------------
@@ -275,9 +284,11 @@ def merge_stats(a, b):
     if (tuple(a.ts), a.density_scales) != (tuple(b.ts), b.density_scales):
       raise ValueError(f'cannot merge MultiStats of t={a.ts} (density scales {a.density_scales}) '
                        f'with t={b.ts} (density scales {b.density_scales})')
+    colour = None if a.channel_density is None or b.channel_density is None else tuple(
+        multiscale.merge_density(x, y) for x, y in zip(a.channel_density, b.channel_density))
     return MultiStats(per_t=tuple(merge_stats(x, y) for x, y in zip(a.per_t, b.per_t)),
-                      density=multiscale.merge_density(a.density, b.density), ts=a.ts,
-                      density_scales=a.density_scales)
+                      density=multiscale.merge_density(a.density, b.density),
+                      channel_density=colour, ts=a.ts, density_scales=a.density_scales)
   if (a.image_shape, a.hist.shape) != (b.image_shape, b.hist.shape):
     raise ValueError(f'cannot merge ScoreStats of images {a.image_shape} ({a.hist.shape[0]} bins) '
                      f'with {b.image_shape} ({b.hist.shape[0]} bins)')
@@ -300,10 +311,13 @@ def finalize(stats):
 
 @flax.struct.dataclass
 class MultiStats:
-  """Healthy statistics at several t (`sano_jax.multiscale`): one ScoreStats per t, and the
-  per-pixel Gaussian of the log anomaly maps over all of them (the 'density' rule)."""
+  """Healthy statistics at several t (`sano_jax.multiscale`): one ScoreStats per t, the per-pixel
+  Gaussian of the channel-mean log anomaly maps over all of them (the 'density' rule over a t-set),
+  and per t the Gaussian of each colour channel's log maps (the 'density' rule at one t; None in
+  statistics saved before it, which then use the t's marginal of `density`)."""
   per_t: tuple
   density: multiscale.DensityStats
+  channel_density: tuple | None
   ts: tuple = flax.struct.field(pytree_node=False, default=())
   # The density's smoothing scales (x smoothing_sigma); (1.0,) in statistics saved before them.
   density_scales: tuple = flax.struct.field(pytree_node=False, default=(1.0,))
@@ -335,6 +349,8 @@ class MultiStats:
     return MultiStats(per_t=tuple(self.per_t[i] for i in index),
                       density=multiscale.sub_density(self.density, index,
                                                      len(self.density_scales)),
+                      channel_density=(None if self.channel_density is None else
+                                       tuple(self.channel_density[i] for i in index)),
                       ts=tuple(self.ts[i] for i in index), density_scales=self.density_scales)
 
 
@@ -345,10 +361,11 @@ def init_multi_stats(image_shape, ts, num_bins: int = 2**16, *, smoothing_sigma:
   ts = (1.0,) if tuple(ts) == (None,) else multiscale.as_ts(ts)
   scales = tuple(float(f) for f in density_scales)
   one = init_stats(image_shape, num_bins, smoothing_sigma=smoothing_sigma)
-  h, w, _ = one.image_shape
+  h, w, c = one.image_shape
   return MultiStats(per_t=(one,) * len(ts),
-                    density=multiscale.init_density(h, w, len(ts) * len(scales)), ts=ts,
-                    density_scales=scales)
+                    density=multiscale.init_density(h, w, len(ts) * len(scales)),
+                    channel_density=(multiscale.init_density(h, w, len(scales) * c),) * len(ts),
+                    ts=ts, density_scales=scales)
 
 
 def update_multi_stats(stats: MultiStats, fields, valid=None) -> MultiStats:
@@ -359,9 +376,12 @@ def update_multi_stats(stats: MultiStats, fields, valid=None) -> MultiStats:
   raw = [raw_map(f) for f in fields]
   maps = [gaussian_filter2d(a, stats.smoothing_sigma) for a in raw]
   per_t = tuple(update_stats(s, f, a, valid) for s, f, a in zip(stats.per_t, fields, maps))
-  features = density_feature_maps(raw, stats.smoothing_sigma, stats.density_scales)
+  sigma, scales = stats.smoothing_sigma, stats.density_scales
+  features = density_feature_maps(raw, sigma, scales)
+  colour = tuple(multiscale.update_density(d, channel_feature_maps(f, sigma, scales), valid)
+                 for d, f in zip(stats.channel_density, fields))
   return MultiStats(per_t=per_t, density=multiscale.update_density(stats.density, features, valid),
-                    ts=stats.ts, density_scales=stats.density_scales)
+                    channel_density=colour, ts=stats.ts, density_scales=stats.density_scales)
 
 
 def _as_fields(fields) -> list:
@@ -430,9 +450,12 @@ def save_stats(stats, path: str) -> None:
               for i, st in enumerate(stats.per_t) for k in _ARRAY_FIELDS}
     arrays.update({f'density.{k}': np.asarray(getattr(stats.density, k))
                    for k in ('n', 'mean', 'comoment')})
+    arrays.update({f't{i}.channel_density.{k}': np.asarray(getattr(d, k))
+                   for i, d in enumerate(stats.channel_density or ())
+                   for k in ('n', 'mean', 'comoment')})
     arrays.update(ts=np.asarray(stats.ts, np.float64),
                   density_scales=np.asarray(stats.density_scales, np.float64),
-                  format_version=np.int64(3))
+                  format_version=np.int64(4 if stats.channel_density is not None else 3))
   else:
     first = stats
     arrays = {k: np.asarray(getattr(stats, k)) for k in _ARRAY_FIELDS}
@@ -469,7 +492,17 @@ def load_stats(path: str):
       if density.mean.shape[-1] != len(ts) * len(scales):
         raise ValueError(f'the density has {density.mean.shape[-1]} features for {len(ts)} t x '
                          f'{len(scales)} scales')
-      return MultiStats(per_t=per_t, density=density, ts=ts, density_scales=scales)
+      colour = None  # format 3 (before the per-channel density): the t's marginal of `density`
+      if int(f.get('format_version', 3)) >= 4:
+        colour = tuple(multiscale.DensityStats(
+            **{k: jnp.asarray(f[f't{i}.channel_density.{k}']) for k in ('n', 'mean', 'comoment')})
+                       for i in range(len(ts)))
+        want = len(scales) * meta['image_shape'][-1]
+        if any(d.mean.shape[-1] != want for d in colour):
+          raise ValueError(f'a per-channel density does not have {want} features '
+                           f'({len(scales)} scales x {meta["image_shape"][-1]} channels)')
+      return MultiStats(per_t=per_t, density=density, channel_density=colour, ts=ts,
+                        density_scales=scales)
     return ScoreStats(**{k: jnp.asarray(f[k]) for k in _ARRAY_FIELDS}, **meta)
   except (ValueError, OSError, EOFError, KeyError) as e:
     raise ValueError(f'{path} is not a readable ScoreStats file ({e}); rerun run_eval.py to fit '
@@ -530,7 +563,7 @@ def localize(score_fn: ScoreFn, images: jax.Array, stats, *, n_sigma: float = 3.
   if multi:
     if rule == 'quantile':
       raise ValueError("rule 'quantile' takes one t; with a t-set use 'density' or a z rule")
-    z = combine(stats, [raw_map(f) for f in fields], rule)
+    z = combine(stats, fields, rule)
     return z, z > n_sigma
   if rule == 'density':
     raise ValueError("rule 'density' needs MultiStats (init_multi_stats / a t-set)")
@@ -543,13 +576,19 @@ def localize(score_fn: ScoreFn, images: jax.Array, stats, *, n_sigma: float = 3.
   return z.astype(jnp.float32), mask
 
 
-def combine(stats: MultiStats, raw_maps, rule: str) -> jax.Array:
-  """One z-map [B,H,W] from the K raw maps a_k = mean_c |s_k| of a t-set (`raw_map`): the density z
-  (`sano_jax.multiscale`), or the mean over t of each t's z against its own healthy stats, each
-  on its smoothed map A_k = G_sigma * a_k."""
-  sigma = stats.smoothing_sigma
-  if rule == 'density':
-    features = density_feature_maps(raw_maps, sigma, stats.density_scales)
+def combine(stats: MultiStats, fields, rule: str) -> jax.Array:
+  """One z-map [B,H,W] from the K fields [B,H,W,C] of a t-set: the density z (`sano_jax.multiscale`;
+  over several t of the channel-mean raw maps a_k = mean_c |s_k|, at one t of each channel's
+  |s_c|), or the mean over t of each t's z against its own healthy stats, each on its smoothed map
+  A_k = G_sigma * a_k."""
+  sigma, scales = stats.smoothing_sigma, stats.density_scales
+  fields = _as_fields(fields)
+  raw_maps = [raw_map(f) for f in fields]
+  if rule == 'density' and len(fields) == 1 and stats.channel_density is not None:
+    features = channel_feature_maps(fields[0], sigma, scales)
+    z = gaussian_filter2d(multiscale.density_z(stats.channel_density[0], features), sigma)
+  elif rule == 'density':
+    features = density_feature_maps(raw_maps, sigma, scales)
     z = gaussian_filter2d(multiscale.density_z(stats.density, features), sigma)
   else:
     z = jnp.mean(jnp.stack([_zmap(gaussian_filter2d(a, sigma), st, rule)

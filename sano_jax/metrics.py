@@ -97,19 +97,18 @@ def exact_curve_metrics(scores, labels, sample_weight=None) -> dict:
   return {k: float(v) for k, v in out.items()}
 
 
-def macro_dice_threshold(scores, labels, groups) -> tuple[float, float]:
-  """(threshold, mean Dice) maximizing the MEAN over groups of each group's Dice at one shared
-  threshold (predicted positive = score >= threshold); groups without a positive are skipped.
-
-  Dice_g(k) = 2 TP_g(k) / (TP_g(k) + FP_g(k) + P_g) at every distinct level k of the pooled scores
-  (one sort). Unlike the pooled best Dice, a group with many high scores (an easy kind of
-  anomaly) cannot pull the threshold to itself."""
+def _group_levels(scores, labels, groups):
+  """One sort for every group: (group names [G], pos [G, L], neg [G, L], thresholds [L])."""
   s, y, _ = _flat(scores, labels)
   g = np.asarray(groups).reshape(-1)
   if g.shape != s.shape:
     raise ValueError(f'groups ({np.shape(groups)}) and scores ({np.shape(scores)}) differ in size')
-  one_hot = (g[None, :] == np.unique(g)[:, None]).astype(np.float64)  # [G, N]
-  pos, neg, thresholds = _exact_levels(s, y, one_hot)  # [G, L]: one sort for every group
+  names = np.unique(g)
+  one_hot = (g[None, :] == names[:, None]).astype(np.float64)  # [G, N]
+  return (names, *_exact_levels(s, y, one_hot))
+
+
+def _macro_dice(pos, neg, thresholds) -> tuple[float, float]:
   tp, fp = np.cumsum(pos, axis=-1), np.cumsum(neg, axis=-1)
   p = tp[:, -1:]
   if not (p > 0).any():
@@ -118,6 +117,31 @@ def macro_dice_threshold(scores, labels, groups) -> tuple[float, float]:
   mean = dice.mean(axis=0)
   k = int(np.argmax(mean))
   return float(thresholds[k]), float(mean[k])
+
+
+def macro_dice_threshold(scores, labels, groups) -> tuple[float, float]:
+  """(threshold, mean Dice) maximizing the MEAN over groups of each group's Dice at one shared
+  threshold (predicted positive = score >= threshold); groups without a positive are skipped.
+
+  Dice_g(k) = 2 TP_g(k) / (TP_g(k) + FP_g(k) + P_g) at every distinct level k of the pooled scores
+  (one sort). Unlike the pooled best Dice, a group with many high scores (an easy kind of
+  anomaly) cannot pull the threshold to itself."""
+  return _macro_dice(*_group_levels(scores, labels, groups)[1:])
+
+
+def grouped_curve_metrics(scores, labels, groups) -> dict:
+  """Everything the calibration ranks by, from ONE sort of the pooled scores:
+  {'pooled': exact_curve_metrics, 'by_group': {name: exact_curve_metrics of that group},
+  'macro_threshold': (threshold, mean Dice) of `macro_dice_threshold`}.
+
+  A group's counts per pooled level are its own curve (levels it has no pixel at add nothing), so
+  each group's metrics equal those of its pixels alone."""
+  names, pos, neg, thresholds = _group_levels(scores, labels, groups)
+  as_float = lambda m, i=(): {k: float(v[i]) for k, v in m.items()}
+  by_group = _curve_metrics(pos, neg, thresholds)
+  return {'pooled': as_float(_curve_metrics(pos.sum(0), neg.sum(0), thresholds)),
+          'by_group': {n.item(): as_float(by_group, i) for i, n in enumerate(names)},
+          'macro_threshold': _macro_dice(pos, neg, thresholds)}
 
 
 def pixel_auroc(scores, labels, sample_weight=None) -> float:

@@ -33,8 +33,10 @@ def test_synthesize_changes_exactly_the_masked_region():
 
 def test_candidates_cover_every_rule_and_the_density_sets():
   c = calibration.candidates(calibration.T_GRID)
-  assert len(c) == 3 * len(calibration.T_GRID) + len(calibration.DENSITY_SETS)
+  assert len(c) == 4 * len(calibration.T_GRID) + len(calibration.DENSITY_SETS)
   assert ('density', tuple(range(len(calibration.T_GRID)))) in c
+  assert all((rule, (i,)) in c for i in range(len(calibration.T_GRID))
+             for rule in calibration.Z_RULES + ('density',))  # the per-channel density at each t
   assert calibration.candidates((None,)) == [('global', (0,)), ('per_pixel', (0,)),
                                              ('two_sided', (0,)), ('density', (0,))]
 

@@ -74,6 +74,35 @@ def test_dice_iou():
   assert M.mean_iou_per_image(pi, yi) == pytest.approx(0.5)
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_grouped_curve_metrics_equal_each_group_alone_and_sklearn(data):
+  """One sort serves every group: each group's metrics are those of its pixels alone (sklearn),
+  the pooled ones those of all pixels, and the macro threshold that of macro_dice_threshold."""
+  n = data.draw(st.integers(8, 150))
+  levels = data.draw(st.sampled_from([3, 9, None]))  # heavy ties, or continuous
+  if levels is None:
+    s = data.draw(hnp.arrays(np.float64, n, elements=st.floats(-1e3, 1e3)))
+  else:
+    s = data.draw(hnp.arrays(np.int64, n, elements=st.integers(0, levels - 1))).astype(float)
+  y = data.draw(hnp.arrays(np.bool_, n))
+  g = data.draw(hnp.arrays(np.int64, n, elements=st.integers(0, 2)))
+  if not y.any() or y.all():
+    y[0], y[-1] = True, False
+  out = M.grouped_curve_metrics(s, y, g)
+  assert sorted(out['by_group']) == sorted(np.unique(g).tolist())
+  for k, m in out['by_group'].items():
+    yk, sk = y[g == k], s[g == k]
+    if yk.any() and not yk.all():
+      assert m['auroc'] == pytest.approx(roc_auc_score(yk, sk), abs=1e-9)
+      assert m['auprc'] == pytest.approx(average_precision_score(yk, sk), abs=1e-9)
+      assert m['dice'] == pytest.approx(_sklearn_best_f1(yk, sk), abs=1e-9)
+    else:
+      assert math.isnan(m['auroc'])
+  assert out['pooled'] == pytest.approx(M.exact_curve_metrics(s, y))
+  assert out['macro_threshold'] == M.macro_dice_threshold(s, y, g)
+
+
 def test_macro_dice_threshold_matches_brute_force_and_ignores_an_easy_group():
   """Group 0: hard positives (scores near the negatives'); group 1: easy ones, far above. The
   pooled best Dice follows the many easy pixels; the macro threshold must serve both groups."""

@@ -99,13 +99,16 @@ def test_sano_field_at_a_t_set_equals_one_call_per_t(sano_multi):
     np.testing.assert_allclose(f, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
-def _density_oracle(fn, healthy, images, sigma):
+def _density_oracle(fn, healthy, images, sigma, per_channel=False):
   """The density z-map in numpy/scipy: features log G_{f sigma} * mean_c |s_k| (f = 1/2, 1, 2) per
-  image, a Gaussian per pixel over the healthy images (population covariance + the module's ridge),
+  image (per_channel: log G_{f sigma} * |s_kc| for every channel c instead of the mean), a Gaussian
+  per pixel over the healthy images (population covariance + the module's ridge),
   z = Phi^-1(1 - chi2_D.sf(d^2)), then G_sigma * z."""
   from scipy import ndimage, stats as st  # pylint: disable=g-import-not-at-top
   def features(x):
-    raw = [np.abs(np.asarray(f, np.float64)).mean(-1) for f in fn(2 * jnp.asarray(x) - 1)]
+    fields = [np.abs(np.asarray(f, np.float64)) for f in L._as_fields(fn(2 * jnp.asarray(x) - 1))]  # pylint: disable=protected-access
+    raw = ([f[..., c] for f in fields for c in range(f.shape[-1])] if per_channel
+           else [f.mean(-1) for f in fields])
     return np.stack([np.log(ndimage.gaussian_filter(a, (0, f * sigma, f * sigma)))
                      for a in raw for f in (0.5, 1.0, 2.0)], -1)
   u, v = features(healthy), features(images)
@@ -151,6 +154,50 @@ def test_localize_with_a_t_set_jits_and_matches_the_per_t_oracle(sano_multi, tmp
   single = L.init_stats(method.image_shape)
   with pytest.raises(ValueError, match='density'):
     L.localize(lambda x: fields[0], images, single, rule='density')
+
+
+@pytest.mark.parametrize('channels', [3, 1])
+def test_density_at_one_t_models_each_colour_channel(channels, tmp_path):
+  """At ONE t the density's features are each channel's log maps (3 scales x C), not their mean:
+  the jitted z equals the per-channel numpy oracle (on grayscale, the channel-mean one), the stats
+  of one t selected from a t-set equal those fitted at that t alone, and statistics saved before
+  the per-channel density (format 3) fall back to the channel-mean marginal."""
+  config = helpers.tiny_config(**{'data.num_channels': channels})
+  config.localize.t = (0.01, 0.1)
+  method = methods.create(config)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+                        method.init(jax.random.PRNGKey(0)))
+  fn = method.field_fn(params)
+  one_t = lambda x: fn(x)[1]  # t = 0.1 alone
+  healthy = np.asarray(jax.random.uniform(jax.random.PRNGKey(5), (10,) + method.image_shape))
+  stats = jax.jit(L.make_stats_step(fn))(L.init_multi_stats(method.image_shape, method.ts),
+                                          healthy, jnp.ones(10, bool))
+  alone = jax.jit(L.make_stats_step(one_t))(L.init_multi_stats(method.image_shape, (0.1,)),
+                                             healthy, jnp.ones(10, bool))
+  selected = stats.select((1,))
+  assert selected.channel_density[0].mean.shape[-1] == 3 * channels
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               selected.channel_density, alone.channel_density)
+  images = np.asarray(jax.random.uniform(jax.random.PRNGKey(6), (2,) + method.image_shape))
+  z, _ = jax.jit(lambda im, st: L.localize(one_t, im, st, rule='density'))(images, alone)
+  ref = _density_oracle(one_t, healthy, images, sigma=2.0, per_channel=True)
+  np.testing.assert_allclose(z, ref, rtol=1e-4, atol=1e-4)
+  mean_ref = _density_oracle(one_t, healthy, images, sigma=2.0)
+  if channels > 1:  # the channels carry information their mean drops
+    assert np.abs(ref - mean_ref).max() > 0.1
+  else:
+    np.testing.assert_allclose(ref, mean_ref)
+
+  path = str(tmp_path / 's.npz')
+  L.save_stats(alone, path)
+  jax.tree.map(np.testing.assert_array_equal, L.load_stats(path), alone)
+  arrays = {k: v for k, v in np.load(path).items() if 'channel_density' not in k}
+  arrays['format_version'] = np.int64(3)
+  np.savez(path, **arrays)
+  old = L.load_stats(path)
+  assert old.channel_density is None
+  np.testing.assert_allclose(L.localize(one_t, images, old, rule='density')[0], mean_ref,
+                             rtol=1e-4, atol=1e-4)
 
 
 def test_cholesky_and_lower_inverse_match_numpy_under_jit():
