@@ -95,6 +95,7 @@ def main(argv):
                     'regret_auroc': round(oracle['test_auroc'] - chosen['test_auroc'], 4),
                     'spearman_synthetic_vs_test': round(float(rho), 3),
                     'n_val': len(val_x), 'n_test': len(test_x),
+                    'calibration_seconds': round(choice['seconds'], 1),
                     'seconds': round(time.perf_counter() - tic, 1)}), flush=True)
 
 

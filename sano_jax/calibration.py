@@ -54,10 +54,10 @@ MIN_MARGIN = 0.05  # kind_score: a kind's AUROC counts as at least 0.5 + MIN_MAR
 MAX_PIXELS = 2**19  # synthetic pixels kept per candidate (a fixed uniform subsample beyond)
 # The smoothing sigmas tried, in units of config.localize.smoothing_sigma (one forward pass serves
 # all). Measured on the demo models (benchmarks/calibration_oracle.py): brick chose per_pixel at 2x
-# (test AUROC 0.972 vs 0.964 at 1x), retina per_pixel at 2x (0.896 vs 0.871), grass and gravel kept
-# the density at 1x. With the arithmetic mean over kinds the same grid chose two_sided at 2x on
-# grass (test 0.60): `kind_score` is what makes the grid safe. Retina's Dice at the calibrated N fell
-# (0.304 -> 0.158): N, not the ranking, is its weak point.
+# (test AUROC 0.972 vs 0.964 at 1x), grass and gravel the density at t = 0.05 at 1x, retina the
+# per-channel density at t = 0.005 at 0.5x (0.942; 0.896 for per_pixel at 2x, the best before the
+# one-t density was a candidate). With the arithmetic mean over kinds the same grid chose two_sided
+# at 2x on grass (test 0.60): `kind_score` is what makes the grid safe.
 SIGMA_FACTORS = (0.5, 1.0, 2.0)
 
 

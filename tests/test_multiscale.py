@@ -162,23 +162,21 @@ def test_density_at_one_t_models_each_colour_channel(channels, tmp_path):
   the jitted z equals the per-channel numpy oracle (on grayscale, the channel-mean one), the stats
   of one t selected from a t-set equal those fitted at that t alone, and statistics saved before
   the per-channel density (format 3) fall back to the channel-mean marginal."""
-  config = helpers.tiny_config(**{'data.num_channels': channels})
-  config.localize.t = (0.01, 0.1)
-  method = methods.create(config)
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
-                        method.init(jax.random.PRNGKey(0)))
-  fn = method.field_fn(params)
-  one_t = lambda x: fn(x)[1]  # t = 0.1 alone
-  healthy = np.asarray(jax.random.uniform(jax.random.PRNGKey(5), (10,) + method.image_shape))
-  stats = jax.jit(L.make_stats_step(fn))(L.init_multi_stats(method.image_shape, method.ts),
-                                          healthy, jnp.ones(10, bool))
-  alone = jax.jit(L.make_stats_step(one_t))(L.init_multi_stats(method.image_shape, (0.1,)),
-                                             healthy, jnp.ones(10, bool))
+  shape = (12, 12, channels)
+  # Two smooth nonlinear "score fields" (one per t) whose channels differ; the density logic does
+  # not need a trained model.
+  fn = lambda x: (jnp.sin(4.0 * x) + 0.1 * x, x**2 * jnp.cos(3.0 * x) + 0.05)
+  one_t = lambda x: fn(x)[1]  # the second t alone
+  healthy = np.asarray(jax.random.uniform(jax.random.PRNGKey(5), (48,) + shape))
+  stats = jax.jit(L.make_stats_step(fn))(L.init_multi_stats(shape, (0.01, 0.1)),
+                                          healthy, jnp.ones(48, bool))
+  alone = jax.jit(L.make_stats_step(one_t))(L.init_multi_stats(shape, (0.1,)),
+                                             healthy, jnp.ones(48, bool))
   selected = stats.select((1,))
   assert selected.channel_density[0].mean.shape[-1] == 3 * channels
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                selected.channel_density, alone.channel_density)
-  images = np.asarray(jax.random.uniform(jax.random.PRNGKey(6), (2,) + method.image_shape))
+  images = np.asarray(jax.random.uniform(jax.random.PRNGKey(6), (2,) + shape))
   z, _ = jax.jit(lambda im, st: L.localize(one_t, im, st, rule='density'))(images, alone)
   ref = _density_oracle(one_t, healthy, images, sigma=2.0, per_channel=True)
   np.testing.assert_allclose(z, ref, rtol=1e-4, atol=1e-4)
