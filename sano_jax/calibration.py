@@ -35,6 +35,7 @@ import copy
 import os
 import time
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -225,7 +226,10 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   keep_fraction = min(1.0, MAX_PIXELS / float(n * h * w))  # pixels kept: a fixed random share
   keep_rng = np.random.default_rng(seed)
   zs, labels, kind_ids = [], [], []
+  logging.info('calibration: %d healthy images, %d candidates x %d smoothing sigmas, 2 folds',
+               n, len(cands), len(sigmas))
   for fold in (0, 1):  # cross-fitting: each half fits the stats once and is synthesized once
+    logging.info('calibration fold %d/2 (%.0f s)', fold + 1, time.perf_counter() - tic)
     fit, held = images[fold::2], images[1 - fold::2]
     stats = fit_stats_at(fields_fn, fit, ts, sigmas, batch_size)
     syn, masks, kinds = synthetic_set(held, seed + fold)
@@ -240,6 +244,7 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
       kind_ids.append(kind_map[start:start + batch_size].reshape(-1)[keep])
   zs, labels, kind_ids = (np.concatenate(zs, axis=1), np.concatenate(labels),
                           np.concatenate(kind_ids))
+  logging.info('calibration: ranking %d candidates (%.0f s)', len(zs), time.perf_counter() - tic)
   rows = []
   for (sigma, (rule, idx)), z in zip([(s, c) for s in sigmas for c in cands], zs):
     z = np.nan_to_num(z, nan=-np.inf)
