@@ -107,11 +107,10 @@ def density_feature_maps(raw_maps, smoothing_sigma: float,
 
 def channel_feature_maps(field: jax.Array, smoothing_sigma: float,
                          scales=multiscale.DENSITY_SCALES) -> list[jax.Array]:
-  """The one-t density's S * C maps [B,H,W] from one field [B,H,W,C]: G_{f sigma} * |s_c| for each
-  scale factor f (outer) and colour channel c (inner). C = 1: the maps of `density_feature_maps`."""
+  """The one-t density's C * S maps [B,H,W] from one field [B,H,W,C]: `density_feature_maps` of
+  each colour channel's |s_c| in place of the channel mean (C = 1: the same maps)."""
   a = jnp.abs(field.astype(jnp.float32))
-  return [gaussian_filter2d(a[..., c], float(f) * float(smoothing_sigma))
-          for f in scales for c in range(a.shape[-1])]
+  return density_feature_maps([a[..., c] for c in range(a.shape[-1])], smoothing_sigma, scales)
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,16 +582,15 @@ def combine(stats: MultiStats, fields, rule: str) -> jax.Array:
   A_k = G_sigma * a_k."""
   sigma, scales = stats.smoothing_sigma, stats.density_scales
   fields = _as_fields(fields)
-  raw_maps = [raw_map(f) for f in fields]
   if rule == 'density' and len(fields) == 1 and stats.channel_density is not None:
     features = channel_feature_maps(fields[0], sigma, scales)
     z = gaussian_filter2d(multiscale.density_z(stats.channel_density[0], features), sigma)
   elif rule == 'density':
-    features = density_feature_maps(raw_maps, sigma, scales)
+    features = density_feature_maps([raw_map(f) for f in fields], sigma, scales)
     z = gaussian_filter2d(multiscale.density_z(stats.density, features), sigma)
   else:
-    z = jnp.mean(jnp.stack([_zmap(gaussian_filter2d(a, sigma), st, rule)
-                            for a, st in zip(raw_maps, stats.per_t)]), axis=0)
+    z = jnp.mean(jnp.stack([_zmap(gaussian_filter2d(raw_map(f), sigma), st, rule)
+                            for f, st in zip(fields, stats.per_t)]), axis=0)
   return z.astype(jnp.float32)
 
 
