@@ -236,6 +236,13 @@ def test_density_scales_round_trip_and_a_mismatch_is_a_clear_error(tmp_path):
   np.savez(path, **arrays)
   with pytest.raises(ValueError, match=r'not a readable ScoreStats file.*6 features for 2 t x 2'):
     L.load_stats(path)
+  rgb = L.init_multi_stats((6, 5, 3), (0.1, 0.2), smoothing_sigma=1.5)
+  L.save_stats(rgb, path)
+  arrays = dict(np.load(path))
+  arrays['t1.channel_density.mean'] = np.zeros((6, 5, 4), np.float32)  # 3 scales x 3 channels = 9
+  np.savez(path, **arrays)
+  with pytest.raises(ValueError, match=r'not a readable ScoreStats.*does not have 9 features'):
+    L.load_stats(path)
   old = L.init_multi_stats((6, 5, 1), (0.1, 0.2), density_scales=(1.0,))
   L.save_stats(old, path)
   arrays = {k: v for k, v in np.load(path).items() if k != 'density_scales'}
