@@ -1,6 +1,7 @@
 """SANO on the embedded texture data at a CPU size (``make demo``).
 
-Variants: ``--config=configs/demo.py:grass`` (a known hard case), ``:gravel``, ``:retina`` (RGB).
+Variants: ``--config=configs/demo.py:grass`` (a known hard case), ``:gravel``, ``:retina`` (RGB),
+``:hubble`` (RGB, held out: nothing was tuned on it, see sano_jax/datasets/textures.py).
 
 Measured (benchmarks/demo_sweep.py; brick_32 test, 300 crops; 2-core CPU shared with other jobs):
   training 600 steps x batch 32 (1.14M params): 709 s wall at 23-36 img/s under contention,
@@ -24,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = default.get_config()
   config.data.dataset = f'sano_textures/{variant}'
   config.data.image_size = 32
-  config.data.num_channels = 3 if variant == 'retina' else 1
+  config.data.num_channels = 3 if variant in ('retina', 'hubble') else 1
 
   config.model.nf = 32
   config.model.ch_mult = (1, 2, 2)

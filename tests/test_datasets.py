@@ -34,7 +34,7 @@ def brick16(tmp_path_factory):
 
 def test_textures_registered_configs():
   names = {c.name for c in textures.SanoTextures.BUILDER_CONFIGS}
-  assert {f'{t}_{s}' for t in ('brick', 'grass', 'gravel', 'retina') for s in (16, 32, 64)} == names
+  assert {f'{t}_{s}' for t in ('brick', 'grass', 'gravel', 'retina', 'hubble') for s in (16, 32, 64)} == names
   assert _config('brick_32').scale == 0.5
 
 
@@ -170,6 +170,29 @@ def test_retina_is_rgb():
   test = textures.make_split(cfg, 'test')
   anom = [e for e in test if e['name'].endswith('anom')]
   assert anom and all(e['mask'].any() for e in anom)
+
+
+def test_held_out_hubble_is_the_deep_field_in_colour():
+  """The held-out texture: crops of the RGB Hubble deep field (rescaled x0.25), in colour, with
+  anomalies pasted in exactly where the masks say."""
+  from skimage import data, transform  # pylint: disable=g-import-not-at-top
+  assert textures.HELD_OUT == ('hubble',) and set(textures.HELD_OUT) <= set(textures.TEXTURES)
+  cfg = _config('hubble_16')
+  assert textures.num_channels(cfg.texture) == 3 and cfg.scale == 0.25
+  tex = textures.load_texture(cfg.texture, cfg.scale)
+  oracle = transform.rescale(data.hubble_deep_field() / 255.0, 0.25, anti_aliasing=True,
+                             channel_axis=-1, order=1, mode='reflect')
+  np.testing.assert_allclose(tex / 255.0, oracle, atol=0.5 / 255 + 1e-9)
+  train = textures.make_split(cfg, 'train')
+  images = np.stack([e['image'] for e in train]).astype(np.float64)
+  assert images.shape[1:] == (16, 16, 3)
+  assert (np.ptp(images, axis=-1) == 0).mean() < 0.05  # colour, not gray in 3 channels
+  for e in textures.make_split(cfg, 'test'):
+    m = _NAME.match(e['name'])
+    y, x = int(m.group(3)), int(m.group(4))
+    outside = e['mask'][..., 0] == 0
+    np.testing.assert_array_equal(e['image'][outside], tex[y:y + 16, x:x + 16][outside])
+    assert e['mask'].any() == e['name'].endswith('anom')
 
 
 # ---------------------------------------------------------------------------------------------
