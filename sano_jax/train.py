@@ -203,14 +203,40 @@ def check_config(config, num_devices: int) -> None:
                      f'localize.tile_overlap={config.localize.tile_overlap} >= 0')
 
 
-class MetricsLog:
-  """metrics.jsonl, TensorBoard event files and absl log lines; only process 0 writes."""
+def _rows_up_to(text: str, step: int) -> str:
+  """The lines of a metrics.jsonl text whose step is <= `step`. A resumed run restarts at its
+  checkpoint's step and logs again every step after it, so the rows that a killed run wrote after
+  its last checkpoint go, and with them a half-written last line (a kill during the write)."""
+  kept = []
+  for line in text.splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict) and isinstance(row.get('step'), int) and row['step'] <= step:
+      kept.append(line + '\n')
+  return ''.join(kept)
 
-  def __init__(self, workdir: str, enabled: bool):
+
+class MetricsLog:
+  """metrics.jsonl, TensorBoard event files and absl log lines; only process 0 writes.
+
+  Opened at `start_step` (a resumed run's checkpoint step), it first drops the file's rows of
+  later steps (see `_rows_up_to`): after a resume every step appears once, as in a run that was
+  never killed.
+  """
+
+  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
     self.enabled = enabled
     self.writer = None
     if enabled:
-      self.jsonl = files.LineAppender(os.path.join(workdir, 'metrics.jsonl'))  # local or gs://
+      path = os.path.join(workdir, 'metrics.jsonl')  # local or gs://
+      if files.exists(path):
+        text = files.read_text(path)
+        kept = _rows_up_to(text, start_step)
+        if kept != text:
+          files.atomic_write_text(path, kept)
+      self.jsonl = files.LineAppender(path)
       try:
         from flax.metrics import tensorboard
         from sano_jax.datasets import hide_gpus_from_tf
@@ -379,7 +405,7 @@ def _train(config, workdir: str, train_source, val_source, preemption: Preemptio
     state = store.restore_latest(jax.device_get(state))
     logging.info('resumed from %s at step %d', workdir, int(state.step))
   start_step = int(state.step)
-  log = MetricsLog(workdir, is_chief)
+  log = MetricsLog(workdir, is_chief, start_step)
   if is_chief:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info('method %s: %.2fM params; %d devices; global batch %d', method.name,

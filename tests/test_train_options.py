@@ -426,6 +426,11 @@ def runs(tmp_path_factory):
       shutil.copy(root / 'straight' / 'config.json', root / wd / 'config.json')
       shutil.copytree(root / 'straight' / 'checkpoints' / str(STOP),
                       root / wd / 'checkpoints' / str(STOP))
+    # The killed run had logged past its checkpoint, and was killed while writing a row.
+    with open(root / 'straight' / 'metrics.jsonl') as f:
+      killed = [line for line in f if json.loads(line)['step'] <= STOP + 4]
+    with open(root / 'resumed' / 'metrics.jsonl', 'w') as f:
+      f.write(''.join(killed) + '{"step": %d, "train/lo' % (STOP + 5))
     out['resumed'] = run('resumed', **{'training.keep_checkpoints': KEEP_RESUMED})
     out['rechunked'] = run('rechunked', **RECHUNKED)
   return root, out
@@ -439,10 +444,16 @@ def test_resume_with_steps_per_call_2_is_bit_identical(runs):
   root, final = runs
   a, b = final['resumed'], final['straight']
   assert int(a.step) == int(b.step) == END
-  # The resumed run started at STOP (its metrics rows are those of the steps after it).
-  with open(root / 'resumed' / 'metrics.jsonl') as f:
-    logged = [r['step'] for r in map(json.loads, f) if 'train/loss' in r]
-  assert logged == list(range(STOP + 2, END + 1, 2)), logged
+  # metrics.jsonl: the killed run's rows up to STOP, then the resumed run's: each train/loss and
+  # validation row once, the same values as the uninterrupted run (the killed run's rows past STOP
+  # and its half-written line are gone).
+  rows = {}
+  for wd in ('resumed', 'straight'):
+    with open(root / wd / 'metrics.jsonl') as f:
+      rows[wd] = [(r['step'], k, v) for r in map(json.loads, f) for k, v in r.items()
+                  if k in ('train/loss', 'validation/loss')]
+  assert rows['resumed'] == rows['straight'], rows
+  assert [s for s, k, _ in rows['resumed'] if k == 'train/loss'] == list(range(2, END + 1, 2))
   fa, fb = (jax.tree_util.tree_flatten_with_path(s)[0] for s in (a, b))
   assert [p for p, _ in fa] == [p for p, _ in fb]
   for (path, x), (_, y) in zip(fa, fb):
