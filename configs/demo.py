@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.localize.stats = 'per_pixel'
   # Label-free calibration (sano_jax/calibration.py): run_eval.py chooses t, the rule and N from
   # synthetic anomalies on healthy validation images (brick: per_pixel, grass/gravel: the density
-  # at t = 0.05, retina: the per-channel density at t = 0.005); the two lines above are used only
-  # with --config.localize.calibrate=False.
+  # at t = 0.05, retina and the held-out hubble: the per-channel density at t = 0.005); the two lines
+  # above are used only with --config.localize.calibrate=False.
   config.localize.calibrate = True
   return config
