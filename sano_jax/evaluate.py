@@ -473,9 +473,6 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
     config = checkpointing.load_config(workdir)
   checkpointing.check_same_model(config, workdir)
   lc, ec = config.localize, config.eval
-  rule = localization._rule_from_config(lc)  # pylint: disable=protected-access
-  n_sigma = float(lc.n_sigma)
-  sigma = float(lc.smoothing_sigma)
   t_start = time.perf_counter()
 
   mesh = eval_mesh(config)
@@ -500,15 +497,16 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
     config = calibration.apply(config, choice)
     lc = config.localize
     method = methods_lib.create(config)
-    rule, n_sigma = localization._rule_from_config(lc), float(lc.n_sigma)  # pylint: disable=protected-access
-    sigma = float(lc.smoothing_sigma)
     if chief:
       calibration.save_choice(choice, calib_path)
     logging.info('calibrated on %d synthetic anomalies in %.1f s: t=%s rule=%s sigma=%g N=%.3g',
                  choice['synthetic']['num_synthetic_images'], choice['seconds'], choice['t'],
-                 choice['rule'], sigma, choice['n_sigma'])
+                 choice['rule'], float(lc.smoothing_sigma), choice['n_sigma'])
   elif chief:
     files.remove(calib_path)  # this evaluation's settings replace an earlier calibration
+  # The settings of this evaluation: the config's, or the calibration's applied to it.
+  rule = localization._rule_from_config(lc)  # pylint: disable=protected-access
+  n_sigma, sigma = float(lc.n_sigma), float(lc.smoothing_sigma)
   num_devices = mesh.devices.size * jax.process_count()
   logging.info('evaluating %s (%s) on %d device(s) in %d process(es), rule=%s, t=%s', workdir,
                method.name, num_devices, jax.process_count(), rule, method.ts)
