@@ -94,16 +94,34 @@ def _tmp_steps(folder, since_ns: int = 0):
   return sorted(out)
 
 
-class _Rows:
-  """The metrics.jsonl rows one child appends (from the file's size when it started)."""
+def _step(line: bytes):
+  try:
+    row = json.loads(line)
+  except ValueError:
+    return None
+  return row.get('step') if isinstance(row, dict) else None
 
-  def __init__(self, path):
+
+class _Rows:
+  """The metrics.jsonl rows one child appends. A child resumed at step r first drops the rows
+  after r that the killed run wrote (and a cut last line), rewriting the file; until it has, the
+  file holds the killed run's rows and none is read. Its own rows start after the rows of steps
+  <= r."""
+
+  def __init__(self, path, resumed_from=0):
     self.path = path
-    self.offset = path.stat().st_size if path.exists() else 0
+    data = path.read_bytes() if path.exists() else b''
+    kept = [line for line in data.splitlines(keepends=True)
+            if line.endswith(b'\n') and _step(line) is not None and _step(line) <= resumed_from]
+    self.offset = sum(map(len, kept))
+    # Something to drop: the child rewrites the file (a new inode) before it appends.
+    self.stale_inode = os.stat(path).st_ino if self.offset != len(data) else None
     self.rows, self.bad = [], []
 
   def poll(self):
     try:
+      if self.stale_inode is not None and os.stat(self.path).st_ino == self.stale_inode:
+        return self.rows  # not yet rewritten by the child
       with open(self.path, 'rb') as f:
         f.seek(self.offset)
         data = f.read()
@@ -266,7 +284,7 @@ def test_ten_sigkills_at_random_moments_end_bit_identical(tmp_path, data_dir, co
     ck = _steps(wd / 'checkpoints')
     r = ck[-1] if ck else 0
     log = tmp_path / f'killed_{i}.log'
-    rows = _Rows(wd / 'metrics.jsonl')
+    rows = _Rows(wd / 'metrics.jsonl', resumed_from=r)
     since_ns = time.time_ns()
     proc = helpers.run_train_fast_process(wd, data_dir, *FLAGS, log=log, cache_dir=cache)
     if kill is None:  # the last start: it finishes
