@@ -226,7 +226,7 @@ class MetricsLog:
   never killed.
   """
 
-  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
+  def __init__(self, workdir: str, enabled: bool, start_step: int):
     self.enabled = enabled
     self.writer = None
     if enabled:

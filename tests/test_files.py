@@ -157,7 +157,7 @@ def test_training_metrics_log_on_the_bucket(fake_gcs):
   from sano_jax import compare, train  # pylint: disable=g-import-not-at-top
   workdir = fake_gcs.url('run')
   for steps in ((1, 2), (3,)):  # a run, then its resumption
-    log = train.MetricsLog(workdir, enabled=True)
+    log = train.MetricsLog(workdir, enabled=True, start_step=steps[0] - 1)  # its checkpoint
     assert log.writer is None  # TensorBoard would go to the real GCS: the fixture turns it off
     for step in steps:
       log.write(step, {'loss': 1.0 / step, 'perf/images_per_s': 10.0 * step, 'perf/wall_s': step})
