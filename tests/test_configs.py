@@ -46,7 +46,8 @@ def test_check_config_errors():
     train.check_config(config, 4)
 
 
-VARIANTS = [(name, None) for name in CONFIGS] + [('demo', v) for v in ('grass', 'gravel', 'retina', 'hubble')]
+VARIANTS = [(name, None) for name in CONFIGS] + [
+    ('demo', v) for v in ('grass', 'gravel', 'retina', 'hubble')]
 
 
 @pytest.mark.parametrize('name,variant', VARIANTS)

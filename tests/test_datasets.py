@@ -34,7 +34,8 @@ def brick16(tmp_path_factory):
 
 def test_textures_registered_configs():
   names = {c.name for c in textures.SanoTextures.BUILDER_CONFIGS}
-  assert {f'{t}_{s}' for t in ('brick', 'grass', 'gravel', 'retina', 'hubble') for s in (16, 32, 64)} == names
+  textures_ = ('brick', 'grass', 'gravel', 'retina', 'hubble')
+  assert {f'{t}_{s}' for t in textures_ for s in (16, 32, 64)} == names
   assert _config('brick_32').scale == 0.5
 
 

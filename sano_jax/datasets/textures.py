@@ -1,9 +1,10 @@
 """``sano_textures``: the embedded dataset, built offline from CC0 images inside scikit-image's wheel.
 
 A texture (``brick``, ``grass``, ``gravel``: 512x512 grayscale; ``retina``: an RGB fundus photo;
-``hubble``: the RGB Hubble eXtreme Deep Field, sparse galaxies on a dark sky) is rescaled with anti-aliasing (``scale``, a config field) and cut into three DISJOINT vertical bands:
-the left half gives the ``train`` crops, the next quarter the ``validation`` crops, the last quarter
-the ``test`` crops. Train and validation crops lie on a regular grid (overlapping, stride chosen so
+``hubble``: the RGB Hubble eXtreme Deep Field, sparse galaxies on a dark sky) is rescaled with
+anti-aliasing (``scale``, a config field) and cut into three DISJOINT vertical bands: the left half
+gives the ``train`` crops, the next quarter the ``validation`` crops, the last quarter the ``test``
+crops. Train and validation crops lie on a regular grid (overlapping, stride chosen so
 that there are at most ``max_train`` / ``max_validation`` of them); test crops sit at seeded random
 positions of the test band. Most test crops get one patch of real image content (``camera``,
 ``coins``, ``text``, ``moon``, ``page``, ``clock``, ``coffee``, ``astronaut``, ``chelsea``,
@@ -29,6 +30,7 @@ Configs: ``{texture}_{S}`` for texture in brick, grass, gravel (C=1), retina and
 ``hubble`` is HELD OUT: it was added after the label-free calibration (sano_jax/calibration.py) and
 its candidate set were designed on the other four, and nothing may be tuned on it; it is the check
 that the calibration holds on data nobody looked at.
+
 Everything is deterministic (seeded by the config); a build takes seconds.
 """
 from __future__ import annotations
