@@ -94,14 +94,6 @@ def _tmp_steps(folder, since_ns: int = 0):
   return sorted(out)
 
 
-def _step(line: bytes):
-  try:
-    row = json.loads(line)
-  except ValueError:
-    return None
-  return row.get('step') if isinstance(row, dict) else None
-
-
 class _Rows:
   """The metrics.jsonl rows one child appends. A child resumed at step r first drops the rows
   after r that the killed run wrote (and a cut last line), rewriting the file; until it has, the
@@ -110,12 +102,12 @@ class _Rows:
 
   def __init__(self, path, resumed_from=0):
     self.path = path
+    from sano_jax import train  # pylint: disable=g-import-not-at-top
     data = path.read_bytes() if path.exists() else b''
-    kept = [line for line in data.splitlines(keepends=True)
-            if line.endswith(b'\n') and _step(line) is not None and _step(line) <= resumed_from]
-    self.offset = sum(map(len, kept))
+    kept = train._rows_up_to(data.decode(), resumed_from).encode()  # pylint: disable=protected-access
+    self.offset = len(kept)
     # Something to drop: the child rewrites the file (a new inode) before it appends.
-    self.stale_inode = os.stat(path).st_ino if self.offset != len(data) else None
+    self.stale_inode = os.stat(path).st_ino if kept != data else None
     self.rows, self.bad = [], []
 
   def poll(self):
