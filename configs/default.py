@@ -96,7 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   localize.t = (0.01,)  # one t, or a t-set: --config.localize.t=0.02,0.1,0.4 (sano_jax/multiscale.py)
   localize.n_sigma = 3.0
   localize.smoothing_sigma = 2.0
-  localize.stats = 'global'  # 'global' (the paper), 'per_pixel' (Genc et al.), 'quantile'
+  # 'global' (the paper), 'per_pixel' (Genc et al.), 'quantile', 'density', 'density_mean'
+  localize.stats = 'global'
   localize.two_sided = False
   localize.target_fpr = 1e-3  # for stats='quantile'
   localize.use_ema = True

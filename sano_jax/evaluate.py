@@ -174,7 +174,8 @@ def _json_safe(x):
 
 def needs_multi_stats(method: methods_lib.Method, config) -> bool:
   """A t-set, or the density rule: MultiStats; else the paper's ScoreStats."""
-  return len(method.ts) > 1 or localization._rule_from_config(config.localize) == 'density'  # pylint: disable=protected-access
+  rule = localization._rule_from_config(config.localize)  # pylint: disable=protected-access
+  return len(method.ts) > 1 or rule in localization.DENSITY_RULES
 
 
 def fit_stats(method: methods_lib.Method, params, config, source, mesh):

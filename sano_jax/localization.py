@@ -37,7 +37,8 @@ from sano_jax.image_checks import check_images  # pylint: disable=unused-import 
 
 ScoreFn = Callable[[jax.Array], jax.Array]
 
-RULES = ('global', 'per_pixel', 'two_sided', 'quantile', 'density')
+RULES = ('global', 'per_pixel', 'two_sided', 'quantile', 'density', 'density_mean')
+DENSITY_RULES = ('density', 'density_mean')  # need MultiStats
 _STD_FLOOR = 1e-12
 
 # --------------------------------------------------------------------------------------------
@@ -283,7 +284,11 @@ def merge_stats(a, b):
     if (tuple(a.ts), a.density_scales) != (tuple(b.ts), b.density_scales):
       raise ValueError(f'cannot merge MultiStats of t={a.ts} (density scales {a.density_scales}) '
                        f'with t={b.ts} (density scales {b.density_scales})')
-    colour = None if a.channel_density is None or b.channel_density is None else tuple(
+    # Dropping the per-channel density when one side lacks it would silently change the rule.
+    if (a.channel_density is None) != (b.channel_density is None):
+      raise ValueError('cannot merge MultiStats with per-channel densities with MultiStats '
+                       'saved before them (format 3): refit the old statistics')
+    colour = None if a.channel_density is None else tuple(
         multiscale.merge_density(x, y) for x, y in zip(a.channel_density, b.channel_density))
     return MultiStats(per_t=tuple(merge_stats(x, y) for x, y in zip(a.per_t, b.per_t)),
                       density=multiscale.merge_density(a.density, b.density),
@@ -535,7 +540,7 @@ def localize(score_fn: ScoreFn, images: jax.Array, stats, *, n_sigma: float = 3.
   z = G_sigma * mean_c |s(2 images - 1)| / std_healthy; mask = z > n_sigma (SANO §2.2).
   rule: 'global' (the paper), 'per_pixel' (z = (A - mean_ij)/std_ij), 'two_sided'
   (z = |A - mean A_healthy| / std A_healthy), 'quantile' (mask = A > quantile_{1-target_fpr}(A_healthy),
-  z = A / std), 'density' (several t: `sano_jax.multiscale`). With MultiStats (a t-set), score_fn
+  z = A / std), 'density' and 'density_mean' (`sano_jax.multiscale`). With MultiStats (a t-set), score_fn
   returns one field per t and every rule but 'quantile' applies (module docstring of multiscale).
   Pure; jit/vmap/pmap safe with score_fn closed over. Shape errors raise ValueError at
   trace time; eagerly (concrete input) `check_images` also rejects NaN/inf and out-of-range values.
@@ -564,8 +569,8 @@ def localize(score_fn: ScoreFn, images: jax.Array, stats, *, n_sigma: float = 3.
       raise ValueError("rule 'quantile' takes one t; with a t-set use 'density' or a z rule")
     z = combine(stats, fields, rule)
     return z, z > n_sigma
-  if rule == 'density':
-    raise ValueError("rule 'density' needs MultiStats (init_multi_stats / a t-set)")
+  if rule in DENSITY_RULES:
+    raise ValueError(f"rule {rule!r} needs MultiStats (init_multi_stats / a t-set)")
   a = anomaly_map(fields[0], smoothing_sigma)
   z = _zmap(a, stats, rule)
   if rule == 'quantile':
@@ -578,10 +583,13 @@ def localize(score_fn: ScoreFn, images: jax.Array, stats, *, n_sigma: float = 3.
 def combine(stats: MultiStats, fields, rule: str) -> jax.Array:
   """One z-map [B,H,W] from the K fields [B,H,W,C] of a t-set: the density z (`sano_jax.multiscale`;
   over several t of the channel-mean raw maps a_k = mean_c |s_k|, at one t of each channel's
-  |s_c|), or the mean over t of each t's z against its own healthy stats, each on its smoothed map
-  A_k = G_sigma * a_k."""
+  |s_c|), the mean over t of each t's own one-t density z ('density_mean'), or the mean over t of
+  each t's z against its own healthy stats, each on its smoothed map A_k = G_sigma * a_k."""
   sigma, scales = stats.smoothing_sigma, stats.density_scales
   fields = _as_fields(fields)
+  if rule == 'density_mean':
+    return jnp.mean(jnp.stack([combine(stats.select((k,)), [f], 'density')
+                               for k, f in enumerate(fields)]), axis=0)
   if rule == 'density' and len(fields) == 1 and stats.channel_density is not None:
     features = channel_feature_maps(fields[0], sigma, scales)
     z = gaussian_filter2d(multiscale.density_z(stats.channel_density[0], features), sigma)

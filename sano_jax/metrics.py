@@ -97,6 +97,16 @@ def exact_curve_metrics(scores, labels, sample_weight=None) -> dict:
   return {k: float(v) for k, v in out.items()}
 
 
+def weighted_aurocs(scores, labels, weights) -> np.ndarray:
+  """Pixel AUROC under each row of `weights` [R, N] (e.g. bootstrap multiplicities), from one sort
+  of the N scores: [R]."""
+  s, y, _ = _flat(scores, labels)
+  w = np.asarray(weights, np.float64)
+  if w.ndim != 2 or w.shape[1] != s.size:
+    raise ValueError(f'weights must be [runs, {s.size}], got shape {w.shape}')
+  return _curve_metrics(*_exact_levels(s, y, w))['auroc']
+
+
 def _group_levels(scores, labels, groups):
   """One sort for every group: (group names [G], pos [G, L], neg [G, L], thresholds [L])."""
   s, y, _ = _flat(scores, labels)

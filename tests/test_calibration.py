@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sano_jax import calibration, evaluate, input_pipeline, localization, train
+from sano_jax import calibration, evaluate, input_pipeline, localization, metrics, train
 from tests.helpers import tiny_run_config
 
 
@@ -33,12 +33,53 @@ def test_synthesize_changes_exactly_the_masked_region():
 
 def test_candidates_cover_every_rule_and_the_density_sets():
   c = calibration.candidates(calibration.T_GRID)
-  assert len(c) == 4 * len(calibration.T_GRID) + len(calibration.DENSITY_SETS)
+  assert len(c) == 4 * len(calibration.T_GRID) + 2 * len(calibration.DENSITY_SETS)
   assert ('density', tuple(range(len(calibration.T_GRID)))) in c
+  assert ('density_mean', tuple(range(len(calibration.T_GRID)))) in c
   assert all((rule, (i,)) in c for i in range(len(calibration.T_GRID))
              for rule in calibration.Z_RULES + ('density',))  # the per-channel density at each t
   assert calibration.candidates((None,)) == [('global', (0,)), ('per_pixel', (0,)),
                                              ('two_sided', (0,)), ('density', (0,))]
+
+
+def _rows_of(zs, labels, kinds):
+  """Rows as `choose` ranks them: kind_score and the kind-averaged Dice of each candidate."""
+  rows = []
+  for z in zs:
+    c = metrics.grouped_curve_metrics(z, labels, kinds)
+    by_kind = {k: c['by_group'][k]['auroc'] for k in c['by_group']}
+    rows.append({'score': calibration.kind_score(by_kind), 'macro_dice': c['macro_threshold'][1]})
+  return rows
+
+
+def test_one_se_choice_breaks_a_tie_within_the_noise_by_dice_but_not_a_real_gap():
+  """B is A with the noise of two same-mask images swapped (the same pixels per kind: the same
+  score, but a different map under resampling) and one positive pixel lowered: a score a hair
+  below A's, far inside the bootstrap's se. B's better synthetic Dice then wins. A clearly worse
+  candidate never wins, whatever its Dice, and without the tie the better score wins."""
+  rng = np.random.default_rng(0)
+  n, hw = 48, 64
+  image_ids = np.repeat(np.arange(n), hw)
+  kinds = image_ids % 4
+  labels = (rng.random((n, hw)) < 0.2)
+  labels[4] = labels[0]  # images 0 and 4: kind 0, the same mask
+  noise = rng.normal(0.0, 1.0, (n, hw))
+  a = labels + noise
+  b = a.copy()
+  b[0], b[4] = labels[0] + noise[4], labels[4] + noise[0]
+  b[0, np.flatnonzero(labels[0])[0]] -= 0.05  # passes a few negatives
+  c = 0.2 * labels + noise
+  zs, labels = np.stack([a, b, c]).reshape(3, -1), labels.reshape(-1)
+  rows = _rows_of(zs, labels, kinds)
+  for r, dice in zip(rows, (0.5, 0.9, 1.0)):
+    r['macro_dice'] = dice
+  gap = rows[0]['score'] - rows[1]['score']
+  assert 0.0 < gap and rows[2]['score'] < rows[0]['score'] - 0.1
+  assert calibration.one_se_choice(rows, zs, labels, kinds, image_ids, seed=0) == 1
+  assert rows[0]['score_gap_se'] == 0.0 and gap < rows[1]['score_gap_se']
+  assert rows[0]['score'] - rows[2]['score'] > 3 * rows[2]['score_gap_se']
+  # Without the tie (B removed), the better score wins against a better Dice.
+  assert calibration.one_se_choice([rows[0], rows[2]], zs[[0, 2]], labels, kinds, image_ids) == 0
 
 
 def test_kind_score_is_the_geometric_mean_margin_and_prefers_finding_every_kind():
@@ -163,7 +204,7 @@ def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp
   z, mask = localization.load_localizer(workdir)(images)
   assert np.array_equal(np.asarray(mask), np.asarray(z) > choice['n_sigma'])
   stats = localization.load_stats(os.path.join(workdir, 'score_stats.npz'))
-  multi = len(choice['t']) > 1 or choice['rule'] == 'density'
+  multi = len(choice['t']) > 1 or choice['rule'] in localization.DENSITY_RULES
   assert isinstance(stats, localization.MultiStats) == multi
   assert stats.smoothing_sigma == choice['smoothing_sigma']  # fitted at the chosen sigma
 

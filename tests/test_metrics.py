@@ -49,6 +49,18 @@ def test_weighted_matches_sklearn():
       average_precision_score(y, s, sample_weight=w), abs=1e-9)
 
 
+def test_weighted_aurocs_are_sklearns_under_each_row_of_weights():
+  rng = np.random.default_rng(2)
+  s = rng.integers(0, 20, 400).astype(float)  # ties: the tie rule matters
+  y = rng.random(400) < 0.3
+  w = rng.integers(0, 3, (5, 400)).astype(float)
+  got = M.weighted_aurocs(s, y, w)
+  assert got.shape == (5,)
+  np.testing.assert_allclose(got, [roc_auc_score(y, s, sample_weight=r) for r in w], atol=1e-12)
+  with pytest.raises(ValueError, match=r'weights must be \[runs, 400\]'):
+    M.weighted_aurocs(s, y, w[:, :399])
+
+
 def test_any_shape_and_label_encoding():
   rng = np.random.default_rng(2)
   s = rng.normal(size=(3, 8, 9))

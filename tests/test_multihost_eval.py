@@ -203,6 +203,12 @@ def test_stats_merge_equals_one_pass_and_the_device_tree_is_fixed(multi):
   other = localization.init_stats((8, 8, 2) if multi else (8, 4, 2), num_bins=256)
   with pytest.raises(ValueError, match='cannot merge'):
     localization.merge_stats(whole, other)
+  if multi:  # old statistics (no per-channel density) do not silently drop the new ones' density
+    with pytest.raises(ValueError, match='per-channel densities.*format 3'):
+      localization.merge_stats(whole, whole.replace(channel_density=None))
+    old = localization.merge_stats(whole.replace(channel_density=None),
+                                   whole.replace(channel_density=None))
+    assert old.channel_density is None
 
 
 # ------------------------------------------------------------------------------------------------

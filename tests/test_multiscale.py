@@ -160,7 +160,8 @@ def test_localize_with_a_t_set_jits_and_matches_the_per_t_oracle(sano_multi, tmp
 def test_density_at_one_t_models_each_colour_channel(channels, tmp_path):
   """At ONE t the density's features are each channel's log maps (3 scales x C), not their mean:
   the jitted z equals the per-channel numpy oracle (on grayscale, the channel-mean one), the stats
-  of one t selected from a t-set equal those fitted at that t alone, and statistics saved before
+  of one t selected from a t-set equal those fitted at that t alone, 'density_mean' over the t-set
+  is the mean of the two t's oracles, and statistics saved before
   the per-channel density (format 3) fall back to the channel-mean marginal."""
   shape = (12, 12, channels)
   # Two smooth nonlinear "score fields" (one per t) whose channels differ; the density logic does
@@ -180,6 +181,14 @@ def test_density_at_one_t_models_each_colour_channel(channels, tmp_path):
   z, _ = jax.jit(lambda im, st: L.localize(one_t, im, st, rule='density'))(images, alone)
   ref = _density_oracle(one_t, healthy, images, sigma=2.0, per_channel=True)
   np.testing.assert_allclose(z, ref, rtol=1e-4, atol=1e-4)
+  # 'density_mean' over the t-set: the mean of each t's own per-channel density z.
+  z_mean, mask = jax.jit(lambda im, st: L.localize(fn, im, st, rule='density_mean'))(images, stats)
+  ref_mean = np.mean([_density_oracle(lambda x, k=k: fn(x)[k], healthy, images, sigma=2.0,
+                                      per_channel=True) for k in (0, 1)], axis=0)
+  np.testing.assert_allclose(z_mean, ref_mean, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(mask, np.asarray(z_mean) > 3.0)
+  with pytest.raises(ValueError, match='density_mean.*MultiStats'):
+    L.localize(one_t, images, L.init_stats(shape), rule='density_mean')
   mean_ref = _density_oracle(one_t, healthy, images, sigma=2.0)
   if channels > 1:  # the channels carry information their mean drops
     assert np.abs(ref - mean_ref).max() > 0.1
