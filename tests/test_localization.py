@@ -129,7 +129,7 @@ def test_localize_definition(setup):
 @pytest.mark.parametrize('rule', L.RULES)
 def test_localize_jit_vmap_pmap(setup, rule):
   score_fn, stats, images = setup
-  if rule == 'density':  # the density rule takes MultiStats: the same stream, with one t
+  if rule in L.DENSITY_RULES:  # the density rules take MultiStats: the same stream, with one t
     step = jax.jit(L.make_stats_step(score_fn))
     multi = L.init_multi_stats(stats.image_shape, (0.01,))
     for i in range(0, len(images), 2):
