@@ -60,8 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Per-pixel healthy map statistics (Genc et al.) give the same ranking, better, and a usable N=3.
   config.localize.stats = 'per_pixel'
   # Label-free calibration (sano_jax/calibration.py): run_eval.py chooses t, the rule and N from
-  # synthetic anomalies on healthy validation images (brick: per_pixel, grass/gravel: the density
-  # at t = 0.05, retina and the held-out hubble: the per-channel density at t = 0.005); the two lines
+  # synthetic anomalies on healthy validation images (brick: per_pixel at t = 0.1, grass, gravel,
+  # retina and the held-out hubble: density_mean over a t-set); the two lines
   # above are used only with --config.localize.calibrate=False.
   config.localize.calibrate = True
   return config
