@@ -251,10 +251,10 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
       image_ids.append(np.repeat(ids, h * w)[keep])
   zs, labels, kind_ids, image_ids = (np.concatenate(zs, axis=1), np.concatenate(labels),
                                      np.concatenate(kind_ids), np.concatenate(image_ids))
+  zs = np.nan_to_num(zs, nan=-np.inf, copy=False)  # once for the ranking and the tie bootstrap
   logging.info('calibration: ranking %d candidates (%.0f s)', len(zs), time.perf_counter() - tic)
   rows = []
   for (sigma, (rule, idx)), z in zip([(s, c) for s in sigmas for c in cands], zs):
-    z = np.nan_to_num(z, nan=-np.inf)
     curves = metrics_lib.grouped_curve_metrics(z, labels, kind_ids)  # one sort per candidate
     m = curves['pooled']
     by_kind = {k: curves['by_group'][i]['auroc'] for i, k in enumerate(KINDS)
@@ -277,7 +277,8 @@ def one_se_choice(rows: list, zs: np.ndarray, labels: np.ndarray, kind_ids: np.n
                   image_ids: np.ndarray, *, seed: int = 0, runs: int = TIE_RUNS,
                   band: int = TIE_BAND) -> int:
   """The index of the chosen row: the one-standard-error rule (Breiman et al. 1984) on the
-  synthetic anomalies, with ties broken by the synthetic Dice.
+  synthetic anomalies (zs [candidates, pixels] as `choose` ranks them), ties broken by the synthetic
+  Dice.
 
   Candidates whose `kind_score` is within the noise of the best one's are tied: gap_j = S_best -
   S_j <= se_j, with se_j the std over `runs` paired bootstraps of S_best - S_j (the synthetic
@@ -292,13 +293,13 @@ def one_se_choice(rows: list, zs: np.ndarray, labels: np.ndarray, kind_ids: np.n
   top = sorted(range(len(rows)), key=lambda i: (-scores[i], -rows[i]['macro_dice']))[:band]
   rng = np.random.default_rng(seed)
   mult = np.zeros((runs, int(image_ids.max()) + 1))
-  for k in np.unique(kind_ids):
-    ids = np.unique(image_ids[kind_ids == k])
+  kinds = [kind_ids == k for k in np.unique(kind_ids)]
+  for sel in kinds:
+    ids = np.unique(image_ids[sel])
     np.add.at(mult, (np.arange(runs)[:, None], rng.choice(ids, (runs, ids.size))), 1.0)
   weights = mult[:, image_ids]  # [runs, pixels]
-  kinds = [kind_ids == k for k in np.unique(kind_ids)]
   def boot(i):
-    z = np.nan_to_num(zs[i], nan=-np.inf)
+    z = zs[i]
     by_kind = [metrics_lib.weighted_aurocs(z[sel], labels[sel], weights[:, sel]) for sel in kinds]
     return np.asarray([kind_score(dict(enumerate(a))) for a in zip(*by_kind)])
   best_runs = boot(top[0])
