@@ -86,6 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   training.num_train_steps = 400 * (6146 // 64)
   training.steps_per_call = 1  # >1: lax.scan over several steps per device call
   training.ema_rate = 0.9999
+  # The t of each training example (sano_jax/losses.py): 'uniform' on [sde.eps, 1] (the paper) or
+  # 'log_uniform' on [t_sampling_min, 1] (None: sde.eps), which trains where localization reads.
+  training.t_sampling = 'uniform'
+  training.t_sampling_min = ml_collections.config_dict.placeholder(float)
   training.log_every = 100
   training.eval_every = 2000
   training.checkpoint_every = 2000

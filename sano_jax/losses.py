@@ -9,6 +9,10 @@ The model predicts the noise, eps_hat(x, t), and s(x, t) = -eps_hat / sigma(t). 
                                                                           Song et al. 2021a)
 
 with t ~ U(eps, 1). Both are eq. (1) (the 1/2 and the dimension D absorbed into the learning rate).
+``t_sampling='log_uniform'`` draws log t ~ U(log t_min, 0) instead: the same objective under the
+weighting lambda(t) p(t) with p(t) = 1 / (t log(1/t_min)) (any positive weighting has the true score
+as its minimizer at every t), which spends the steps where localization reads the score (small t)
+instead of spreading them evenly over [eps, 1].
 Every example draws its t and z from its own key, fold_in(rng, example_id), so the loss of a batch does
 not depend on how the batch is split over devices and hosts.
 """
@@ -18,25 +22,38 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sano_jax.sde import VPSDE, _bcast
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [B,H,W,C], t [B]) -> eps_hat
 
 
-def sample_t_and_noise(rng: jax.Array, example_ids: jax.Array, shape, t_eps: float):
-  """t_i ~ U(t_eps, 1) and z_i ~ N(0, I) of `shape` [B, ...], each from fold_in(rng, example_ids[i])."""
+T_SAMPLING = ('uniform', 'log_uniform')
+
+
+def sample_t_and_noise(rng: jax.Array, example_ids: jax.Array, shape, t_eps: float,
+                       t_sampling: str = 'uniform'):
+  """t_i ~ U(t_eps, 1) (or log t_i ~ U(log t_eps, 0): `t_sampling='log_uniform'`) and
+  z_i ~ N(0, I) of `shape` [B, ...], each from fold_in(rng, example_ids[i])."""
+  if t_sampling not in T_SAMPLING:
+    raise ValueError(f't_sampling must be one of {T_SAMPLING}, got {t_sampling!r}')
+  if not 0.0 < t_eps < 1.0:
+    raise ValueError(f'the smallest training t must lie in (0, 1), got {t_eps}')
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
-  t = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), (), minval=t_eps, maxval=1.0))(keys)
+  lo, hi = (t_eps, 1.0) if t_sampling == 'uniform' else (float(np.log(t_eps)), 0.0)
+  u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), (), minval=lo, maxval=hi))(keys)
+  t = u if t_sampling == 'uniform' else jnp.exp(u)
   z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), shape[1:]))(keys)
   return t, z
 
 
 def dsm_loss_per_example(eps_fn: EpsFn, sde: VPSDE, x0: jax.Array, rng: jax.Array,
                          example_ids: jax.Array, *, t_eps: float = 1e-5,
-                         likelihood_weighting: bool = False) -> jax.Array:
+                         likelihood_weighting: bool = False,
+                         t_sampling: str = 'uniform') -> jax.Array:
   """Eq. (1) per example [B] for clean images x0 [B,H,W,C] in [-1, 1]."""
-  t, z = sample_t_and_noise(rng, example_ids, x0.shape, t_eps)
+  t, z = sample_t_and_noise(rng, example_ids, x0.shape, t_eps, t_sampling)
   x_t = sde.perturb(x0.astype(jnp.float32), t, z)
   eps_hat = eps_fn(x_t.astype(x0.dtype), t).astype(jnp.float32)
   sq = jnp.square(eps_hat - z)

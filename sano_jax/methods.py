@@ -99,7 +99,10 @@ class SANO(Method):
     self.sde = sde_lib.from_config(config)
     self._ts = multiscale.as_ts(config.localize.t)
     self.t = self._ts[0]
-    self.t_eps = float(config.sde.eps)
+    # The training t: U(eps, 1) (the paper) or log-uniform on [t_sampling_min, 1] (sano_jax/losses.py).
+    self.t_sampling = config.training.get('t_sampling', 'uniform')
+    t_min = config.training.get('t_sampling_min', None)
+    self.t_eps = float(config.sde.eps if t_min is None else t_min)
     self.likelihood_weighting = bool(config.sde.likelihood_weighting)
     m = config.model
     self._signature = {
@@ -125,7 +128,8 @@ class SANO(Method):
   def losses(self, params, x, ids, rng, *, train: bool, dropout_rng=None) -> dict:
     loss = losses_lib.dsm_loss_per_example(
         self.eps_fn(params, train=train, dropout_rng=dropout_rng), self.sde, x, rng, ids,
-        t_eps=self.t_eps, likelihood_weighting=self.likelihood_weighting)
+        t_eps=self.t_eps, likelihood_weighting=self.likelihood_weighting,
+        t_sampling=self.t_sampling)
     return {'loss': loss}
 
   @property

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import integrate
+from scipy import stats
 
 from sano_jax import losses
 from sano_jax.sde import VPSDE
@@ -22,28 +23,58 @@ def true_eps(x, t):
   return sig * x / (a**2 * S**2 + sig**2)
 
 
-def analytic_loss(t_eps, likelihood_weighting):
+def analytic_loss(t_eps, likelihood_weighting, t_sampling='uniform'):
+  """E_t[w(t) alpha^2 s^2 / v] under the training t's density p(t): 1 / (1 - t_eps) on [t_eps, 1]
+  (uniform) or 1 / (t log(1 / t_eps)) (log-uniform)."""
   def integrand(t):
     a2 = float(SDE.mean_coeff(t)) ** 2
     s2 = float(SDE.marginal_std(t)) ** 2
     w = float(SDE.beta(t)) / s2 if likelihood_weighting else 1.0
-    return w * a2 * S**2 / (a2 * S**2 + s2)
+    p = 1.0 / (1.0 - t_eps) if t_sampling == 'uniform' else 1.0 / (t * np.log(1.0 / t_eps))
+    return p * w * a2 * S**2 / (a2 * S**2 + s2)
   value, _ = integrate.quad(integrand, t_eps, 1.0, limit=200, points=[t_eps * 10, 0.01, 0.1])
-  return value / (1.0 - t_eps)
+  return value
 
 
-def per_example(eps_fn, t_eps, lw, n=20000, d=16, seed=0):
+def per_example(eps_fn, t_eps, lw, n=20000, d=16, seed=0, t_sampling='uniform'):
   x0 = S * jax.random.normal(jax.random.PRNGKey(seed), (n, d))
   fn = jax.jit(lambda r: losses.dsm_loss_per_example(eps_fn, SDE, x0, r, jnp.arange(n), t_eps=t_eps,
-                                                     likelihood_weighting=lw))
+                                                     likelihood_weighting=lw,
+                                                     t_sampling=t_sampling))
   return np.asarray(fn(jax.random.PRNGKey(seed + 1)))
 
 
-@pytest.mark.parametrize('t_eps,lw', [(1e-5, False), (1e-2, True)])
-def test_loss_of_true_score_equals_analytic_value(t_eps, lw):
-  l = per_example(true_eps, t_eps, lw)
+@pytest.mark.parametrize('t_eps,lw,t_sampling', [
+    (1e-5, False, 'uniform'), (1e-2, True, 'uniform'), (1e-3, False, 'log_uniform'),
+    (1e-2, True, 'log_uniform')])
+def test_loss_of_true_score_equals_analytic_value(t_eps, lw, t_sampling):
+  l = per_example(true_eps, t_eps, lw, t_sampling=t_sampling)
   se = l.std() / np.sqrt(l.size)
-  assert abs(l.mean() - analytic_loss(t_eps, lw)) < 4 * se, (l.mean(), analytic_loss(t_eps, lw), se)
+  expected = analytic_loss(t_eps, lw, t_sampling)
+  assert abs(l.mean() - expected) < 4 * se, (l.mean(), expected, se)
+
+
+T_CDFS = {'uniform': lambda t: (t - 1e-3) / (1.0 - 1e-3),  # on [1e-3, 1]
+          'log_uniform': lambda t: np.log(t / 1e-3) / np.log(1.0 / 1e-3)}
+
+
+@pytest.mark.parametrize('t_sampling', sorted(T_CDFS))
+def test_training_t_follows_its_distribution(t_sampling):
+  """Kolmogorov-Smirnov against the closed-form CDF on [1e-3, 1]; the other CDF is rejected."""
+  t, _ = jax.jit(lambda r: losses.sample_t_and_noise(r, jnp.arange(5000), (5000, 2), 1e-3,
+                                                     t_sampling))(jax.random.PRNGKey(0))
+  t = np.asarray(t, np.float64)
+  assert 1e-3 <= t.min() and t.max() <= 1.0
+  assert stats.kstest(t, T_CDFS[t_sampling]).pvalue > 1e-3
+  other = 'log_uniform' if t_sampling == 'uniform' else 'uniform'
+  assert stats.kstest(t, T_CDFS[other]).pvalue < 1e-6
+
+
+def test_bad_t_sampling_is_a_clear_error():
+  with pytest.raises(ValueError, match='t_sampling'):
+    losses.sample_t_and_noise(jax.random.PRNGKey(0), jnp.arange(2), (2, 1), 1e-3, 'normal')
+  with pytest.raises(ValueError, match='smallest training t'):
+    losses.sample_t_and_noise(jax.random.PRNGKey(0), jnp.arange(2), (2, 1), 0.0, 'log_uniform')
 
 
 @pytest.mark.parametrize('perturb', [

@@ -389,6 +389,29 @@ def test_likelihood_weighting_is_the_weighted_dsm_objective(float32_run):
   assert np.all(np.abs(weighted / plain - 1.0) > 0.1), weighted / plain
 
 
+def test_log_uniform_training_t_reaches_the_methods_loss(float32_run):
+  """training.t_sampling='log_uniform' with t_sampling_min: the method's loss is the eps-matching
+  loss at log-uniform draws of t on [t_sampling_min, 1] (recomputed here from the closed forms
+  with the model's eps_hat), not at the paper's uniform draws."""
+  params = float32_run[0][-1].params
+  x0 = _grating_batches(1, seed=5)[0]
+  ids, rng = jnp.arange(B), jax.random.PRNGKey(11)
+  sde = tiny_config().sde
+  t, z = (np.asarray(a, np.float64) for a in
+          losses.sample_t_and_noise(rng, ids, x0.shape, 1e-2, 'log_uniform'))
+  t_uniform, _ = losses.sample_t_and_noise(rng, ids, x0.shape, float(sde.eps))
+  assert np.all(np.abs(t - np.asarray(t_uniform)) > 1e-4)  # the two draws differ
+  alpha, sigma, _ = _vp_closed_forms(t, sde.beta_min, sde.beta_max)
+  col = lambda v: v.reshape(-1, 1, 1, 1)
+  x_t = col(alpha) * x0 + col(sigma) * z
+  method = methods.create(tiny_config(**SMALL_UNET, **{'training.t_sampling': 'log_uniform',
+                                                       'training.t_sampling_min': 1e-2}))
+  got = jax.jit(lambda p: method.losses(p, x0, ids, rng, train=False)['loss'])(params)
+  eps_hat = method.eps_fn(params)(jnp.asarray(x_t, jnp.float32), jnp.asarray(t, jnp.float32))
+  want = np.mean(np.square(np.asarray(eps_hat, np.float64) - z), axis=(1, 2, 3))
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------
 # train_and_evaluate: resume with steps_per_call > 1, checkpoint rotation.
 # The method is the noisy quadratic (its gradient depends on the data order, the step's keys and
