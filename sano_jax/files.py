@@ -206,10 +206,11 @@ class LineAppender:
   read once when this opens, kept in memory, and the whole file is rewritten atomically at every
   `append`: each upload costs the file's size (one short line per log step, a few hundred KiB for
   a long run), and a reader sees every line appended so far or, during the rewrite, one less.
-  Only one writer per file (process 0 of a run).
+  Only one writer per file (process 0 of a run). `text`: the file's content when the caller has
+  just read it (no second download from the bucket); None reads it here.
   """
 
-  def __init__(self, p: epath.PathLike):
+  def __init__(self, p: epath.PathLike, text: str | None = None):
     self.path = epath.Path(p)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if is_local(self.path):
@@ -217,7 +218,9 @@ class LineAppender:
       self._text = None
     else:
       self._file = None
-      self._text = self.path.read_text() if self.path.exists() else ''
+      if text is None:
+        text = self.path.read_text() if self.path.exists() else ''
+      self._text = text
 
   def append(self, line: str) -> None:
     line = line if line.endswith('\n') else line + '\n'

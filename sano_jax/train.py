@@ -231,12 +231,13 @@ class MetricsLog:
     self.writer = None
     if enabled:
       path = os.path.join(workdir, 'metrics.jsonl')  # local or gs://
+      kept = ''
       if files.exists(path):
         text = files.read_text(path)
         kept = _rows_up_to(text, start_step)
         if kept != text:
           files.atomic_write_text(path, kept)
-      self.jsonl = files.LineAppender(path)
+      self.jsonl = files.LineAppender(path, text=kept)  # read once, also on a bucket
       try:
         from flax.metrics import tensorboard
         from sano_jax.datasets import hide_gpus_from_tf

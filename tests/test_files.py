@@ -153,11 +153,21 @@ def test_line_appender_resumes_across_writers(root):
   assert files.listdir(root) == ['metrics.jsonl']
 
 
-def test_training_metrics_log_on_the_bucket(fake_gcs):
+def test_training_metrics_log_on_the_bucket(fake_gcs, monkeypatch):
+  import fake_gcs as fake_gcs_lib  # pylint: disable=g-import-not-at-top
   from sano_jax import compare, train  # pylint: disable=g-import-not-at-top
+  reads = []
+  def counting_open(fs, path, mode='rb', **kwargs):
+    if 'r' in mode and str(path).endswith('metrics.jsonl'):
+      reads.append(path)
+    return open_(fs, path, mode, **kwargs)
+  open_ = fake_gcs_lib.FakeGcsFileSystem.open
+  monkeypatch.setattr(fake_gcs_lib.FakeGcsFileSystem, 'open', counting_open)
   workdir = fake_gcs.url('run')
   for steps in ((1, 2), (3,)):  # a run, then its resumption
+    reads.clear()
     log = train.MetricsLog(workdir, enabled=True, start_step=steps[0] - 1)  # its checkpoint
+    assert len(reads) == (steps[0] > 1)  # the resumed run downloads the file once, not twice
     assert log.writer is None  # TensorBoard would go to the real GCS: the fixture turns it off
     for step in steps:
       log.write(step, {'loss': 1.0 / step, 'perf/images_per_s': 10.0 * step, 'perf/wall_s': step})
