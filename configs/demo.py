@@ -46,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Train where localization reads the score: log t ~ U(log 1e-3, 0) instead of t ~ U(1e-5, 1)
   # (sano_jax/losses.py; the calibration reads t = 0.005..0.4). Same models otherwise, calibrated
   # test AUROC / Dice @ N (benchmarks/calibration_oracle.py): retina 0.940 / 0.663 -> 0.950 / 0.663,
-  # brick 0.969 / 0.738 -> 0.970 / 0.739, gravel 0.901 / 0.565 -> 0.903 / 0.563, grass 0.856 / 0.526 -> 0.872 / 0.547.
+  # brick 0.969 / 0.738 -> 0.970 / 0.739, gravel 0.901 / 0.565 -> 0.903 / 0.563,
+  # grass 0.856 / 0.526 -> 0.872 / 0.547.
   config.training.t_sampling = 'log_uniform'
   config.training.t_sampling_min = 1e-3
   config.training.log_every = 50
