@@ -362,15 +362,16 @@ def test_likelihood_weighting_is_the_weighted_dsm_objective(float32_run):
   x0 = _grating_batches(1, seed=5)[0]
   ids, rng = jnp.arange(B), jax.random.PRNGKey(11)
   sde = tiny_config().sde
-  t, z = (np.asarray(a, np.float64) for a in
-          losses.sample_t_and_noise(rng, ids, x0.shape, float(sde.eps)))
-  assert t.min() >= sde.eps and t.max() <= 1.0
-  alpha, sigma, g2 = _vp_closed_forms(t, sde.beta_min, sde.beta_max)
-  col = lambda v: v.reshape(-1, 1, 1, 1)
-  x_t = col(alpha) * x0 + col(sigma) * z
   plain_method, weighted_method = (
       methods.create(tiny_config(**SMALL_UNET, **{'sde.likelihood_weighting': lw}))
       for lw in (False, True))
+  # The method's own training-t law (tiny inherits the demo's log-uniform t on [t_min, 1]).
+  t, z = (np.asarray(a, np.float64) for a in losses.sample_t_and_noise(
+      rng, ids, x0.shape, plain_method.t_eps, plain_method.t_sampling))
+  assert t.min() >= plain_method.t_eps and t.max() <= 1.0
+  alpha, sigma, g2 = _vp_closed_forms(t, sde.beta_min, sde.beta_max)
+  col = lambda v: v.reshape(-1, 1, 1, 1)
+  x_t = col(alpha) * x0 + col(sigma) * z
 
   @jax.jit  # one compiled call: the two losses and the model's eps_hat at the recomputed x_t
   def compute(params, x0, x_t, t):
