@@ -32,14 +32,20 @@ EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [B,H,W,C], t [B]) ->
 T_SAMPLING = ('uniform', 'log_uniform')
 
 
+def check_t_sampling(t_sampling: str, t_eps: float) -> None:
+  """A clear error for an unknown training-t law or a smallest t outside (0, 1)."""
+  if t_sampling not in T_SAMPLING:
+    raise ValueError(f'training.t_sampling must be one of {T_SAMPLING}, got {t_sampling!r}')
+  if not 0.0 < t_eps < 1.0:
+    raise ValueError(f'the smallest training t (training.t_sampling_min, else sde.eps) must lie in '
+                     f'(0, 1), got {t_eps}')
+
+
 def sample_t_and_noise(rng: jax.Array, example_ids: jax.Array, shape, t_eps: float,
                        t_sampling: str = 'uniform'):
   """t_i ~ U(t_eps, 1) (or log t_i ~ U(log t_eps, 0): `t_sampling='log_uniform'`) and
   z_i ~ N(0, I) of `shape` [B, ...], each from fold_in(rng, example_ids[i])."""
-  if t_sampling not in T_SAMPLING:
-    raise ValueError(f't_sampling must be one of {T_SAMPLING}, got {t_sampling!r}')
-  if not 0.0 < t_eps < 1.0:
-    raise ValueError(f'the smallest training t must lie in (0, 1), got {t_eps}')
+  check_t_sampling(t_sampling, t_eps)
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
   lo, hi = (t_eps, 1.0) if t_sampling == 'uniform' else (float(np.log(t_eps)), 0.0)
   u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), (), minval=lo, maxval=hi))(keys)

@@ -103,6 +103,7 @@ class SANO(Method):
     self.t_sampling = config.training.get('t_sampling', 'uniform')
     t_min = config.training.get('t_sampling_min', None)
     self.t_eps = float(config.sde.eps if t_min is None else t_min)
+    losses_lib.check_t_sampling(self.t_sampling, self.t_eps)  # at creation, not at first trace
     self.likelihood_weighting = bool(config.sde.likelihood_weighting)
     m = config.model
     self._signature = {

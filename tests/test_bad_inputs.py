@@ -517,6 +517,18 @@ def test_config_negative_grad_clip():
   train.check_config(tiny_config(**{'optim.grad_clip': 0.0, 'optim.warmup_steps': 0}), 1)  # off
 
 
+@pytest.mark.parametrize('overrides,match', [
+    ({'training.t_sampling': 'loguniform'}, r"training\.t_sampling must be one of .*'loguniform'"),
+    ({'training.t_sampling_min': 0.0}, r'training\.t_sampling_min, else sde\.eps\) must lie in \(0, 1\), got 0\.0'),
+    ({'training.t_sampling_min': None, 'sde.eps': 1.5}, r'must lie in \(0, 1\), got 1\.5')])
+def test_config_bad_training_t_law_fails_when_the_method_is_built(overrides, match):
+  """A typo in the training-t law is an error when the method is created from the config (before
+  any data is read or a step is traced), naming the key and the value."""
+  from sano_jax import methods  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=match):
+    methods.create(tiny_config(**overrides))
+
+
 def test_config_batch_not_divisible_by_devices():
   with pytest.raises(ValueError, match=r'training\.batch_size=6 is not divisible by the 4 devices'):
     train.check_config(tiny_config(**{'training.batch_size': 6}), 4)
