@@ -21,6 +21,7 @@ import os
 import sys
 from typing import Any, Iterator
 
+from absl import logging
 import numpy as np
 
 from sano_jax import datasets as datasets_lib
@@ -113,8 +114,8 @@ def _resolve_name(data) -> str:
   return name
 
 
-def _get_builder(config):
-  """The TFDS builder of `config.data.dataset`, prepared (built) if needed."""
+def _builder_for(config):
+  """The TFDS builder of `config.data.dataset` (built or not)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   datasets_lib.register_builders()
   data = config.data
@@ -131,6 +132,15 @@ def _get_builder(config):
       raise ValueError(
           f'config.data.dataset={data.dataset!r} (resolved to {name!r}) is not a known TFDS '
           f'dataset: {e}') from e
+  return builder
+
+
+def _get_builder(config):
+  """The TFDS builder of `config.data.dataset`, prepared (built) if needed."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data = config.data
+  builder = _builder_for(config)
+  name = builder.name + (f'/{builder.builder_config.name}' if builder.builder_config else '')
   if not builder.is_prepared():
     download_config = None
     if builder.name == 'hands11k':
@@ -142,7 +152,15 @@ def _get_builder(config):
             f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
       download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
     datasets_lib.hide_gpus_from_tf()
-    builder.download_and_prepare(download_config=download_config, file_format='array_record')
+    try:
+      builder.download_and_prepare(download_config=download_config, file_format='array_record')
+    except FileExistsError:
+      # Another process (a second host, or a parallel run on the same data_dir) finished the same
+      # deterministic build between our check and TFDS's final rename: use its copy, if complete.
+      if not _builder_for(config).is_prepared():
+        raise
+      logging.info('%s was built by another process meanwhile; using its copy.', name)
+      builder = _builder_for(config)
   return builder
 
 

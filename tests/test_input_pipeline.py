@@ -305,3 +305,27 @@ def test_flips_are_deterministic_across_process_counts_and_resume():
     if k >= 3:
       np.testing.assert_array_equal(next(late)['image'], b['image'])
   assert len({tuple(_flip_ids(b['image'], src.image)) for b in one}) == 5  # new flips each step
+
+
+def test_get_source_survives_a_concurrent_build(tmp_path, monkeypatch):
+  """Two processes building the same dataset into one data_dir: the one that renames second gets
+  TFDS's FileExistsError and must read the other's (identical) copy instead of failing."""
+  from sano_jax.datasets import textures  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data.data_dir = str(tmp_path)
+  generate = textures.SanoTextures._download_and_prepare
+  calls = []
+
+  def other_process_finishes_first(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:  # the "other process": a second builder on the same data_dir, start to end
+      ip._builder_for(config).download_and_prepare(file_format='array_record')
+    return generate(self, *args, **kwargs)
+
+  monkeypatch.setattr(textures.SanoTextures, '_download_and_prepare', other_process_finishes_first)
+  source = ip.get_source(config, 'validation')
+  assert len(calls) == 2  # both builds ran; ours lost the final rename
+  tex_cfg = next(c for c in textures.SanoTextures.BUILDER_CONFIGS if c.name == 'brick_16')
+  want = {e['name']: e for e in textures.make_split(tex_cfg, 'validation')}
+  assert len(source) == len(want)
+  np.testing.assert_array_equal(source[0]['image'], want[source[0]['name']]['image'])
