@@ -157,10 +157,11 @@ def _get_builder(config):
     except FileExistsError:
       # Another process (a second host, or a parallel run on the same data_dir) finished the same
       # deterministic build between our check and TFDS's final rename: use its copy, if complete.
-      if not _builder_for(config).is_prepared():
+      theirs = _builder_for(config)
+      if not theirs.is_prepared():
         raise
       logging.info('%s was built by another process meanwhile; using its copy.', name)
-      builder = _builder_for(config)
+      builder = theirs
   return builder
 
 
