@@ -6,6 +6,8 @@ derandomized hypothesis profile, and the `four_devices` marker.
   reason; subprocess tests force ``JAX_PLATFORMS=cpu`` in the child (``helpers.subprocess_env``).
 * Hypothesis runs derandomized (a fixed seed per test: the same examples on every run, so CI never
   flakes on a newly drawn example). ``HYPOTHESIS_PROFILE=explore`` draws fresh random examples.
+* JAX's persistent compilation cache (``compilation_cache_dir``), also passed to the child
+  processes (``helpers.subprocess_env``): a program compiled once per worker, not once per test.
 * ``SANO_TEST_SUBPROCESS_TIMEOUT`` (seconds, default 600): the limit of each subprocess a test
   waits for (generous: a busy 2-core CI machine is slow, a hung child still ends).
 """
@@ -18,6 +20,14 @@ if _FLAG not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _FLAG).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+from tests.helpers import compilation_cache_dir  # pylint: disable=g-import-not-at-top
+
+# Every compilation is kept, however short (flax's eager init compiles op by op): the same programs
+# compiled again in another test, a re-created jit or a child process are read back, not compiled.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', compilation_cache_dir())
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 try:
   from hypothesis import HealthCheck, settings  # pylint: disable=g-import-not-at-top
@@ -34,6 +44,7 @@ def pytest_configure(config):
   config.addinivalue_line(
       'markers', 'four_devices: needs the 4 simulated CPU devices (skipped where JAX_PLATFORMS '
       'selects an accelerator or the device count differs)')
+  config.addinivalue_line('markers', 'xdist_group(name): pytest-xdist runs the group on one worker')
 
 
 def pytest_runtest_setup(item):
@@ -60,3 +71,47 @@ def fake_gcs(tmp_path, monkeypatch):
   yield bucket
   stray = bucket.stray(str(cwd))
   assert not stray, f'code bypassed epath and wrote local paths made from gs:// URIs: {stray}'
+
+
+@pytest.fixture(scope='session')
+def textures_dir(tmp_path_factory):
+  """A TFDS data_dir holding the embedded dataset at the tiny config's 16 px, built once per
+  worker (tests that write to a data_dir build their own)."""
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  return helpers.build_textures(tmp_path_factory.mktemp('tfds'))
+
+
+# Scheduling (`pytest -n 2 --dist loadgroup --no-loadscope-reorder`, the Makefile's test target):
+# each file's tests run on one worker (its module fixtures are built once), except the files in
+# SPREAD, whose tests share no costly fixture and are dealt out one by one; files start heaviest
+# first (measured with --durations on a 2-core machine), so that the two workers end together.
+HEAVIEST_FIRST = (
+    'test_kill_harness.py', 'test_calibration.py', 'test_methods_run.py', 'test_multihost.py',
+    'test_methods.py', 'test_evaluate_rules.py', 'test_run_scripts.py', 'test_multiscale.py',
+    'test_evaluate.py', 'test_multihost_eval.py', 'test_gcs_cycle.py', 'test_train.py',
+    'test_localization.py', 'test_damaged_checkpoint.py', 'test_predict.py',
+    'test_native_resolution.py', 'test_unet.py', 'test_train_options.py', 'test_run_train.py')
+SPREAD = ('test_methods_run.py', 'test_methods.py')
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+  for item in items:
+    if item.path.name not in SPREAD:
+      item.add_marker(pytest.mark.xdist_group(item.path.name))
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory, textures_dir):
+  """(config, workdir): configs/tiny.py trained on the embedded data as `helpers.tiny_run_config`
+  sets it up (10 steps), once per worker. Tests copy the workdir (`shutil.copytree`) and never
+  write in it."""
+  from sano_jax import train  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny_run_config(textures_dir)
+  workdir = str(tmp_path_factory.mktemp('tiny_run') / 'wd')
+  train.train_and_evaluate(config, workdir)
+  return config, workdir

@@ -30,6 +30,32 @@ def tiny_config(**overrides):
   return config
 
 
+def random_params(config, seed: int = 0, scale: float = 0.05):
+  """Params of the config's U-Net without compiling init (XLA:CPU takes ~30 s for the jitted init):
+  eval_shape for the tree, then N(0, scale^2) values (every weight nonzero, so the output is too)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from sano_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create_model(config)
+  size, c = config.data.image_size, config.data.num_channels
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, size, size, c), np.float32),
+                          np.ones((1,), np.float32))['params']
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+
+def compilation_cache_dir() -> str:
+  """This pytest process's folder of JAX's persistent compilation cache: one per xdist worker (JAX
+  writes an entry in place, so a concurrent reader of a shared folder could see half of it), under
+  SANO_TEST_COMPILATION_CACHE (default .pytest_cache/d/sano_jax_compilation_cache: a later run on
+  this checkout starts warm; `pytest --cache-clear` empties it). Entries are keyed by the program,
+  the JAX version and the flags: never reused wrongly."""
+  import os  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  base = os.environ.get('SANO_TEST_COMPILATION_CACHE') or os.path.join(
+      root, '.pytest_cache', 'd', 'sano_jax_compilation_cache')
+  return os.path.join(base, os.environ.get('PYTEST_XDIST_WORKER', 'main'))
+
+
 def subprocess_timeout() -> float:
   """Seconds a test waits for a subprocess: SANO_TEST_SUBPROCESS_TIMEOUT, default 600 (generous on
   a busy 2-core machine; a hung child still ends the test)."""
@@ -37,13 +63,20 @@ def subprocess_timeout() -> float:
   return float(os.environ.get('SANO_TEST_SUBPROCESS_TIMEOUT', '600'))
 
 
-def subprocess_env(local_devices: int = 4, **extra) -> dict:
+def subprocess_env(local_devices: int = 4, cache_subdir: str = '', **extra) -> dict:
   """The environment of a child Python that runs JAX: CPU only with `local_devices` simulated
-  devices, whatever JAX_* or XLA_FLAGS the parent has (e.g. JAX_PLATFORMS=cuda), plus `extra`."""
+  devices, whatever JAX_* or XLA_FLAGS the parent has (e.g. JAX_PLATFORMS=cuda), plus `extra`.
+
+  The child shares this worker's persistent compilation cache (tests/conftest.py), every
+  compilation kept; children that run at the same time name a `cache_subdir` each (JAX writes an
+  entry in place: a concurrent reader could see half of it)."""
   import os  # pylint: disable=g-import-not-at-top
   env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_') and k != 'XLA_FLAGS'}
   env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={local_devices}',
-             TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1')
+             TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1',
+             JAX_COMPILATION_CACHE_DIR=os.path.join(compilation_cache_dir(), cache_subdir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   env.update({k: str(v) for k, v in extra.items()})
   return env
 
@@ -143,13 +176,12 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
 
-def run_train_fast_process(workdir, data_dir, *extra, log, cache_dir):
-  """`run_train_process`, quicker to start many times over: the children share JAX's persistent
-  compilation cache in `cache_dir` (every compilation kept, however short: a later start traces
-  the model but compiles nothing), and write no TensorBoard files (importing TensorFlow for them
-  costs 10-25 s a start on a busy 2-core machine; metrics.jsonl is still written). The child is
-  run_train.py itself, run as __main__ in the Popen's own process (a signal to it reaches the
-  training process)."""
+def run_train_fast_process(workdir, data_dir, *extra, log):
+  """`run_train_process`, quicker to start many times over: it writes no TensorBoard files
+  (importing TensorFlow for them costs 10-25 s a start on a busy 2-core machine; metrics.jsonl is
+  still written). Like every child it shares the worker's compilation cache (`subprocess_env`): a
+  later start traces the model but compiles nothing. The child is run_train.py itself, run as
+  __main__ in the Popen's own process (a signal to it reaches the training process)."""
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -157,11 +189,9 @@ def run_train_fast_process(workdir, data_dir, *extra, log, cache_dir):
   cmd = [sys.executable, '-c', _FAST_CHILD, os.path.join(root, 'run_train.py'),
          '--config=configs/tiny.py', f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
          *extra]
-  env = subprocess_env(4, JAX_COMPILATION_CACHE_DIR=cache_dir,
-                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0,
-                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0)
   with open(log, 'w') as f:  # the child keeps its own copy of the descriptor
-    return subprocess.Popen(cmd, cwd=root, stdout=f, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(cmd, cwd=root, stdout=f, stderr=subprocess.STDOUT,
+                            env=subprocess_env(4))
 
 
 def tiny_run_config(data_dir, steps: int = 10, **overrides):
@@ -190,11 +220,11 @@ def free_port() -> int:
 
 
 def run_process_pair(argv, log_prefix, *, local_devices: int = 2, attempts: int = 3,
-                     process_env=None, **env) -> list[str]:
+                     **env) -> list[str]:
   """Runs `argv` (a Python script and its arguments) as processes 0 and 1 of one jax.distributed
   job on a free localhost port (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES=2, JAX_PROCESS_ID; CPU,
-  `local_devices` simulated devices each, `env` added, and `process_env(i)` (a dict) for process i
-  when given), their output to the files LOG_PREFIX.process{i}.attempt{k}.log; returns both
+  `local_devices` simulated devices each, `env` added, each process with its own folder of the
+  compilation cache), their output to the files LOG_PREFIX.process{i}.attempt{k}.log; returns both
   outputs once both exited 0.
 
   The script prints 'process I initialized' once it has joined. The port may be taken between
@@ -215,9 +245,9 @@ def run_process_pair(argv, log_prefix, *, local_devices: int = 2, attempts: int 
         with open(log, 'w') as f:  # the child keeps its own copy of the descriptor
           procs.append(subprocess.Popen(
               [sys.executable, *map(str, argv)], stdout=f, stderr=subprocess.STDOUT,
-              env=subprocess_env(local_devices, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
-                                 JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i, **env,
-                                 **(process_env(i) if process_env else {}))))
+              env=subprocess_env(local_devices, cache_subdir=f'process{i}',
+                                 JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+                                 JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i, **env)))
       while any(p.poll() is None for p in procs):
         if any(p.poll() not in (None, 0) for p in procs):
           break

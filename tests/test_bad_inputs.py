@@ -15,14 +15,13 @@ import sys
 import zipfile
 import zlib
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from sano_jax import checkpointing, localization, models, predict, train
+from sano_jax import checkpointing, localization, predict, train
 from sano_jax.datasets import folder
-from tests.helpers import tiny_config
+from tests.helpers import random_params, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = 16  # the tiny config's image size
@@ -42,20 +41,10 @@ def stats16():
   return localization.fit_score_stats(_identity_score, [rng.uniform(size=(4, S, S, 1)).astype(np.float32)])
 
 
-def _random_params(config, seed=0):
-  """Params of the config's model without compiling init (eval_shape + random values)."""
-  model = models.create_model(config)
-  size, c = config.data.image_size, config.data.num_channels
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, size, size, c), np.float32),
-                          np.ones((1,), np.float32))['params']
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-
-
 def _make_run(wd, config, *, stats_size=S):
   """A run directory as load_localizer / predict read it: config.json, best/, score_stats.npz."""
   checkpointing.save_config(config, wd)
-  params = _random_params(config)
+  params = random_params(config)
   store = checkpointing.CheckpointStore(wd)
   store.save_best(1, {'params': params, 'ema_params': params}, 0.0)
   store.close()

@@ -11,7 +11,7 @@ import pytest
 import scipy.ndimage as ndi
 from sklearn import metrics as skm
 
-from sano_jax import checkpointing, evaluate, groups, input_pipeline, localization, train
+from sano_jax import checkpointing, evaluate, groups, input_pipeline, localization
 from tests.helpers import tiny_run_config
 from tests.sklearn_oracle import whole_set_metrics
 
@@ -24,11 +24,12 @@ def _config(data_dir):
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  root = tmp_path_factory.mktemp('eval')
-  config = _config(root / 'tfds')
-  workdir = str(root / 'wd')
-  train.train_and_evaluate(config, workdir)
+def run(tmp_path_factory, tiny_run):
+  """The shared tiny run (tests/conftest.py), copied and evaluated with figures and groups."""
+  config = _config(tiny_run[0].data.data_dir)
+  workdir = str(tmp_path_factory.mktemp('eval') / 'wd')
+  shutil.copytree(tiny_run[1], workdir)
+  checkpointing.save_config(config, workdir)  # as if trained with it: evaluate(None, ...) reads it
   out = evaluate.evaluate(config, workdir)
   return config, workdir, out
 

@@ -16,14 +16,15 @@ Dropping a checkpoint (~1 ms, which the harness seldom hits) is covered by a sim
 in-process (`test_kill_while_a_checkpoint_is_dropped_leaves_every_listed_step_whole`).
 
 Cost: 12 starts of run_train.py (the reference, 10 killed, the last), each tracing the model and
-its steps again. The children share JAX's persistent compilation cache (kept in pytest's cache
-folder; the reference run, first, fills what is missing) and skip TensorBoard
+its steps again. The children share the worker's persistent compilation cache (tests/conftest.py;
+the reference run, first, fills what is missing) and skip TensorBoard
 (helpers.run_train_fast_process): ~25 s a start instead of ~2.5 min on a busy 2-core machine.
 """
 import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import time
 
@@ -48,21 +49,15 @@ POLL_S = 0.002
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return helpers.build_textures(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.fixture(scope='module')
-def compilation_cache(request, tmp_path_factory):
-  """JAX's persistent compilation cache of the children, in pytest's cache folder
-  (.pytest_cache/d/sano_jax_compilation_cache; `pytest --cache-clear` empties it): a later session
-  starts warm, its reference run then compiles nothing (~2 min less on a busy 2-core machine).
-  Entries are keyed by the program, JAX version and flags, never reused wrongly. A fresh folder
-  with -p no:cacheprovider."""
-  cache = getattr(request.config, 'cache', None)
-  if cache is None:
-    return str(tmp_path_factory.mktemp('jax_cache'))
-  return str(cache.mkdir('sano_jax_compilation_cache'))
+def reference(tmp_path_factory, textures_dir):
+  """The uninterrupted run of FLAGS (it fills the compilation cache the later starts read): the
+  end that every interrupted run must reach, bit for bit."""
+  ref = tmp_path_factory.mktemp('reference') / 'run'
+  log = ref.parent / 'reference.log'
+  code, out = helpers.finish_process(
+      helpers.run_train_fast_process(ref, textures_dir, *FLAGS, log=log), log)
+  assert code == 0, out[-4000:]
+  return ref
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,15 +255,8 @@ def _table(kills) -> str:
 
 
 @pytest.mark.slow
-def test_ten_sigkills_at_random_moments_end_bit_identical(tmp_path, data_dir, compilation_cache):
-  t_start = time.monotonic()
-  cache = compilation_cache
-  # The uninterrupted reference run (it fills the compilation cache).
-  ref, log = tmp_path / 'reference', tmp_path / 'reference.log'
-  code, out = helpers.finish_process(
-      helpers.run_train_fast_process(ref, data_dir, *FLAGS, log=log, cache_dir=cache), log)
-  assert code == 0, out[-4000:]
-  t_ref = time.monotonic() - t_start
+def test_ten_sigkills_at_random_moments_end_bit_identical(tmp_path, textures_dir, reference):
+  t_start, ref, data_dir = time.monotonic(), reference, textures_dir
 
   wd, t_checks = tmp_path / 'killed', 0.0
   kills = _plan(np.random.default_rng(SEED))
@@ -278,7 +266,7 @@ def test_ten_sigkills_at_random_moments_end_bit_identical(tmp_path, data_dir, co
     log = tmp_path / f'killed_{i}.log'
     rows = _Rows(wd / 'metrics.jsonl', resumed_from=r)
     since_ns = time.time_ns()
-    proc = helpers.run_train_fast_process(wd, data_dir, *FLAGS, log=log, cache_dir=cache)
+    proc = helpers.run_train_fast_process(wd, data_dir, *FLAGS, log=log)
     if kill is None:  # the last start: it finishes
       code, out = helpers.finish_process(proc, log)
       assert code == 0, out[-4000:]
@@ -306,6 +294,8 @@ def test_ten_sigkills_at_random_moments_end_bit_identical(tmp_path, data_dir, co
       proc.send_signal(signal.SIGKILL)
       proc.wait()
       out = helpers.read_log(log, tail=10**7)
+      assert proc.returncode == -signal.SIGKILL, (proc.returncode, out[-4000:])
+      assert all(s < NUM_STEPS for s in _steps(wd / 'checkpoints')), _table(kills[:i + 1])  # cut short
       kill.phase = _phase(rows, wd, since_ns)
       train = rows.train_steps()
       kill.last_row_step = train[-1] if train else None
@@ -324,8 +314,8 @@ def test_ten_sigkills_at_random_moments_end_bit_identical(tmp_path, data_dir, co
     t = time.monotonic()
     _check_restorable(wd)
     t_checks += time.monotonic() - t
-  print(f'\n{_table(kills)}\nreference run {t_ref:.0f} s, restore checks {t_checks:.0f} s, whole '
-        f'test {time.monotonic() - t_start:.0f} s')
+  print(f'\n{_table(kills)}\nrestore checks {t_checks:.0f} s, whole test '
+        f'{time.monotonic() - t_start:.0f} s')
 
   # Every kill fired, and they hit every phase.
   assert len(kills) == NUM_KILLS and all(k.phase for k in kills), _table(kills)
@@ -431,3 +421,35 @@ def test_kill_while_a_checkpoint_is_dropped_leaves_every_listed_step_whole(
   assert found == {'checkpoints': steps, 'best': [KEEP + 2]}, found
   assert sorted(os.listdir(wd / 'checkpoints'), key=int) == [str(s) for s in steps]
   assert os.listdir(wd / 'best') == [str(KEEP + 2)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM makes run_train.py (as a user runs it, TensorBoard included) finish its step,
+# save a checkpoint there and exit 0; the same command resumes there and ends with the train state
+# of the uninterrupted reference, bit for bit.
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_0_and_resumes_bit_identically(tmp_path, textures_dir, reference):
+  # Run 1: SIGTERM once training runs (the first metrics row is written after the first step).
+  wd, log = tmp_path / 'run', tmp_path / 'run.log'
+  proc = helpers.run_train_process(wd, textures_dir, *FLAGS, log=log)
+  metrics = wd / 'metrics.jsonl'
+  helpers.wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc, log,
+                   'first metrics row')
+  proc.send_signal(signal.SIGTERM)
+  code, out = helpers.finish_process(proc, log)
+  assert code == 0, out[-4000:]
+  found = re.search(r'preempted at step (\d+): saved a checkpoint at step (\d+)', out)
+  assert found, out[-4000:]
+  step = int(found.group(1))
+  assert int(found.group(2)) == step and 0 < step < NUM_STEPS
+  assert _steps(wd / 'checkpoints')[-1] == step, _steps(wd / 'checkpoints')
+  # Run 2: the same command resumes at that step and finishes.
+  log = tmp_path / 'resumed.log'
+  code, out = helpers.finish_process(helpers.run_train_process(wd, textures_dir, *FLAGS, log=log), log)
+  assert code == 0, out[-4000:]
+  assert f'at step {step}' in out  # "resumed from ... at step N"
+  assert 'preempted at step' not in out
+  # The end: the uninterrupted run's train state at the last step, bit for bit.
+  helpers.assert_same_checkpoint(wd, reference, NUM_STEPS)

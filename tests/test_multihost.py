@@ -29,19 +29,10 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multihost_wor
 N = 4  # the first run trains to step N (evaluating and checkpointing at 2 and 4), the resumed to 2N
 
 
-def _cache_env(cache_dir) -> dict:
-  """JAX's persistent compilation cache in `cache_dir`, every compilation kept (however short: the
-  model's eager init compiles many small ones), so that the resumed run compiles nothing. One
-  folder per process: JAX writes cache entries in place, so a concurrent reader could see half."""
-  return dict(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0,
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0)
-
-
 def _pair(tmp_path, name, args):
-  """Both processes' outputs of a successful pair run of the worker with `args`."""
-  caches = [tmp_path / 'cache' / f'process{i}' for i in range(2)]
-  outs = run_process_pair([WORKER, *args], tmp_path / name,
-                          process_env=lambda i: _cache_env(caches[i]))
+  """Both processes' outputs of a successful pair run of the worker with `args` (each process
+  with its own compilation cache: the resumed run compiles nothing)."""
+  outs = run_process_pair([WORKER, *args], tmp_path / name)
   for i, out in enumerate(outs):
     assert f'process {i} of 2 pid' in out, out[-4000:]
   return outs

@@ -284,6 +284,7 @@ def test_two_processes_evaluate_like_one(tmp_path):
     _assert_close(got, want, path)
 
 
+@pytest.mark.four_devices
 def test_eval_batch_not_divisible_by_processes_is_a_clear_error(monkeypatch):
   from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(**{'eval.batch_size': 9})
@@ -291,4 +292,7 @@ def test_eval_batch_not_divisible_by_processes_is_a_clear_error(monkeypatch):
   with pytest.raises(ValueError, match=r'eval.batch_size=9 is not divisible by the 2 processes'):
     evaluate.eval_mesh(config)
   config.eval.batch_size = 8
-  assert evaluate.eval_mesh(config).devices.size in (1, 2, 4)  # 4 images a process: divisors
+  # 4 images a process, 4 local devices: all of them (as many local devices as divide 4).
+  assert evaluate.eval_mesh(config).devices.size == 4
+  config.eval.batch_size = 12  # 6 images a process: 3 of the 4 devices (the most that divide 6)
+  assert evaluate.eval_mesh(config).devices.size == 3

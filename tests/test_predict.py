@@ -6,13 +6,13 @@ predict path only needs a checkpoint, a config and score_stats.npz.
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from sano_jax import checkpointing, localization, models, predict, score
 from sano_jax import sde as sde_lib
+from tests.helpers import random_params
 
 
 def _z_maps(workdir, images_u8):
@@ -31,13 +31,7 @@ def workdir(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('predict') / 'wd')
   checkpointing.save_config(config, wd)
   model = models.create_model(config)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 1), np.float32),
-                               np.ones((1,), np.float32))['params']
-  # The output convolution starts at zero (no noise predicted, zero scores): perturb every weight.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
-                                     for x, k in zip(leaves, keys)])
+  params = random_params(config, seed=1)  # every weight random (init zeroes the output conv)
   store = checkpointing.CheckpointStore(wd)
   store.save_best(1, {'params': params, 'ema_params': params}, 0.0)
   store.close()

@@ -130,10 +130,12 @@ class VQVAE(AutoEncoder):
                                (self.num_codes, self.latent_channels))
 
   def quantize(self, z_e):
-    d = (jnp.sum(z_e**2, -1, keepdims=True) - 2.0 * z_e @ self.codebook.T
-         + jnp.sum(self.codebook**2, -1))  # squared distances [B,h,w,K]
+    # As a jax array: restored params are numpy arrays, which a traced index cannot index.
+    codebook = jnp.asarray(self.codebook)
+    d = (jnp.sum(z_e**2, -1, keepdims=True) - 2.0 * z_e @ codebook.T
+         + jnp.sum(codebook**2, -1))  # squared distances [B,h,w,K]
     codes = jnp.argmin(d, axis=-1)
-    return self.codebook[codes], codes
+    return jnp.take(codebook, codes, axis=0), codes
 
   def __call__(self, x):
     return self.decode(self.quantize(self.encode(x))[0])
