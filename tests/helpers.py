@@ -43,6 +43,18 @@ def random_params(config, seed: int = 0, scale: float = 0.05):
   return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
 
 
+def test_xla_flags(local_devices: int) -> list:
+  """XLA_FLAGS of a test process on CPU: `local_devices` simulated devices, and LLVM's backend
+  optimizations off unless SANO_TEST_XLA_OPTIMIZE=1 (XLA's HLO passes still run: the programs
+  compute the same maths; measured on 2 cores, a multiscale + 4-device-step sample took 52 s of
+  CPU instead of 90, nearly all of it compiling)."""
+  import os  # pylint: disable=g-import-not-at-top
+  flags = [f'--xla_force_host_platform_device_count={local_devices}']
+  if os.environ.get('SANO_TEST_XLA_OPTIMIZE') != '1':
+    flags += ['--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
+  return flags
+
+
 def compilation_cache_dir() -> str:
   """This pytest process's folder of JAX's persistent compilation cache: one per xdist worker (JAX
   writes an entry in place, so a concurrent reader of a shared folder could see half of it), under
@@ -72,7 +84,7 @@ def subprocess_env(local_devices: int = 4, cache_subdir: str = '', **extra) -> d
   entry in place: a concurrent reader could see half of it)."""
   import os  # pylint: disable=g-import-not-at-top
   env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_') and k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={local_devices}',
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(test_xla_flags(local_devices)),
              TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1',
              JAX_COMPILATION_CACHE_DIR=os.path.join(compilation_cache_dir(), cache_subdir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',

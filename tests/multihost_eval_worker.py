@@ -87,7 +87,8 @@ def main(workdir: str, out: str, local_devices: int) -> None:
 if __name__ == '__main__':
   workdir_arg, out_arg, devices_arg = sys.argv[1], sys.argv[2], int(sys.argv[3])
   # Always CPU, whatever the parent environment says (e.g. JAX_PLATFORMS=cuda on a GPU machine).
-  os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices_arg}'
+  _other = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
+  os.environ['XLA_FLAGS'] = ' '.join(_other + [f'--xla_force_host_platform_device_count={devices_arg}'])
   os.environ['JAX_PLATFORMS'] = 'cpu'
   sys.path.insert(0, REPO)
   sys.modules['flax.metrics.tensorboard'] = None  # no TensorFlow import: evaluate skips TensorBoard

@@ -22,7 +22,8 @@ import sys
 
 workdir, num_steps, local_devices, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 # Always CPU, whatever the parent environment says (e.g. JAX_PLATFORMS=cuda on a GPU machine).
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={local_devices}'
+_other = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
+os.environ['XLA_FLAGS'] = ' '.join(_other + [f'--xla_force_host_platform_device_count={local_devices}'])
 os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if os.environ.get('SANO_TEST_NO_TENSORBOARD') == '1':
