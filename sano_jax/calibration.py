@@ -34,6 +34,7 @@ rule, sigma and N. The choice is applied by `apply` (config.localize) and saved 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 
@@ -161,6 +162,16 @@ def candidate_zmaps(stats: localization.MultiStats, fields, cands) -> jax.Array:
                     for rule, idx in cands])
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_zmaps(cands: tuple):
+  """`candidate_zmaps` of `cands`, jitted once per process: a later calibration (another evaluation)
+  reuses its traced programs instead of tracing the ~100 candidates again (same results)."""
+  return jax.jit(lambda stats, fields: candidate_zmaps(stats, fields, cands))
+
+
+_update_multi_stats = jax.jit(localization.update_multi_stats)  # one jit for every calibration
+
+
 def read_images(source, indices) -> np.ndarray:
   """Images [N,H,W,C] float32 in [0, 1] of `source` at `indices`."""
   return np.stack([np.asarray(source[int(i)]['image'], np.float32) / 255.0 for i in indices])
@@ -205,7 +216,7 @@ def grid_method(config) -> methods_lib.Method:
 def fit_stats_at(fields_fn, images: np.ndarray, ts: tuple, sigmas, batch_size: int) -> list:
   """MultiStats of healthy `images` [N,H,W,C] in [0,1] at each smoothing sigma, one forward pass
   (`fields_fn`, jitted: [0,1] images -> list of K fields) per batch for all of them."""
-  update = jax.jit(localization.update_multi_stats)
+  update = _update_multi_stats
   stats = [localization.init_multi_stats(images.shape[1:], ts, smoothing_sigma=s) for s in sigmas]
   for chunk, valid in _batched(images, batch_size):
     fields = fields_fn(chunk)
@@ -225,7 +236,7 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   sigmas = tuple(float(f) * float(smoothing_sigma) for f in sigma_factors)
   cands = candidates(ts)
   fields_fn = jax.jit(lambda x: localization._as_fields(field_fn(2.0 * x - 1.0)))  # pylint: disable=protected-access
-  zfn = jax.jit(lambda st, fields: candidate_zmaps(st, fields, cands))
+  zfn = _jitted_zmaps(tuple(cands))
   n, h, w = images.shape[:3]
   keep_fraction = min(1.0, MAX_PIXELS / float(n * h * w))  # pixels kept: a fixed random share
   keep_rng = np.random.default_rng(seed)

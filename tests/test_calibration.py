@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sano_jax import calibration, evaluate, input_pipeline, localization, metrics, train
+from sano_jax import calibration, evaluate, input_pipeline, localization, metrics
 from tests.helpers import tiny_run_config
 
 
@@ -101,7 +101,8 @@ def test_kind_score_is_the_geometric_mean_margin_and_prefers_finding_every_kind(
 
 def test_choose_picks_the_only_informative_t():
   """Field 1 of 3 sees structure (a high-pass of x); fields 0 and 2 are noise independent of x.
-  The calibration must choose t = ts[1] with a single-t rule."""
+  The calibration must choose t = ts[1] with a single-t rule (at one smoothing sigma: choosing sigma
+  is the next test's; the grid of three made the same choice, at the same sigma, at 3x the cost)."""
   ts = (0.01, 0.1, 0.4)
   k = jnp.ones((3, 3, 1, 1), jnp.float32) / 9.0
 
@@ -116,7 +117,7 @@ def test_choose_picks_the_only_informative_t():
   yy, xx = np.mgrid[:16, :16] / 16.0
   images = np.stack([0.5 + 0.3 * np.sin(2 * np.pi * (rng.uniform(.5, 1.5) * xx + rng.uniform()))
                      + 0.0 * yy for _ in range(40)])[..., None].astype(np.float32)
-  choice = calibration.choose(field_fn, ts, images, batch_size=8, seed=0)
+  choice = calibration.choose(field_fn, ts, images, batch_size=8, seed=0, sigma_factors=(1.0,))
   assert choice['t'] == [0.1], choice
   assert choice['rule'] in calibration.Z_RULES
   best = max(choice['candidates'], key=lambda r: r['auroc'])
@@ -146,13 +147,22 @@ def test_choose_smooths_more_when_the_field_is_pixel_noise_over_a_regional_signa
   assert max(by_sigma[0.5]) < max(by_sigma[1.0]) < max(by_sigma[2.0])
 
 
+def _every(source, n):
+  """n examples of `source` at evenly spaced indices, as an in-memory source (a list)."""
+  return [source[int(i)] for i in np.linspace(0, len(source) - 1, n).round().astype(int)]
+
+
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  root = tmp_path_factory.mktemp('calib')
-  config = tiny_run_config(root / 'tfds', **{'eval.bootstrap_runs': 2, 'localize.calibrate': True})
-  workdir = str(root / 'wd')
-  train.train_and_evaluate(config, workdir)
-  return config, workdir
+def trained(tmp_path_factory, tiny_run):
+  """The shared tiny run (copied), its config with the calibration on, and small in-memory splits
+  of its data (the choice and its plumbing do not need the whole splits)."""
+  config = tiny_run_config(tiny_run[0].data.data_dir,
+                           **{'eval.bootstrap_runs': 0, 'localize.calibrate': True})
+  workdir = str(tmp_path_factory.mktemp('calib') / 'wd')
+  shutil.copytree(tiny_run[1], workdir)
+  sources = {f'{split}_source': _every(input_pipeline.get_source(config, split), n)
+             for split, n in (('train', 32), ('val', 32), ('test', 48))}
+  return config, workdir, sources
 
 
 class _ShuffledMasks:
@@ -176,8 +186,8 @@ def _strip(choice):
 
 
 def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp_path):
-  config, workdir = trained
-  out = evaluate.evaluate(config, workdir)
+  config, workdir, sources = trained
+  out = evaluate.evaluate(config, workdir, **sources)
   choice = out['calibration']
   assert choice is not None and choice['rule'] in localization.RULES
   assert len(choice['candidates']) == (len(calibration.SIGMA_FACTORS)
@@ -194,8 +204,8 @@ def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp
   wd = str(tmp_path / 'copy')
   shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns('eval', 'score_stats.npz',
                                                              'calibration.json'))
-  test = input_pipeline.get_source(config, config.data.test_split)
-  shuffled = evaluate.evaluate(config, wd, test_source=_ShuffledMasks(test))
+  test = sources['test_source']
+  shuffled = evaluate.evaluate(config, wd, **{**sources, 'test_source': _ShuffledMasks(test)})
   assert _strip(shuffled['calibration']) == _strip(choice)  # test labels change nothing
   assert shuffled['auroc'] != out['auroc']  # ... while the metrics do see them
 
@@ -209,31 +219,56 @@ def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp
   assert stats.smoothing_sigma == choice['smoothing_sigma']  # fitted at the chosen sigma
 
 
-def test_a_method_without_t_calibrates_and_evaluates_with_the_density_rule(tmp_path):
-  """The reconstruction baselines have no t: the density rule then models the one map (K = 1)."""
+def test_a_method_without_t_calibrates_and_evaluates_with_the_density_rule():
+  """The reconstruction baselines have no t: the calibration chooses only the rule, sigma and N
+  (the density rule among its candidates, modelling the one map: K = 1) and `apply` keeps the
+  config's t; evaluated with the density rule at the calibrated sigma and N, the healthy statistics
+  are MultiStats of the one map, and localize with them."""
   from sano_jax import methods  # pylint: disable=g-import-not-at-top
-  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from tests.helpers import grating_source, tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(method='ae')
   method = methods.create(config)
   assert method.ts == (None,)
-  params = jax.tree.map(lambda p: p + 0.05, method.init(jax.random.PRNGKey(0)))
-  stats = localization.init_multi_stats(method.image_shape, method.ts)
+  rng = np.random.default_rng(0)  # random weights without compiling init (eval_shape)
+  params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
+                        jax.eval_shape(method.init, jax.random.PRNGKey(0)))
+  healthy = grating_source(16)
+  choice = calibration.calibrate(config, params, healthy)
+  rows = choice['candidates']
+  assert choice['t'] == [None] and all(r['t'] == [None] for r in rows)
+  assert len(rows) == len(calibration.SIGMA_FACTORS) * len(calibration.candidates((None,)))
+  assert {r['rule'] for r in rows} == set(calibration.Z_RULES) | {'density'}
+  assert all(np.isfinite(r['score']) for r in rows if r['rule'] == 'density')
+  assert choice['rule'] in localization.RULES and np.isfinite(choice['n_sigma'])
+  applied = calibration.apply(config, choice)
+  assert tuple(applied.localize.t) == tuple(config.localize.t)  # no t to set
+  assert applied.localize.n_sigma == choice['n_sigma']
+
+  config = applied
+  config.localize.stats, config.localize.two_sided = 'density', False
+  assert evaluate.needs_multi_stats(method, config)
+  stats = evaluate.fit_stats(method, params, config, healthy, evaluate.eval_mesh(config))
+  assert isinstance(stats, localization.MultiStats) and len(stats.per_t) == 1
+  assert stats.smoothing_sigma == choice['smoothing_sigma']
   images = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (6,) + method.image_shape))
-  stats = jax.jit(localization.make_stats_step(method.field_fn(params)))(stats, images,
-                                                                       jnp.ones(6, bool))
-  z, mask = localization.localize(method.field_fn(params), images, stats, rule='density')
+  lc = config.localize
+  localize = jax.jit(lambda x: localization.localize(
+      method.field_fn(params), x, stats, n_sigma=lc.n_sigma, smoothing_sigma=lc.smoothing_sigma,
+      rule='density'))
+  z, mask = localize(images)
   assert z.shape == images.shape[:3] and np.all(np.isfinite(np.asarray(z)))
+  assert np.array_equal(np.asarray(mask), np.asarray(z) > choice['n_sigma'])
 
 
 def test_predict_uses_the_calibrated_n(trained, tmp_path):
   """predict() applies WORKDIR/calibration.json like load_localizer (same N for masks and report)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from sano_jax import predict  # pylint: disable=g-import-not-at-top
-  config, workdir = trained
+  config, workdir, sources = trained
   if not os.path.exists(os.path.join(workdir, calibration.CHOICE_FILE)):
-    evaluate.evaluate(config, workdir)
+    evaluate.evaluate(config, workdir, **sources)
   choice = calibration.load_choice(os.path.join(workdir, calibration.CHOICE_FILE))
-  test = input_pipeline.get_source(config, config.data.test_split)
+  test = sources['test_source']
   paths = []
   for i in range(2):
     p = str(tmp_path / f'img{i}.png')

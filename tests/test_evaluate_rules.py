@@ -15,33 +15,38 @@ from sano_jax import checkpointing, evaluate, input_pipeline, localization, trai
 from tests.helpers import tiny_run_config
 
 
+def _every(source, n):
+  """n examples of `source` at evenly spaced indices, as an in-memory source (a list)."""
+  return [source[int(i)] for i in np.linspace(0, len(source) - 1, n).round().astype(int)]
+
+
 @pytest.fixture(scope='module')
-def base(tmp_path_factory):
-  root = tmp_path_factory.mktemp('rules')
-  config = tiny_run_config(root / 'tfds', **{'optim.warmup_steps': 0, 'eval.bootstrap_runs': 2})
-  workdir = str(root / 'wd')
-  train.train_and_evaluate(config, workdir)
-  return root, workdir
+def base(tmp_path_factory, tiny_run):
+  """The shared tiny run (tests/conftest.py, never written to) and small in-memory splits of its
+  data: every variant evaluates these images and the recomputations read the same ones."""
+  config, workdir = tiny_run
+  sources = {f'{split}_source': _every(input_pipeline.get_source(config, split), n)
+             for split, n in (('train', 32), ('val', 64), ('test', 64))}
+  return tmp_path_factory.mktemp('rules'), workdir, sources
 
 
 def _variant(base, name, **overrides):
-  """A copy of the trained run whose config.json carries `overrides`, evaluated."""
-  root, workdir = base
+  """A copy of the trained run whose config.json carries `overrides`, evaluated on the small
+  splits (no bootstrap: no assertion reads it)."""
+  root, workdir, sources = base
   wd = str(root / name)
   shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns('eval', 'score_stats.npz'))
   config = checkpointing.load_config(wd)
-  for key, value in overrides.items():
+  for key, value in {'eval.bootstrap_runs': 0, **overrides}.items():
     block, field = key.split('.')
     config[block][field] = value
   checkpointing.save_config(config, wd)
-  return config, wd, evaluate.evaluate(None, wd)
+  return config, wd, evaluate.evaluate(None, wd, **sources)
 
 
-def _split(config, split):
-  src = input_pipeline.get_source(config, split)
-  ex = [src[i] for i in range(len(src))]
-  return (np.stack([e['image'] for e in ex]).astype(np.float32) / 255.0,
-          np.stack([e['mask'][..., 0] for e in ex]) > 0)
+def _split(source):
+  return (np.stack([e['image'] for e in source]).astype(np.float32) / 255.0,
+          np.stack([e['mask'][..., 0] for e in source]) > 0)
 
 
 def _anomaly_maps(wd, images, ema):
@@ -52,6 +57,14 @@ def _anomaly_maps(wd, images, ema):
                       for s in range(0, len(images), 64)]).astype(np.float64)
   return np.stack([ndi.gaussian_filter(np.abs(x).mean(-1), 2.0, mode='reflect', truncate=4.0)
                    for x in f])
+
+
+@pytest.fixture(scope='module')
+def ema_maps(base):
+  """The EMA params' anomaly maps of the test and validation images (the same for every rule)."""
+  _, workdir, sources = base
+  return tuple(_anomaly_maps(workdir, _split(sources[k])[0], ema=True)
+               for k in ('test_source', 'val_source'))
 
 
 def _localized(wd, images):
@@ -68,16 +81,15 @@ def _check_metrics(out, z, mask, y):
 
 
 @pytest.mark.parametrize('rule', ['per_pixel', 'two_sided', 'quantile'])
-def test_rule_end_to_end(base, rule):
+def test_rule_end_to_end(base, ema_maps, rule):
   overrides = {'localize.two_sided': True} if rule == 'two_sided' else {'localize.stats': rule}
   config, wd, out = _variant(base, rule, **overrides)
   assert out['localization']['rule'] == rule
-  images, y = _split(config, 'test')
+  images, y = _split(base[2]['test_source'])
   z, mask = _localized(wd, images)
   _check_metrics(out, z, mask, y)
-  # The rule itself, recomputed from the field and the healthy maps of the validation split.
-  a = _anomaly_maps(wd, images, ema=True)
-  healthy = _anomaly_maps(wd, _split(config, 'validation')[0], ema=True)
+  # The rule itself, recomputed from the field and the healthy maps of the validation images.
+  a, healthy = ema_maps
   n = float(config.localize.n_sigma)
   if rule == 'per_pixel':
     want = (a - healthy.mean(0)) / healthy.std(0)
@@ -95,23 +107,26 @@ def test_rule_end_to_end(base, rule):
     np.testing.assert_array_equal(mask, z > n)
 
 
-def test_raw_params_end_to_end(base):
+def test_raw_params_end_to_end(base, ema_maps):
   config, wd, out = _variant(base, 'raw', **{'localize.use_ema': False})
-  images, y = _split(config, 'test')
+  images, y = _split(base[2]['test_source'])
   z, mask = _localized(wd, images)
   _check_metrics(out, z, mask, y)
   raw = _anomaly_maps(wd, images, ema=False)
   stats = localization.load_stats(os.path.join(wd, 'score_stats.npz'))
   np.testing.assert_allclose(z, raw / float(stats.std), rtol=2e-3, atol=1e-4)
-  ema = _anomaly_maps(wd, images, ema=True)
+  ema = ema_maps[0]
   assert np.abs(raw - ema).max() > 1e-3 * np.abs(ema).max()  # the two param sets differ
 
 
-def test_constant_model_is_a_clear_error(tmp_path):
+def test_constant_model_is_a_clear_error(tmp_path, textures_dir):
   # Warm-up from lr 0: the single step leaves the zero-initialised output layer at zero, so the
   # score is 0 everywhere and the healthy std is 0 (the EMA params too, whatever the EMA rate).
-  config = tiny_run_config(tmp_path / 'tfds', steps=1, **{'optim.warmup_steps': 10})
+  # The shared run's settings otherwise: its compiled training step is read back.
+  config = tiny_run_config(textures_dir, steps=1, **{'optim.warmup_steps': 50})
   wd = str(tmp_path / 'wd')
   train.train_and_evaluate(config, wd)
+  sources = {f'{split}_source': _every(input_pipeline.get_source(config, split), 8)
+             for split in ('train', 'val', 'test')}
   with pytest.raises(ValueError, match=r"healthy std of the 'sano' field is 0\.0: the model is constant"):
-    evaluate.evaluate(None, wd)
+    evaluate.evaluate(None, wd, **sources)

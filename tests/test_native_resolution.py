@@ -125,7 +125,10 @@ def test_unet_attention_follows_the_training_input_size():
   kw = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_head_channels=8,
             num_groups=4)
   trained = UNet(input_size=16, **kw)
-  params = jax.jit(trained.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)), jnp.ones((1,)))
+  rng = np.random.default_rng(0)  # random weights without compiling init (eval_shape)
+  params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
+                        jax.eval_shape(trained.init, jax.random.PRNGKey(0),
+                                       jnp.zeros((1, 16, 16, 1)), jnp.ones((1,))))
   # At 32 px the same blocks run (attention at level 1, 16 px there): same parameter tree.
   at32 = jax.eval_shape(trained.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)),
                         jnp.ones((1,)))
@@ -154,20 +157,30 @@ def test_crop_config_errors():
 # --- end to end ---------------------------------------------------------------------------------
 
 
+def _every(source, n):
+  """n examples of `source` at evenly spaced indices, as an in-memory source (a list)."""
+  return [source[int(i)] for i in np.linspace(0, len(source) - 1, n).round().astype(int)]
+
+
 @pytest.fixture(scope='module')
 def crop_run(tmp_path_factory):
+  """20 steps on 16 px crops of the 32 px images, evaluated whole (6 steps did not beat the trivial
+  baseline: test AUROC 0.636 against 0.651; 20 steps gave 0.786-0.867 over seeds 42, 1, 2, 3)."""
   root = tmp_path_factory.mktemp('crops')
-  config = tiny_run_config(root / 'tfds', steps=6, **{'data.image_size': 32, 'data.crop_size': 16})
+  config = tiny_run_config(root / 'tfds', steps=20, **{'data.image_size': 32, 'data.crop_size': 16,
+                                                       'eval.bootstrap_runs': 0})
   workdir = str(root / 'wd')
   train.train_and_evaluate(config, workdir)
-  out = evaluate.evaluate(config, workdir)
+  # The whole test split; 64 training and validation images for the baseline's mean and the stats.
+  sources = {f'{split}_source': _every(ip.get_source(config, split), 64) for split in ('train', 'val')}
+  out = evaluate.evaluate(config, workdir, **sources)
   return config, workdir, out
 
 
 def test_model_trained_on_crops_scores_whole_images(crop_run):
   config, workdir, out = crop_run
   assert out['data']['image_size'] == 32
-  assert 0.0 <= out['auroc'] <= 1.0
+  assert out['auroc'] > out['baseline']['auroc'] + 0.05  # it finds the planted anomalies
   assert checkpointing.load_config(workdir).data.crop_size == 16
   localizer = localization.load_localizer(workdir)
   images = np.random.default_rng(0).uniform(0, 1, (3, 32, 32, 1)).astype(np.float32)
