@@ -28,7 +28,7 @@ compare: $(STAMP)
 	$(PY) run_compare.py --config=$(COMPARE_CONFIG) --root=$(COMPARE_ROOT)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder --durations=25 -q
+	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=25 -q
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -47,7 +47,6 @@ def pytest_configure(config):
   config.addinivalue_line(
       'markers', 'four_devices: needs the 4 simulated CPU devices (skipped where JAX_PLATFORMS '
       'selects an accelerator or the device count differs)')
-  config.addinivalue_line('markers', 'xdist_group(name): pytest-xdist runs the group on one worker')
 
 
 def pytest_runtest_setup(item):
@@ -84,10 +83,11 @@ def textures_dir(tmp_path_factory):
   return helpers.build_textures(tmp_path_factory.mktemp('tfds'))
 
 
-# Scheduling (`pytest -n 2 --dist loadgroup --no-loadscope-reorder`, the Makefile's test target):
+# Scheduling (`pytest -n 2 --dist loadscope --no-loadscope-reorder`, the Makefile's test target):
 # each file's tests run on one worker (its module fixtures are built once), except the files in
 # SPREAD, whose tests share no costly fixture and are dealt out one by one; files start heaviest
 # first (measured with --durations on a 2-core machine), so that the two workers end together.
+# (xdist's own loadgroup does not group under pytest 9: it renames nodeids through a private field.)
 HEAVIEST_FIRST = (
     'test_kill_harness.py', 'test_calibration.py', 'test_methods_run.py', 'test_multihost.py',
     'test_methods.py', 'test_evaluate_rules.py', 'test_run_scripts.py', 'test_multiscale.py',
@@ -97,14 +97,24 @@ HEAVIEST_FIRST = (
 SPREAD = ('test_methods_run.py', 'test_methods.py')
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
   del config
   rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
-  for item in items:
-    if item.path.name not in SPREAD:
-      item.add_marker(pytest.mark.xdist_group(item.path.name))
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """Work units of one file each (of one test in SPREAD's files), sent in collection order."""
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class FileScheduling(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid):
+      path = nodeid.split('::', 1)[0]
+      return nodeid if os.path.basename(path) in SPREAD else path
+
+  return FileScheduling(config, log)
 
 
 @pytest.fixture(scope='session')

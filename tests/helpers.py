@@ -17,6 +17,11 @@ def grating_source(n: int, size: int = 16, channels: int = 1, seed: int = 0, sub
   return out
 
 
+def every_nth(source, n: int) -> list:
+  """n examples of `source` at evenly spaced indices, as an in-memory source (a list)."""
+  return [source[int(i)] for i in np.linspace(0, len(source) - 1, n).round().astype(int)]
+
+
 def tiny_config(**overrides):
   from configs import tiny
   config = tiny.get_config()

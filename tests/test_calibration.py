@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sano_jax import calibration, evaluate, input_pipeline, localization, metrics
-from tests.helpers import tiny_run_config
+from tests.helpers import every_nth, tiny_run_config
 
 
 def test_synthesize_changes_exactly_the_masked_region():
@@ -147,11 +147,6 @@ def test_choose_smooths_more_when_the_field_is_pixel_noise_over_a_regional_signa
   assert max(by_sigma[0.5]) < max(by_sigma[1.0]) < max(by_sigma[2.0])
 
 
-def _every(source, n):
-  """n examples of `source` at evenly spaced indices, as an in-memory source (a list)."""
-  return [source[int(i)] for i in np.linspace(0, len(source) - 1, n).round().astype(int)]
-
-
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, tiny_run):
   """The shared tiny run (copied), its config with the calibration on, and small in-memory splits
@@ -160,7 +155,7 @@ def trained(tmp_path_factory, tiny_run):
                            **{'eval.bootstrap_runs': 0, 'localize.calibrate': True})
   workdir = str(tmp_path_factory.mktemp('calib') / 'wd')
   shutil.copytree(tiny_run[1], workdir)
-  sources = {f'{split}_source': _every(input_pipeline.get_source(config, split), n)
+  sources = {f'{split}_source': every_nth(input_pipeline.get_source(config, split), n)
              for split, n in (('train', 32), ('val', 32), ('test', 48))}
   return config, workdir, sources
 

@@ -12,12 +12,7 @@ import scipy.ndimage as ndi
 from sklearn import metrics as skm
 
 from sano_jax import checkpointing, evaluate, input_pipeline, localization, train
-from tests.helpers import tiny_run_config
-
-
-def _every(source, n):
-  """n examples of `source` at evenly spaced indices, as an in-memory source (a list)."""
-  return [source[int(i)] for i in np.linspace(0, len(source) - 1, n).round().astype(int)]
+from tests.helpers import every_nth, tiny_run_config
 
 
 @pytest.fixture(scope='module')
@@ -25,7 +20,7 @@ def base(tmp_path_factory, tiny_run):
   """The shared tiny run (tests/conftest.py, never written to) and small in-memory splits of its
   data: every variant evaluates these images and the recomputations read the same ones."""
   config, workdir = tiny_run
-  sources = {f'{split}_source': _every(input_pipeline.get_source(config, split), n)
+  sources = {f'{split}_source': every_nth(input_pipeline.get_source(config, split), n)
              for split, n in (('train', 32), ('val', 64), ('test', 64))}
   return tmp_path_factory.mktemp('rules'), workdir, sources
 
@@ -126,7 +121,7 @@ def test_constant_model_is_a_clear_error(tmp_path, textures_dir):
   config = tiny_run_config(textures_dir, steps=1, **{'optim.warmup_steps': 50})
   wd = str(tmp_path / 'wd')
   train.train_and_evaluate(config, wd)
-  sources = {f'{split}_source': _every(input_pipeline.get_source(config, split), 8)
+  sources = {f'{split}_source': every_nth(input_pipeline.get_source(config, split), 8)
              for split in ('train', 'val', 'test')}
   with pytest.raises(ValueError, match=r"healthy std of the 'sano' field is 0\.0: the model is constant"):
     evaluate.evaluate(None, wd, **sources)

@@ -10,7 +10,7 @@ from configs import tiny
 from sano_jax import checkpointing, evaluate, input_pipeline as ip, localization, methods, tiling
 from sano_jax import train
 from sano_jax.models.unet import UNet
-from tests.helpers import tiny_run_config
+from tests.helpers import every_nth, tiny_run_config
 
 
 class GridSource:
@@ -157,11 +157,6 @@ def test_crop_config_errors():
 # --- end to end ---------------------------------------------------------------------------------
 
 
-def _every(source, n):
-  """n examples of `source` at evenly spaced indices, as an in-memory source (a list)."""
-  return [source[int(i)] for i in np.linspace(0, len(source) - 1, n).round().astype(int)]
-
-
 @pytest.fixture(scope='module')
 def crop_run(tmp_path_factory):
   """20 steps on 16 px crops of the 32 px images, evaluated whole (6 steps did not beat the trivial
@@ -172,7 +167,7 @@ def crop_run(tmp_path_factory):
   workdir = str(root / 'wd')
   train.train_and_evaluate(config, workdir)
   # The whole test split; 64 training and validation images for the baseline's mean and the stats.
-  sources = {f'{split}_source': _every(ip.get_source(config, split), 64) for split in ('train', 'val')}
+  sources = {f'{split}_source': every_nth(ip.get_source(config, split), 64) for split in ('train', 'val')}
   out = evaluate.evaluate(config, workdir, **sources)
   return config, workdir, out
 
