@@ -1,8 +1,8 @@
 """Every method through the ONE training / evaluation / inference path: it learns (validation loss
-well below the initial one), is evaluated with the demo's label-free calibration (t, rule, sigma and
-N from synthetic anomalies on the healthy validation images) and finds the planted anomalies, and its
-checkpoint restores through `load_localizer`, whose output equals `localize` with the method's field
-and the calibrated settings."""
+well below the initial one), is evaluated with the demo's label-free calibration (t, rule, sigma
+and N from synthetic anomalies on the healthy validation images) and finds the planted anomalies,
+and its checkpoint restores through `load_localizer`, whose output equals `localize` with the
+method's field and the calibrated settings."""
 import json
 import os
 
@@ -47,8 +47,8 @@ MARGIN = 0.1
 
 @pytest.mark.parametrize('name', methods.METHODS)
 def test_method_trains_evaluates_and_restores(name, tmp_path):
-  """Trains 100 steps, evaluates with the demo's label-free calibration (per-pixel statistics, t,
-  rule, sigma and N chosen on synthetic anomalies; the vqvae codebook once failed under it), and
+  """Trains 100 steps, evaluates with the demo's calibration on (config.localize as configs/demo.py;
+  the VQ-VAE's codebook lookup once crashed under its jit), finds the planted anomalies, and
   restores: load_localizer == localize with the method's field and the calibrated settings."""
   config = tiny_config(**{'method': name, 'training.num_train_steps': 100,
                           'training.eval_every': 50, 'training.checkpoint_every': 50,
@@ -73,7 +73,7 @@ def test_method_trains_evaluates_and_restores(name, tmp_path):
   out = evaluate.evaluate(config, workdir, train_source=train_src, val_source=val_src,
                           test_source=test_src)
   used, choice = out['localization'], out['calibration']
-  assert used['method'] == name and choice is not None  # calibrated: choice = what was used
+  assert used['method'] == name and choice is not None  # the settings used are the choice's
   assert out['auroc'] >= max(0.5, out['baseline']['auroc']) + MARGIN, (
       out['auroc'], out['baseline']['auroc'], choice['t'], choice['rule'])
   assert out['n_sigma']['dice'] is not None  # the label-free threshold works for every method
