@@ -6,10 +6,10 @@ derandomized hypothesis profile, and the `four_devices` marker.
   reason; subprocess tests force ``JAX_PLATFORMS=cpu`` in the child (``helpers.subprocess_env``).
 * Hypothesis runs derandomized (a fixed seed per test: the same examples on every run, so CI never
   flakes on a newly drawn example). ``HYPOTHESIS_PROFILE=explore`` draws fresh random examples.
-* XLA:CPU compiles with LLVM's backend optimizations off (``helpers.test_xla_flags``): the same
+* XLA:CPU compiles with LLVM's backend optimizations off (``helpers.xla_flags_for_tests``): the same
   HLO passes and maths, less tuned machine code; the tiny test programs compile ~40% faster.
   SANO_TEST_XLA_OPTIMIZE=1 keeps XLA's defaults.
-* JAX's persistent compilation cache (``compilation_cache_dir``), also passed to the child
+* JAX's persistent compilation cache (``helpers.compilation_cache_dir``), also passed to the child
   processes (``helpers.subprocess_env``): a program compiled once per worker, not once per test.
 * ``SANO_TEST_SUBPROCESS_TIMEOUT`` (seconds, default 600): the limit of each subprocess a test
   waits for (generous: a busy 2-core CI machine is slow, a hung child still ends).
@@ -18,19 +18,18 @@ import os
 
 import pytest
 
-from tests.helpers import compilation_cache_dir, test_xla_flags  # pylint: disable=g-import-not-at-top
+from tests.helpers import compilation_cache_env, xla_flags_for_tests  # pylint: disable=g-import-not-at-top
 
-for _flag in test_xla_flags(4):
+for _flag in xla_flags_for_tests(4):
   if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-# Every compilation is kept, however short (flax's eager init compiles op by op): the same programs
-# compiled again in another test, a re-created jit or a child process are read back, not compiled.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', compilation_cache_dir())
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# The same programs compiled again in another test, a re-created jit or a child process are read
+# back, not compiled.
+for _key, _value in compilation_cache_env().items():
+  os.environ.setdefault(_key, _value)
 
 try:
   from hypothesis import HealthCheck, settings  # pylint: disable=g-import-not-at-top

@@ -17,9 +17,16 @@ def grating_source(n: int, size: int = 16, channels: int = 1, seed: int = 0, sub
   return out
 
 
-def every_nth(source, n: int) -> list:
-  """n examples of `source` at evenly spaced indices, as an in-memory source (a list)."""
-  return [source[int(i)] for i in np.linspace(0, len(source) - 1, n).round().astype(int)]
+def split_slices(config, **counts) -> dict:
+  """`evaluate`'s source arguments for each `split=n` of `counts` ({split}_source): n evenly spaced
+  examples of that split of the config's dataset, as an in-memory source (a list)."""
+  from sano_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  out = {}
+  for split, n in counts.items():
+    source = input_pipeline.get_source(config, split)
+    out[f'{split}_source'] = [source[int(i)] for i in
+                              np.linspace(0, len(source) - 1, n).round().astype(int)]
+  return out
 
 
 def tiny_config(**overrides):
@@ -35,20 +42,36 @@ def tiny_config(**overrides):
   return config
 
 
+def random_values(shapes, seed: int = 0, scale: float = 0.05):
+  """N(0, scale^2) arrays of the shapes and dtypes in the pytree `shapes` (jax.eval_shape of an
+  init): random weights without compiling init (XLA:CPU takes ~30 s for a jitted U-Net init), every
+  weight nonzero, so the output is too."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+
 def random_params(config, seed: int = 0, scale: float = 0.05):
-  """Params of the config's U-Net without compiling init (XLA:CPU takes ~30 s for the jitted init):
-  eval_shape for the tree, then N(0, scale^2) values (every weight nonzero, so the output is too)."""
+  """`random_values` of the config's U-Net params."""
   import jax  # pylint: disable=g-import-not-at-top
   from sano_jax import models  # pylint: disable=g-import-not-at-top
   model = models.create_model(config)
   size, c = config.data.image_size, config.data.num_channels
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, size, size, c), np.float32),
                           np.ones((1,), np.float32))['params']
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+  return random_values(shapes, seed, scale)
 
 
-def test_xla_flags(local_devices: int) -> list:
+def compilation_cache_env(subdir: str = '') -> dict:
+  """JAX's persistent compilation cache in `compilation_cache_dir()`/`subdir`, every compilation
+  kept, however short (flax's eager init compiles op by op), as environment variables."""
+  import os  # pylint: disable=g-import-not-at-top
+  return {'JAX_COMPILATION_CACHE_DIR': os.path.join(compilation_cache_dir(), subdir),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+def xla_flags_for_tests(local_devices: int) -> list:
   """XLA_FLAGS of a test process on CPU: `local_devices` simulated devices, and LLVM's backend
   optimizations off unless SANO_TEST_XLA_OPTIMIZE=1 (XLA's HLO passes still run: the programs
   compute the same maths; measured on 2 cores, a multiscale + 4-device-step sample took 52 s of
@@ -89,11 +112,8 @@ def subprocess_env(local_devices: int = 4, cache_subdir: str = '', **extra) -> d
   entry in place: a concurrent reader could see half of it)."""
   import os  # pylint: disable=g-import-not-at-top
   env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_') and k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(test_xla_flags(local_devices)),
-             TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1',
-             JAX_COMPILATION_CACHE_DIR=os.path.join(compilation_cache_dir(), cache_subdir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(xla_flags_for_tests(local_devices)),
+             TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1', **compilation_cache_env(cache_subdir))
   env.update({k: str(v) for k, v in extra.items()})
   return env
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sano_jax import calibration, evaluate, input_pipeline, localization, metrics
-from tests.helpers import every_nth, tiny_run_config
+from sano_jax import calibration, evaluate, localization, metrics
+from tests.helpers import random_values, split_slices, tiny_run_config
 
 
 def test_synthesize_changes_exactly_the_masked_region():
@@ -155,8 +155,7 @@ def trained(tmp_path_factory, tiny_run):
                            **{'eval.bootstrap_runs': 0, 'localize.calibrate': True})
   workdir = str(tmp_path_factory.mktemp('calib') / 'wd')
   shutil.copytree(tiny_run[1], workdir)
-  sources = {f'{split}_source': every_nth(input_pipeline.get_source(config, split), n)
-             for split, n in (('train', 32), ('val', 32), ('test', 48))}
+  sources = split_slices(config, train=32, val=32, test=48)
   return config, workdir, sources
 
 
@@ -224,9 +223,7 @@ def test_a_method_without_t_calibrates_and_evaluates_with_the_density_rule():
   config = tiny_config(method='ae')
   method = methods.create(config)
   assert method.ts == (None,)
-  rng = np.random.default_rng(0)  # random weights without compiling init (eval_shape)
-  params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
-                        jax.eval_shape(method.init, jax.random.PRNGKey(0)))
+  params = random_values(jax.eval_shape(method.init, jax.random.PRNGKey(0)))
   healthy = grating_source(16)
   choice = calibration.calibrate(config, params, healthy)
   rows = choice['candidates']

@@ -11,8 +11,8 @@ import pytest
 import scipy.ndimage as ndi
 from sklearn import metrics as skm
 
-from sano_jax import checkpointing, evaluate, input_pipeline, localization, train
-from tests.helpers import every_nth, tiny_run_config
+from sano_jax import checkpointing, evaluate, localization, train
+from tests.helpers import split_slices, tiny_run_config
 
 
 @pytest.fixture(scope='module')
@@ -20,8 +20,7 @@ def base(tmp_path_factory, tiny_run):
   """The shared tiny run (tests/conftest.py, never written to) and small in-memory splits of its
   data: every variant evaluates these images and the recomputations read the same ones."""
   config, workdir = tiny_run
-  sources = {f'{split}_source': every_nth(input_pipeline.get_source(config, split), n)
-             for split, n in (('train', 32), ('val', 64), ('test', 64))}
+  sources = split_slices(config, train=32, val=64, test=64)
   return tmp_path_factory.mktemp('rules'), workdir, sources
 
 
@@ -121,7 +120,6 @@ def test_constant_model_is_a_clear_error(tmp_path, textures_dir):
   config = tiny_run_config(textures_dir, steps=1, **{'optim.warmup_steps': 50})
   wd = str(tmp_path / 'wd')
   train.train_and_evaluate(config, wd)
-  sources = {f'{split}_source': every_nth(input_pipeline.get_source(config, split), 8)
-             for split in ('train', 'val', 'test')}
+  sources = split_slices(config, train=8, val=8, test=8)
   with pytest.raises(ValueError, match=r"healthy std of the 'sano' field is 0\.0: the model is constant"):
     evaluate.evaluate(None, wd, **sources)

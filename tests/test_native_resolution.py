@@ -10,7 +10,7 @@ from configs import tiny
 from sano_jax import checkpointing, evaluate, input_pipeline as ip, localization, methods, tiling
 from sano_jax import train
 from sano_jax.models.unet import UNet
-from tests.helpers import every_nth, tiny_run_config
+from tests.helpers import random_values, split_slices, tiny_run_config
 
 
 class GridSource:
@@ -125,10 +125,8 @@ def test_unet_attention_follows_the_training_input_size():
   kw = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_head_channels=8,
             num_groups=4)
   trained = UNet(input_size=16, **kw)
-  rng = np.random.default_rng(0)  # random weights without compiling init (eval_shape)
-  params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
-                        jax.eval_shape(trained.init, jax.random.PRNGKey(0),
-                                       jnp.zeros((1, 16, 16, 1)), jnp.ones((1,))))
+  params = random_values(jax.eval_shape(trained.init, jax.random.PRNGKey(0),
+                                        jnp.zeros((1, 16, 16, 1)), jnp.ones((1,))))
   # At 32 px the same blocks run (attention at level 1, 16 px there): same parameter tree.
   at32 = jax.eval_shape(trained.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)),
                         jnp.ones((1,)))
@@ -167,7 +165,7 @@ def crop_run(tmp_path_factory):
   workdir = str(root / 'wd')
   train.train_and_evaluate(config, workdir)
   # The whole test split; 64 training and validation images for the baseline's mean and the stats.
-  sources = {f'{split}_source': every_nth(ip.get_source(config, split), 64) for split in ('train', 'val')}
+  sources = split_slices(config, train=64, val=64)
   out = evaluate.evaluate(config, workdir, **sources)
   return config, workdir, out
 
