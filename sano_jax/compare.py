@@ -5,7 +5,7 @@ data, steps and batch) into ROOT/<method>, skipping runs already evaluated.
 
 `compare(workdirs, out_dir)` reads each run's eval/metrics.json (written by run_eval.py, the same
 evaluation for every method), checks that all runs were tested on the same data, and writes
-  OUT/compare.md    AUROC, AUPRC, Dice and IoU at the operating point and at N sigma (label-free),
+  OUT/compare.md    AUROC, AUPRC, AUPRO, Dice and IoU at the operating point and at N sigma (label-free),
                     each +- the subject-stratified bootstrap std; training img/s and wall seconds
   OUT/compare.json  the same numbers
   OUT/compare.png   the same test images localized by every method side by side (rows chosen across
@@ -22,7 +22,8 @@ import numpy as np
 
 from sano_jax import files
 
-COLUMNS = (('auroc', 'AUROC'), ('auprc', 'AUPRC'), ('op_dice', 'Dice @ OP'), ('op_iou', 'IoU @ OP'),
+COLUMNS = (('auroc', 'AUROC'), ('auprc', 'AUPRC'), ('aupro', 'AUPRO'), ('op_dice', 'Dice @ OP'),
+           ('op_iou', 'IoU @ OP'),
            ('ns_dice', 'Dice @ Nσ*'), ('ns_iou', 'IoU @ Nσ*'))
 
 
@@ -46,7 +47,8 @@ def row_of(workdir: str) -> dict:
   row = {'workdir': workdir, 'method': m['localization'].get('method', 'sano'), 'dataset': m['data']['dataset'],
          'test_split': m['data']['test_split'], 'num_images': m['num_images'],
          'rule': m['localization']['rule'], 'n_sigma': ns['n']}
-  for key, src, name in (('auroc', m, 'auroc'), ('auprc', m, 'auprc'), ('op_dice', op, 'dice'),
+  for key, src, name in (('auroc', m, 'auroc'), ('auprc', m, 'auprc'), ('aupro', m, 'aupro'),
+                         ('op_dice', op, 'dice'),
                          ('op_iou', op, 'iou'), ('ns_dice', ns, 'dice'), ('ns_iou', ns, 'iou')):
     row[key], row[key + '_std'] = src.get(name), src.get(name + '_std')
   row['baseline_auroc'] = (m.get('baseline') or {}).get('auroc')

@@ -427,7 +427,7 @@ def write_summaries(log_dir: str, step: int, scalars: dict, images: dict[str, st
 def _summary_scalars(out: dict) -> dict:
   """The TensorBoard scalars of a metrics.json dict: eval/*, and eval_groups/{attribute}/{value}/*
   and eval_groups/{attribute}/gap/* per group."""
-  scalars = {'eval/auroc': out['auroc'], 'eval/auprc': out['auprc'],
+  scalars = {'eval/auroc': out['auroc'], 'eval/auprc': out['auprc'], 'eval/aupro': out['aupro'],
              'eval/op_dice': out['operating_point']['dice'],
              'eval/op_iou': out['operating_point']['iou'],
              'eval/n_sigma_dice': out['n_sigma']['dice'], 'eval/n_sigma_iou': out['n_sigma']['iou'],
@@ -619,7 +619,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   base_metrics = None
   if base_acc is not None:
     bm = base_acc.compute(bootstrap_runs=0)
-    base_metrics = {'auroc': bm['auroc'], 'auprc': bm['auprc'],
+    base_metrics = {'auroc': bm['auroc'], 'auprc': bm['auprc'], 'aupro': bm['aupro'],
                     'dice_at_op': bm['operating_point']['dice'],
                     'mean_intensity': [float(v) for v in mean],
                     'map': 'gaussian(mean_c |x - mean training intensity|)'}
@@ -670,8 +670,9 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   path = os.path.join(eval_dir, 'metrics.json')
   files.atomic_write_json(path, out)  # local or gs://; never half written
   num = lambda v: math.nan if v is None else v  # JSON null (undefined) -> nan; 0.0 stays 0.0
-  logging.info('AUROC %.4f AUPRC %.4f | OP dice %.4f iou %.4f | N=%g dice %.4f | baseline AUROC %s',
-               num(out['auroc']), num(out['auprc']), num(out['operating_point']['dice']),
+  logging.info('AUROC %.4f AUPRC %.4f AUPRO %.4f | OP dice %.4f iou %.4f | N=%g dice %.4f | '
+               'baseline AUROC %s', num(out['auroc']), num(out['auprc']), num(out['aupro']),
+               num(out['operating_point']['dice']),
                num(out['operating_point']['iou']), n_sigma, num(out['n_sigma']['dice']),
                None if base_metrics is None else out['baseline']['auroc'])
   logging.info('wrote %s', path)
@@ -692,6 +693,8 @@ def format_summary(metrics: dict, workdir: str, seconds: float) -> str:
       + f"{metrics['localization']['rule']} healthy statistics",
       f"  pixel AUROC   {pm('auroc')}     trivial baseline {num(base.get('auroc'))}",
       f"  pixel AUPRC   {pm('auprc')}     trivial baseline {num(base.get('auprc'))}",
+      f"  AUPRO@{metrics.get('aupro_max_fpr', 0.3):g}     {pm('aupro')}     trivial baseline "
+      f"{num(base.get('aupro'))}",
       f"  operating point (best F1, uses test labels): Dice {pm('dice', op)}  IoU {pm('iou', op)}",
       f"  N = {ns['n']:g} sigma (healthy data only):       Dice {pm('dice', ns)}  IoU {pm('iou', ns)}",
       f"  metrics: {os.path.join(workdir, 'eval', 'metrics.json')}",

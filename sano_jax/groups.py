@@ -41,6 +41,7 @@ MISSING = '(missing)'  # the value of an image that subjects_csv does not list, 
 METRICS = {
     'auroc': ('AUROC', ('auroc',), ('auroc',)),
     'auprc': ('AUPRC', ('auprc',), ('auprc',)),
+    'aupro': ('AUPRO', ('aupro',), ('aupro',)),
     'dice_at_op': ('Dice at OP', ('operating_point', 'dice'), ('dice',)),
     'iou_at_op': ('IoU at OP', ('operating_point', 'iou'), ('iou',)),
     'dice_at_n_sigma': ('Dice at N sigma', ('n_sigma', 'dice'), ('fixed', 0, 'dice')),
@@ -236,13 +237,13 @@ def _finite(x) -> float | None:
 
 
 def group_entry(m: dict, n_sigma: float | None = None) -> dict:
-  """One group's entry from its `PixelMetricsAccumulator.compute` dict: counts, AUROC, AUPRC,
+  """One group's entry from its `PixelMetricsAccumulator.compute` dict: counts, AUROC, AUPRC, AUPRO,
   Dice/IoU at its operating point and at N sigma with their stds; null (and `reason`) where the
   group's pixels leave a metric undefined, never NaN."""
   op, ns = m['operating_point'], m['n_sigma'] or {}
   entry = {k: m[k] for k in ('num_images', 'num_anomalous_images', 'num_subjects', 'num_pixels',
                              'num_positive_pixels')}
-  for k in ('auroc', 'auroc_std', 'auprc', 'auprc_std'):
+  for k in ('auroc', 'auroc_std', 'auprc', 'auprc_std', 'aupro', 'aupro_std'):
     entry[k] = _finite(m[k])
   entry['operating_point'] = {k: _finite(op[k]) for k in ('threshold', 'threshold_std', 'dice',
                                                           'dice_std', 'iou', 'iou_std')}
@@ -324,13 +325,16 @@ def format_table(attribute: str, section: dict) -> str:
 
 
 def write_figure(attribute: str, section: dict, path: str) -> str:
-  """One bar chart per metric (AUROC, AUPRC, Dice/IoU at OP and at N sigma) over the values of
+  """One bar chart per metric (AUROC, AUPRC, AUPRO, Dice/IoU at OP and at N sigma) over the values of
   `attribute`, error bars = bootstrap std, 'n/a' where undefined; written to `path` (PNG)."""
   from sano_jax import curves  # pylint: disable=g-import-not-at-top
   plt = curves.pyplot()
   values = list(section['values'])
-  fig, axes = plt.subplots(3, 2, figsize=(max(8.0, 1.0 + 0.5 * len(values) * 2), 10.5),
+  rows = math.ceil(len(METRICS) / 2)
+  fig, axes = plt.subplots(rows, 2, figsize=(max(8.0, 1.0 + 0.5 * len(values) * 2), 3.5 * rows),
                            squeeze=False)
+  for ax in axes.ravel()[len(METRICS):]:
+    ax.set_visible(False)
   x = np.arange(len(values))
   labels = [f"{v}\n({section['values'][v]['num_images']})" for v in values]
   for ax, (m, (label, path_in, _)) in zip(axes.ravel(), METRICS.items()):

@@ -218,47 +218,72 @@ def mean_iou_per_image(pred, labels) -> float:
   return float(np.mean(inter[keep] / (a[keep] + b[keep] - inter[keep]))) if keep.any() else math.nan
 
 
-def aupro(scores, labels, max_fpr: float = 0.3, connectivity: int = 2) -> float:
+AUPRO_MAX_FPR = 0.3  # MVTec AD's integration limit
+
+
+def region_weights(labels, connectivity: int = 2) -> tuple[np.ndarray, np.ndarray]:
+  """(weights [N, H, W], regions per image [N]): 1 / |region| on each anomalous pixel, 0 elsewhere.
+
+  Regions = connected components of each image's mask (connectivity 2 = 8-neighbourhood), labelled
+  for the whole batch in one `scipy.ndimage.label` call whose structure links no two images.
+  Summed over the pixels above a threshold and divided by the number of regions, they give the
+  per-region overlap PRO(t) = mean over regions of |{score >= t} n region| / |region|.
+  """
+  y = np.asarray(labels) > 0
+  if y.ndim != 3:
+    raise ValueError(f'region_weights needs labels [N, H, W], got shape {y.shape}')
+  structure = np.zeros((3, 3, 3), bool)
+  structure[1] = ndimage.generate_binary_structure(2, connectivity)
+  comp, k = ndimage.label(y, structure=structure)
+  sizes = np.bincount(comp.ravel(), minlength=k + 1).astype(np.float64)
+  sizes[0] = np.inf  # background: weight 0
+  weights = 1.0 / sizes[comp]
+  firsts = ndimage.find_objects(comp)  # one slice tuple per region: its image is its first axis
+  per_image = np.bincount([sl[0].start for sl in firsts], minlength=y.shape[0]) if k else \
+      np.zeros(y.shape[0], np.int64)
+  return weights, per_image.astype(np.int64)
+
+
+def pro_area(pro_mass, neg, n_regions, max_fpr: float = AUPRO_MAX_FPR):
+  """Normalized area under PRO(FPR) for FPR in [0, max_fpr], from per-level sums [..., L] (levels
+  in descending threshold order): pro_mass = sum of region weights, neg = healthy pixels, and
+  n_regions [...]. PRO_k = cumsum(pro_mass)_k / n_regions, FPR_k = cumsum(neg)_k / N, from (0, 0);
+  trapezoids, the one that crosses max_fpr cut there by linear interpolation; / max_fpr.
+  NaN where there is no region or no healthy pixel."""
+  if not 0 < max_fpr <= 1:
+    raise ValueError(f'max_fpr must be in (0, 1], got {max_fpr}')
+  pro_mass, neg = np.asarray(pro_mass, np.float64), np.asarray(neg, np.float64)
+  n_regions = np.asarray(n_regions, np.float64)
+  zero = np.zeros(pro_mass.shape[:-1] + (1,))
+  with np.errstate(divide='ignore', invalid='ignore'):
+    pro = np.concatenate([zero, np.cumsum(pro_mass, -1)], -1) / n_regions[..., None]
+    fpr = np.cumsum(neg, -1)
+    fpr = np.concatenate([zero, fpr], -1) / fpr[..., -1:]
+    x0, x1 = fpr[..., :-1], fpr[..., 1:]
+    slope = np.where(x1 > x0, (pro[..., 1:] - pro[..., :-1]) / (x1 - x0), 0.0)
+    c0, c1 = np.minimum(x0, max_fpr), np.minimum(x1, max_fpr)
+    v0 = pro[..., :-1] + slope * (c0 - x0)
+    v1 = pro[..., :-1] + slope * (c1 - x0)
+    area = np.sum((c1 - c0) * (v0 + v1), -1) / (2.0 * max_fpr)
+  return np.where((n_regions > 0) & np.isfinite(fpr[..., -1]), area, np.nan)
+
+
+def aupro(scores, labels, max_fpr: float = AUPRO_MAX_FPR, connectivity: int = 2) -> float:
   """Normalised area under PRO(FPR) for FPR in [0, max_fpr] (Bergmann et al., MVTec AD).
 
-  scores, labels [N, H, W]. Regions = connected components of each ground-truth mask
-  (scipy.ndimage.label; connectivity 2 = 8-neighbourhood). PRO(t) = mean over all regions of
-  |{score >= t} n region| / |region|, FPR(t) = |{score >= t} n negatives| / |negatives|; exact over
-  all distinct thresholds, trapezoidal, linearly interpolated at max_fpr, divided by max_fpr.
+  scores, labels [N, H, W]. PRO(t) = mean over all regions (`region_weights`) of
+  |{score >= t} n region| / |region|, FPR(t) = |{score >= t} n negatives| / |negatives|; exact
+  over all distinct thresholds (`pro_area`). NaN without a region or without a healthy pixel.
   """
   s = np.asarray(scores, np.float64)
   y = np.asarray(labels) > 0
   if s.shape != y.shape or s.ndim != 3:
     raise ValueError(f'aupro needs scores and labels [N,H,W], got {s.shape}, {y.shape}')
-  if not 0 < max_fpr <= 1:
-    raise ValueError(f'max_fpr must be in (0, 1], got {max_fpr}')
-  structure = ndimage.generate_binary_structure(2, connectivity)
-  weights = np.zeros(s.shape, np.float64)
-  n_regions = 0
-  for i in range(s.shape[0]):  # host-side, once per image: labelling is not on a hot path
-    comp, k = ndimage.label(y[i], structure=structure)
-    if k:
-      sizes = np.bincount(comp.ravel())
-      w = np.where(comp > 0, 1.0 / sizes[comp], 0.0)
-      weights[i] = w
-      n_regions += k
-  if n_regions == 0 or y.all():
-    return math.nan
-  sf, yf = s.reshape(-1), y.reshape(-1)
-  order = np.argsort(-sf, kind='stable')
-  ss = sf[order]
-  starts = np.concatenate([[0], np.flatnonzero(np.diff(ss)) + 1])
-  pro = np.cumsum(np.add.reduceat(weights.reshape(-1)[order], starts)) / n_regions
-  fpr = np.cumsum(np.add.reduceat((~yf[order]).astype(np.float64), starts)) / np.count_nonzero(~yf)
-  fpr = np.concatenate([[0.0], fpr])
-  pro = np.concatenate([[0.0], pro])
-  k = np.searchsorted(fpr, max_fpr, side='right')  # fpr[:k] <= max_fpr
-  x, v = fpr[:k], pro[:k]
-  if k < fpr.size and x[-1] < max_fpr:
-    f = (max_fpr - fpr[k - 1]) / (fpr[k] - fpr[k - 1])
-    x = np.append(x, max_fpr)
-    v = np.append(v, pro[k - 1] + f * (pro[k] - pro[k - 1]))
-  return float(np.trapezoid(v, x) / max_fpr)
+  weights, per_image = region_weights(y, connectivity)
+  # Per-level sums of two weightings from one sort (label 1 everywhere: `pos` sums the weights).
+  sums, _, _ = _exact_levels(s.reshape(-1), np.ones(s.size, bool),
+                             np.stack([weights.reshape(-1), (~y).reshape(-1).astype(np.float64)]))
+  return float(pro_area(sums[0], sums[1], per_image.sum(), max_fpr))
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,14 +318,18 @@ class PixelMetricsAccumulator:
       `sano_jax.localize`'s mask. The first one is reported as `n_sigma`.
     exact_max_pixels: while the total pixel count is at most this, the raw scores are kept as well
       and `compute` uses the exact sort-based curve (0: always binned).
+    aupro_max_fpr: the FPR limit of AUPRO (`pro_area`). AUPRO needs the images' layout: batches of
+      [B, H, W] (or [B, H, W, 1]) scores; fed anything else, it is reported as None.
 
-  Memory: subjects x 2 x num_bins int32 (100 MB for 190 subjects at 2**16 bins) plus O(images x
+  Memory: subjects x num_bins x (2 int32 + 1 float64 of AUPRO's region weights: 200 MB for 190
+  subjects at 2**16 bins) plus O(images x
   thresholds) (each image's Dice and IoU, summed per subject in index order), whatever the number
   of pixels. Accumulators of parts of a set (one per process) combine with `merge`.
   """
 
   def __init__(self, num_bins: int = 2**16, score_range: tuple[float, float] = (0.0, 50.0),
-               thresholds: Sequence[float] = (3.0,), exact_max_pixels: int = 0):
+               thresholds: Sequence[float] = (3.0,), exact_max_pixels: int = 0,
+               aupro_max_fpr: float = AUPRO_MAX_FPR):
     lo, hi = float(score_range[0]), float(score_range[1])
     if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
       raise ValueError(f'score_range must be finite with hi > lo, got {score_range}')
@@ -310,8 +339,14 @@ class PixelMetricsAccumulator:
     self.score_range = (lo, hi)
     self.thresholds = tuple(float(t) for t in thresholds)
     self.exact_max_pixels = int(exact_max_pixels)
+    if not 0 < aupro_max_fpr <= 1:
+      raise ValueError(f'aupro_max_fpr must be in (0, 1], got {aupro_max_fpr}')
+    self.aupro_max_fpr = float(aupro_max_fpr)
     self._rows: dict[Hashable, int] = {}
     self._hist = np.zeros((0, 2, self.num_bins), np.int32)
+    self._pro_hist = np.zeros((0, self.num_bins), np.float64)  # region weights per bin
+    self._regions = np.zeros((0,), np.int64)  # anomalous regions per subject
+    self._has_layout = True  # every batch was [B, H, W]: AUPRO is defined
     t = len(self.thresholds)
     self._conf = np.zeros((0, t, 3), np.int64)  # tp, fp, fn at each fixed threshold
     self._n_images = np.zeros((0,), np.int64)
@@ -322,7 +357,8 @@ class PixelMetricsAccumulator:
     # per subject in image-index order by `_image_sums` (the order one pass in index order adds).
     self._per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     self._seen = 0  # the next default image index
-    # Exact path: (scores [P], labels [P], subject rows [P], first image index) per `add`.
+    # Exact path: (scores [P], labels [P], subject rows [P], first image index, region weights
+    # [P]) per `add`.
     self._raw: list | None = [] if self.exact_max_pixels > 0 else None
     self._raw_pixels = 0
 
@@ -347,6 +383,7 @@ class PixelMetricsAccumulator:
   def _grow(self, cap: int) -> None:
     grow = lambda a: np.concatenate([a, np.zeros((cap - a.shape[0],) + a.shape[1:], a.dtype)])
     self._hist, self._conf, self._first = grow(self._hist), grow(self._conf), grow(self._first)
+    self._pro_hist, self._regions = grow(self._pro_hist), grow(self._regions)
     self._n_images, self._n_images_pos = grow(self._n_images), grow(self._n_images_pos)
     self._pixels = grow(self._pixels)
 
@@ -379,6 +416,9 @@ class PixelMetricsAccumulator:
     if not np.issubdtype(s_in.dtype, np.floating):
       s_in = s_in.astype(np.float64)
     s = s_in.astype(np.float32, copy=False)
+    layout = y[keep]
+    layout = layout.reshape(layout.shape[:3]) if layout.ndim >= 3 and \
+        np.prod(layout.shape[3:], dtype=np.int64) == 1 else None
     y = y[keep].reshape(s.shape) > 0
     subjects = subjects[keep]
     if not np.isfinite(s).all():
@@ -392,6 +432,16 @@ class PixelMetricsAccumulator:
     uniq, inv = np.unique(rows, return_inverse=True)
     idx += (2 * nb) * inv[:, None]
     counts = np.bincount(idx.reshape(-1), minlength=2 * nb * len(uniq)).reshape(len(uniq), 2, nb)
+    self._has_layout &= layout is not None
+    pro_w = None
+    if self._has_layout:
+      pro_w, per_image = region_weights(layout)
+      pro_w = pro_w.reshape(s.shape)
+      np.add.at(self._regions, rows, per_image)
+      # Positives sit in channel 0 of each subject's 2 x nb block: row u's bin b is 2*nb*u + b.
+      pro_idx = (idx[y] // (2 * nb)) * nb + idx[y] % nb
+      self._pro_hist[uniq] += np.bincount(pro_idx, weights=pro_w[y],
+                                          minlength=nb * len(uniq)).reshape(len(uniq), nb)
     self._pixels[uniq] += counts.reshape(len(uniq), -1).sum(axis=1)
     if self._pixels.max(initial=0) > np.iinfo(np.int32).max and self._hist.dtype == np.int32:
       self._hist = self._hist.astype(np.int64)
@@ -418,7 +468,8 @@ class PixelMetricsAccumulator:
         self._raw = None
       else:
         self._raw.append((s_in.reshape(-1).copy(), y.reshape(-1).copy(),
-                          np.repeat(rows, s.shape[1]), int(index.min())))
+                          np.repeat(rows, s.shape[1]), int(index.min()),
+                          None if pro_w is None else pro_w.reshape(-1)))
 
   def _image_sums(self) -> np.ndarray:
     """[S, T, 2]: per subject, the sums of its images' Dice and IoU at each fixed threshold
@@ -441,13 +492,15 @@ class PixelMetricsAccumulator:
     if not accs:
       raise ValueError('merge needs at least one accumulator')
     a0 = accs[0]
-    settings = lambda a: (a.num_bins, a.score_range, a.thresholds, a.exact_max_pixels)
+    settings = lambda a: (a.num_bins, a.score_range, a.thresholds, a.exact_max_pixels,
+                          a.aupro_max_fpr)
     for a in accs[1:]:
       if settings(a) != settings(a0):
         raise ValueError(f'cannot merge accumulators with different settings (num_bins, '
-                         f'score_range, thresholds, exact_max_pixels): {settings(a0)} and '
-                         f'{settings(a)}')
-    out = cls(a0.num_bins, a0.score_range, a0.thresholds, a0.exact_max_pixels)
+                         f'score_range, thresholds, exact_max_pixels, aupro_max_fpr): '
+                         f'{settings(a0)} and {settings(a)}')
+    out = cls(*settings(a0))
+    out._has_layout = all(a._has_layout for a in accs)
     first: dict[Hashable, int] = {}
     for a in accs:
       for key, row in a._rows.items():
@@ -462,11 +515,12 @@ class PixelMetricsAccumulator:
       to = np.array([out._rows[k] for k in a._rows], np.int64)  # a's row -> the merged row
       hist[to] += a._hist[:n]
       for mine, theirs in ((out._conf, a._conf), (out._n_images, a._n_images),
-                           (out._n_images_pos, a._n_images_pos), (out._pixels, a._pixels)):
+                           (out._n_images_pos, a._n_images_pos), (out._pixels, a._pixels),
+                           (out._pro_hist, a._pro_hist), (out._regions, a._regions)):
         mine[to] += theirs[:n]
       out._per_image += [(i, to[r], v) for i, r, v in a._per_image]
       if raw is not None:
-        raw += [(sc, y, to[r], i) for sc, y, r, i in a._raw]
+        raw += [(sc, y, to[r], i, pw) for sc, y, r, i, pw in a._raw]
       out._raw_pixels += a._raw_pixels
       out._seen = max(out._seen, a._seen)
     out._hist = hist if out._pixels.max(initial=0) > np.iinfo(np.int32).max else \
@@ -484,14 +538,16 @@ class PixelMetricsAccumulator:
 
   def _exact_sorted(self):
     """The kept raw pixels sorted by descending score: (labels [P] float64, subject rows [P],
-    level starts [L], thresholds [L]) with one level per distinct score."""
+    level starts [L], thresholds [L], region weights [P] or None) with one level per distinct
+    score."""
     sc = np.concatenate([r[0] for r in self._raw]).astype(np.float64)
     y = np.concatenate([r[1] for r in self._raw])
     subj = np.concatenate([r[2] for r in self._raw])
     order = np.argsort(-sc, kind='stable')
     ss = sc[order]
     starts = np.concatenate([[0], np.flatnonzero(np.diff(ss)) + 1])
-    return y[order].astype(np.float64), subj[order], starts, ss[starts]
+    pro_w = np.concatenate([r[4] for r in self._raw])[order] if self._has_layout else None
+    return y[order].astype(np.float64), subj[order], starts, ss[starts], pro_w
 
   def curve_levels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pos [L], neg [L], thresholds [L] descending): the anomalous and healthy pixel counts per
@@ -501,41 +557,50 @@ class PixelMetricsAccumulator:
     if s == 0:
       raise ValueError('no data added to the accumulator')
     if self._raw:
-      yy, _, starts, thr = self._exact_sorted()
+      yy, _, starts, thr, _ = self._exact_sorted()
       pos = np.add.reduceat(yy, starts)
       return pos, np.diff(np.append(starts, yy.size)) - pos, thr
     hist = self._hist[:s].sum(axis=0, dtype=np.int64).astype(np.float64)
     return hist[0, ::-1], hist[1, ::-1], self.edges[::-1]
 
   def _curves(self, weights: np.ndarray) -> dict:
-    """Curve metrics for subject weights [R, S] (R = 1 + bootstrap runs)."""
+    """Curve metrics for subject weights [R, S] (R = 1 + bootstrap runs), AUPRO included."""
     s = len(self._rows)
+    regions = weights @ self._regions[:s].astype(np.float64)  # [R]
+
+    def with_aupro(out, pro_mass, neg, rows):
+      out['aupro'] = (pro_area(pro_mass, neg, regions[rows], self.aupro_max_fpr)
+                      if self._has_layout else np.full(len(regions[rows]), np.nan))
+      return out
+
+    outs = []
     if self._raw:
-      yy, sj, starts, thr = self._exact_sorted()
-      outs = []
-      for w in weights:  # the sort is shared; a run only reweights pixels by subject multiplicity
+      yy, sj, starts, thr, pro_w = self._exact_sorted()
+      for r, w in enumerate(weights):  # the sort is shared; a run reweights pixels by multiplicity
         pw = w[sj]
-        outs.append(_curve_metrics(np.add.reduceat(pw * yy, starts),
-                                   np.add.reduceat(pw * (1.0 - yy), starts), thr))
-      return {k: np.array([o[k] for o in outs]) for k in outs[0]}
+        neg = np.add.reduceat(pw * (1.0 - yy), starts)[None]
+        pro = np.add.reduceat(pw * pro_w, starts)[None] if self._has_layout else None
+        outs.append(with_aupro(_curve_metrics(np.add.reduceat(pw * yy, starts)[None], neg, thr),
+                               pro, neg, slice(r, r + 1)))
+      return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
     hist = self._hist[:s]
     nb = self.num_bins
-    outs = []
     runs_chunk, bins_chunk = 8, 8192  # bounded temporaries: 8 runs x bins, S x 8192 float64
     for r in range(0, weights.shape[0], runs_chunk):
       w = weights[r:r + runs_chunk]
-      pos = np.empty((w.shape[0], nb))
-      neg = np.empty((w.shape[0], nb))
+      pos, neg, pro = (np.empty((w.shape[0], nb)) for _ in range(3))
       for a in range(0, nb, bins_chunk):
         pos[:, a:a + bins_chunk] = w @ hist[:, 0, a:a + bins_chunk].astype(np.float64)
         neg[:, a:a + bins_chunk] = w @ hist[:, 1, a:a + bins_chunk].astype(np.float64)
+        pro[:, a:a + bins_chunk] = w @ self._pro_hist[:s, a:a + bins_chunk]
       # Descending thresholds: the highest bin first.
-      outs.append(_curve_metrics(pos[:, ::-1], neg[:, ::-1], self.edges[::-1]))
+      outs.append(with_aupro(_curve_metrics(pos[:, ::-1], neg[:, ::-1], self.edges[::-1]),
+                             pro[:, ::-1], neg[:, ::-1], slice(r, r + runs_chunk)))
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
   def run_values(self, weights: np.ndarray) -> dict:
     """Every metric under each row of subject weights [R, S] (columns in `subjects` order; row 0 of
-    `bootstrap_weights` is the data as is): auroc, auprc, threshold, f1, dice, iou as arrays [R],
+    `bootstrap_weights` is the data as is): auroc, auprc, aupro, threshold, f1, dice, iou as [R],
     and 'fixed': per fixed threshold t a dict of arrays [R] of dice, iou (pooled pixels, mask
     score > t), dice_per_image, iou_per_image (mean over images with a non-empty truth), and
     tpr = TP / P, fpr = FP / N, precision = TP / (TP + FP)."""
@@ -569,7 +634,8 @@ class PixelMetricsAccumulator:
     each resample, and `X_std` is the std (ddof=1) over the runs (None when bootstrap_runs < 2).
     Schema (floats/ints):
 
-      auroc, auroc_std, auprc, auprc_std,
+      auroc, auroc_std, auprc, auprc_std, aupro, aupro_std (`pro_area` up to aupro_max_fpr;
+      NaN without a region, or when a batch had no [H, W] layout),
       operating_point: {threshold, threshold_std, f1, f1_std, dice, dice_std, iou, iou_std},
       n_sigma: {n, threshold, dice, dice_std, iou, iou_std, dice_per_image, dice_per_image_std,
                 iou_per_image, iou_per_image_std, tpr, fpr, precision}
@@ -591,7 +657,7 @@ class PixelMetricsAccumulator:
       return float(v[0]), _std(v[1:])
 
     out: dict[str, Any] = {}
-    for k in ('auroc', 'auprc'):
+    for k in ('auroc', 'auprc', 'aupro'):
       out[k], out[k + '_std'] = point_std(values[k])
     op = {}
     for k in ('threshold', 'f1', 'dice', 'iou'):
@@ -613,7 +679,9 @@ class PixelMetricsAccumulator:
                num_pixels=int(pix.sum()), num_positive_pixels=int(pix[0]),
                bootstrap_runs=runs, seed=int(seed), method='exact' if exact else 'binned',
                num_bins=None if exact else self.num_bins,
-               score_range=None if exact else list(self.score_range))
+               score_range=None if exact else list(self.score_range),
+               num_regions=int(self._regions[:s].sum()) if self._has_layout else None,
+               aupro_max_fpr=self.aupro_max_fpr)
     return out
 
 

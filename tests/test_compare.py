@@ -8,7 +8,8 @@ import pytest
 from sano_jax import compare
 
 
-def _write_run(workdir, method, auroc, dataset='sano_textures/brick_32', speeds=(10.0, 30.0, 20.0)):
+def _write_run(workdir, method, auroc, dataset='sano_textures/brick_32', speeds=(10.0, 30.0, 20.0),
+               aupro=None):
   os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
   metrics = {
       'auroc': auroc, 'auroc_std': 0.01, 'auprc': auroc / 2, 'auprc_std': 0.02,
@@ -18,6 +19,8 @@ def _write_run(workdir, method, auroc, dataset='sano_textures/brick_32', speeds=
       'baseline': {'auroc': 0.65}, 'num_images': 300,
       'data': {'dataset': dataset, 'test_split': 'test'},
       'localization': {'method': method, 'rule': 'per_pixel'}}
+  if aupro is not None:  # metrics.json written before AUPRO existed has none
+    metrics.update(aupro=aupro, aupro_std=0.04)
   with open(os.path.join(workdir, 'eval', 'metrics.json'), 'w') as f:
     json.dump(metrics, f)
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
@@ -27,16 +30,18 @@ def _write_run(workdir, method, auroc, dataset='sano_textures/brick_32', speeds=
 
 
 def test_table_json_and_best_values(tmp_path):
-  a = _write_run(tmp_path / 'a', 'sano', 0.9)
+  a = _write_run(tmp_path / 'a', 'sano', 0.9, aupro=0.7)
   b = _write_run(tmp_path / 'b', 'vqvae', 0.8, speeds=(50.0,))
   out = compare.compare([a, b], str(tmp_path / 'out'), figure=False)
   md = open(tmp_path / 'out' / 'compare.md').read()
   assert md == out['markdown']
   lines = md.splitlines()
-  assert lines[0].startswith('| method | AUROC | AUPRC | Dice @ OP | IoU @ OP | Dice @ Nσ* | IoU @ Nσ*')
+  assert lines[0].startswith('| method | AUROC | AUPRC | AUPRO | Dice @ OP | IoU @ OP | Dice @ Nσ* |'
+                             ' IoU @ Nσ*')
   sano, vq = lines[2].split(' | '), lines[3].split(' | ')
   assert sano[0] == '| sano' and sano[1] == '**0.900 ± 0.010**' and vq[1] == '0.800 ± 0.010'
-  assert sano[5] == 'n/a ± n/a'  # a null Dice (no positive pixel) is n/a, not 0 or NaN
+  assert sano[3] == '**0.700 ± 0.040**' and vq[3] == 'n/a ± n/a'
+  assert sano[6] == 'n/a ± n/a'  # a null Dice (no positive pixel) is n/a, not 0 or NaN
   assert sano[-2:] == ['20', '30 |'] and vq[-2] == '50'  # median img/s, last wall seconds
   rows = json.load(open(tmp_path / 'out' / 'compare.json'))['rows']
   assert [r['method'] for r in rows] == ['sano', 'vqvae'] and rows[1]['auroc'] == 0.8

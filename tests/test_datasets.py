@@ -286,6 +286,90 @@ def test_folder_subject_is_stem_without_csv(tmp_path):
   assert [n.rsplit('.', 1)[0] for n in names] == subjects
 
 
+def test_folder_reads_the_mvtec_layout(tmp_path):
+  """test/<type>/NAME with ground_truth/<type>/STEM_mask: good/ needs no mask; a missing mask of
+  another type is an error naming the image; names and subjects carry the type (stems repeat)."""
+  normal, _, _ = _make_folders(tmp_path)
+  test, truth = tmp_path / 'mvtec' / 'test', tmp_path / 'mvtec' / 'ground_truth'
+  for sub in ('good', 'crack', 'hole'):
+    (test / sub).mkdir(parents=True)
+  (truth / 'crack').mkdir(parents=True)
+  (truth / 'hole').mkdir(parents=True)
+  _img(test / 'good' / '000.png')
+  mask = np.zeros((18, 24), np.uint8)
+  mask[:, 3:12] = 255  # the left half of the central 18 x 18 square
+  for sub in ('crack', 'hole'):
+    _img(test / sub / '000.png')
+    Image.fromarray(mask).save(truth / sub / '000_mask.png')
+  cfg = _folder_cfg(tmp_path, normal, test, truth)
+  tst = ip.get_source(cfg, 'test')
+  got = {tst[i]['name']: tst[i] for i in range(len(tst))}
+  assert sorted(got) == ['crack/000.png', 'good/000.png', 'hole/000.png']
+  assert {ex['subject'] for ex in got.values()} == {'crack/000', 'good/000', 'hole/000'}
+  assert not got['good/000.png']['mask'].any()
+  for sub in ('crack', 'hole'):
+    m = got[f'{sub}/000.png']['mask'][..., 0]
+    assert m[:, :7].all() and not m[:, 9:].any()
+  _img(test / 'hole' / '001.png')
+  with pytest.raises(FileNotFoundError, match='001.png'):
+    ip.get_source(_folder_cfg(tmp_path, normal, test, truth), 'test')
+
+
+def _yolo_copy(root, n_good=10):
+  """A KolektorSDD-like YOLO-seg folder: n_good defect-free images, 2 with polygons."""
+  images, labels = root / 'Datasets' / 'images', root / 'Datasets' / 'labels'
+  for split in ('train', 'val'):
+    (images / split).mkdir(parents=True)
+    (labels / split).mkdir(parents=True)
+  for i in range(n_good + 2):
+    split = 'train' if i % 3 else 'val'
+    _img(images / split / f'{i:03d}.jpg', size=(20, 40), mode='L')
+    text = ''
+    if i == 1:  # a rectangle and a thin vertical line (one pixel wide: no interior)
+      text = '0 0.25 0.25 0.75 0.25 0.75 0.5 0.25 0.5\n0 0.5 0.6 0.5 0.9 0.5 0.6'
+    elif i == 2:
+      text = '0 0.1 0.1 0.3 0.1 0.2 0.2'
+    (labels / split / f'{i:03d}.txt').write_text(text)
+  return root
+
+
+def test_kolektor_conversion_rasterizes_polygons_into_the_mvtec_layout(tmp_path):
+  from benchmarks import kolektor
+  src = _yolo_copy(tmp_path / 'src')
+  counts = kolektor.convert(str(src), str(tmp_path / 'out'), test_fraction=0.3, seed=1)
+  assert counts == {'train/good': 7, 'test/good': 3, 'test/crack': 2}
+  out = tmp_path / 'out'
+  goods = sorted(p.name for p in (out / 'train/good').iterdir()) + sorted(
+      p.name for p in (out / 'test/good').iterdir())
+  assert sorted(goods) == [f'{i:03d}.jpg' for i in range(12) if i not in (1, 2)]
+  mask = np.asarray(Image.open(out / 'ground_truth/crack/001_mask.png'))
+  assert mask.shape == (40, 20) and set(np.unique(mask)) == {0, 255}
+  # The rectangle x in [5, 15], y in [10, 20] px, outline included; the line: column 10, y 24-36.
+  assert (mask[10:21, 5:16] == 255).all()
+  assert (mask[24:37, 10] == 255).all() and not mask[24:37, 12:].any()
+  assert mask.sum() // 255 == 11 * 11 + 13
+  # The same seed chooses the same test share; the result reads as a folder dataset.
+  again = kolektor.convert(str(src), str(tmp_path / 'again'), test_fraction=0.3, seed=1)
+  assert again == counts and sorted(p.name for p in (tmp_path / 'again/test/good').iterdir()) == \
+      sorted(p.name for p in (out / 'test/good').iterdir())
+  cfg = _folder_cfg(tmp_path, out / 'train/good', out / 'test', out / 'ground_truth', csv=False)
+  cfg.data.num_channels = 1
+  tst = ip.get_source(cfg, 'test')
+  names = sorted(tst[i]['name'] for i in range(len(tst)))
+  assert names[:2] == ['crack/001.jpg', 'crack/002.jpg'] and len(names) == 5
+
+
+def test_kolektor_conversion_rejects_bad_labels(tmp_path):
+  from benchmarks import kolektor
+  src = _yolo_copy(tmp_path / 'src', n_good=1)
+  (src / 'Datasets/labels/train/001.txt').write_text('0 0.1 0.2 1.5 0.3 0.4 0.5\n')
+  with pytest.raises(ValueError, match=r'001.txt, line 1: .*normalized'):
+    kolektor.convert(str(src), str(tmp_path / 'out'))
+  (src / 'Datasets/labels/train/001.txt').unlink()
+  with pytest.raises(FileNotFoundError, match='001.txt'):
+    kolektor.convert(str(src), str(tmp_path / 'out'))
+
+
 def test_folder_unreadable_image(tmp_path):
   normal, test, masks = _make_folders(tmp_path)
   (normal / 'broken.png').write_bytes(b'this is not a png')

@@ -12,6 +12,7 @@ import scipy.ndimage as ndi
 from sklearn import metrics as skm
 
 from sano_jax import checkpointing, evaluate, groups, input_pipeline, localization
+from sano_jax import metrics as metrics_lib
 from tests.helpers import tiny_run_config
 from tests.sklearn_oracle import whole_set_metrics
 
@@ -46,8 +47,9 @@ def test_metrics_json_schema(run):
   for k in ('auroc', 'auprc', 'operating_point', 'n_sigma', 'baseline', 'localization', 'timing',
             'num_images', 'num_subjects'):
     assert k in m, k
-  assert _in01(m['auroc']) and _in01(m['auprc'])
-  for k in ('auroc_std', 'auprc_std'):
+  assert _in01(m['auroc']) and _in01(m['auprc']) and _in01(m['aupro'])
+  assert m['aupro_max_fpr'] == 0.3 and m['num_regions'] > 0
+  for k in ('auroc_std', 'auprc_std', 'aupro_std'):
     assert m[k] is not None and m[k] >= 0
   op = m['operating_point']
   for k in ('threshold', 'dice', 'iou', 'threshold_std', 'dice_std', 'iou_std'):
@@ -90,6 +92,8 @@ def test_metrics_match_sklearn_on_localize_maps(run, oracle):
   y = masks.reshape(-1) > 0
   assert abs(skm.roc_auc_score(y, z.reshape(-1)) - out['auroc']) < 1e-3
   assert abs(skm.average_precision_score(y, z.reshape(-1)) - out['auprc']) < 1e-3
+  # AUPRO: metrics.aupro on the whole maps (itself checked against a brute force in test_metrics).
+  assert abs(metrics_lib.aupro(z, masks) - out['aupro']) < 1e-3
   prec, rec, thr = skm.precision_recall_curve(y, z.reshape(-1))
   f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-300), 0)[:-1]
   k = int(np.argmax(f1))
@@ -106,6 +110,7 @@ def test_metrics_match_sklearn_on_localize_maps(run, oracle):
   assert abs(mean - out['baseline']['mean_intensity'][0]) < 1e-6
   assert abs(skm.roc_auc_score(y, base.reshape(-1)) - out['baseline']['auroc']) < 1e-3
   assert abs(skm.average_precision_score(y, base.reshape(-1)) - out['baseline']['auprc']) < 1e-3
+  assert abs(metrics_lib.aupro(base, masks) - out['baseline']['aupro']) < 1e-3
 
 
 @pytest.fixture(scope='module')
@@ -126,7 +131,7 @@ def test_binned_two_pass_agrees_with_exact(run, binned):
   _, _, exact = run
   _, out = binned
   assert out['method'] == 'binned' and out['timing']['test_passes'] == 2
-  for k in ('auroc', 'auprc'):
+  for k in ('auroc', 'auprc', 'aupro'):
     assert abs(out[k] - exact[k]) < 1e-3, k
   assert abs(out['operating_point']['dice'] - exact['operating_point']['dice']) < 2e-3
   assert abs(out['n_sigma']['dice'] - exact['n_sigma']['dice']) < 1e-3
@@ -241,9 +246,10 @@ def test_tensorboard_holds_the_evaluation(run):
   tensors = {t: ea.Tensors(t) for t in ea.Tags()['tensors']}
   step = evaluate.checkpoint_step(workdir)
   assert step == 10
-  auroc = tensors['eval/auroc'][0]
-  assert auroc.step == step
-  assert abs(float(np.asarray(tf_value(auroc))) - out['auroc']) < 1e-6
+  for tag in ('auroc', 'aupro'):
+    value = tensors[f'eval/{tag}'][0]
+    assert value.step == step
+    assert abs(float(np.asarray(tf_value(value))) - out[tag]) < 1e-6
   gap = tensors['eval_groups/anomaly_size/gap/auroc'][0]
   want = out['groups']['anomaly_size']['gap']['auroc']['gap']
   assert abs(float(np.asarray(tf_value(gap))) - want) < 1e-6
@@ -302,6 +308,7 @@ def test_summary_reports_the_metrics(run):
   _, workdir, out = run
   text = evaluate.format_summary(out, workdir, 90.0)
   assert f"pixel AUROC   {out['auroc']:.3f}" in text
+  assert f"AUPRO@0.3     {out['aupro']:.3f} ± {out['aupro_std']:.3f}" in text
   assert f"trivial baseline {out['baseline']['auroc']:.3f}" in text
   assert 'N = 3 sigma' in text and os.path.join(workdir, 'eval', 'metrics.json') in text
 

@@ -64,6 +64,7 @@ def test_group_metrics_equal_sklearn_on_the_group_alone(binned):
       ref = whole_set_metrics(s[keep], y[keep], N_SIGMA)
       assert e['auroc'] == pytest.approx(ref['auroc'], abs=tol)
       assert e['auprc'] == pytest.approx(ref['auprc'], abs=tol)
+      assert e['aupro'] == pytest.approx(M.aupro(s[keep], y[keep]), abs=tol)
       assert e['operating_point']['dice'] == pytest.approx(ref['op_dice'], abs=tol)
       assert e['operating_point']['iou'] == pytest.approx(ref['op_iou'], abs=tol)
       assert e['n_sigma']['dice'] == pytest.approx(ref['ns_dice'], abs=1e-9)  # exact counts
@@ -73,7 +74,7 @@ def test_group_metrics_equal_sklearn_on_the_group_alone(binned):
       alone = M.bootstrap(s[keep], y[keep], subj[keep], runs=RUNS, seed=SEED, thresholds=(N_SIGMA,),
                           num_bins=2**16 if binned else None,
                           score_range=(0.0, float(s.max()) + 1e-3) if binned else None)
-      for key in ('auroc_std', 'auprc_std'):
+      for key in ('auroc_std', 'auprc_std', 'aupro_std'):
         assert e[key] == pytest.approx(alone[key], abs=1e-12) and e[key] > 0
       assert e['operating_point']['dice_std'] == pytest.approx(
           alone['operating_point']['dice_std'], abs=1e-12)
@@ -85,7 +86,7 @@ def test_a_group_without_anomalies_is_null_with_a_reason_never_nan():
   out, _ = _grouped(s, y, subj, attrs, binned=False)
   blue = out['colour']['values']['blue']
   assert blue['num_positive_pixels'] == 0 and 'no anomalous pixels' in blue['reason']
-  for key in ('auroc', 'auroc_std', 'auprc', 'auprc_std'):
+  for key in ('auroc', 'auroc_std', 'auprc', 'auprc_std', 'aupro', 'aupro_std'):
     assert blue[key] is None
   assert all(v is None for v in blue['operating_point'].values())
   assert blue['n_sigma']['dice'] is None and blue['n_sigma']['iou'] is None

@@ -140,12 +140,32 @@ def test_macro_dice_threshold_matches_brute_force_and_ignores_an_easy_group():
     M.macro_dice_threshold(s, y, g[:-1])
 
 
-def _brute_aupro(s, y, max_fpr):
-  from scipy import ndimage
+def _regions_by_flood_fill(mask):
+  """Each 8-connected region of a 2-D bool mask as a bool mask (a plain breadth-first search)."""
+  seen = np.zeros_like(mask)
   regions = []
-  for i in range(s.shape[0]):
-    comp, k = ndimage.label(y[i], structure=np.ones((3, 3)))
-    regions += [(i, comp == c) for c in range(1, k + 1)]
+  for start in zip(*np.nonzero(mask)):
+    if seen[start]:
+      continue
+    region, queue = np.zeros_like(mask), [start]
+    seen[start] = True
+    while queue:
+      i, j = queue.pop()
+      region[i, j] = True
+      for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+          a, b = i + di, j + dj
+          if 0 <= a < mask.shape[0] and 0 <= b < mask.shape[1] and mask[a, b] and not seen[a, b]:
+            seen[a, b] = True
+            queue.append((a, b))
+    regions.append(region)
+  return regions
+
+
+def _brute_aupro(s, y, max_fpr):
+  """MVTec AD's recipe, written out: PRO and FPR at every distinct threshold, the curve linearly
+  interpolated on a fine FPR grid and integrated by trapezoids up to max_fpr."""
+  regions = [(i, r) for i in range(s.shape[0]) for r in _regions_by_flood_fill(y[i])]
   fprs, pros = [0.0], [0.0]
   for t in np.unique(s)[::-1]:
     pred = s >= t
@@ -179,6 +199,51 @@ def _data(n_subj=12, imgs=3, size=16, seed=0):
       0.5, 4, (n, 1, 1))
   subj = np.repeat([f's{k:03d}' for k in range(n_subj)], imgs)
   return s.astype(np.float32), y, subj
+
+
+def _grid_data(n_subj=6, imgs=2, size=10, seed=4):
+  """`_data` with scores on the grid k/8 in [0, 8): 64 bins over (0, 8) hold one score value each,
+  so the binned path must equal the exact one."""
+  s, y, subj = _data(n_subj, imgs, size, seed)
+  return (np.clip(np.floor(s * 8), 0, 63) / 8).astype(np.float32), y, subj
+
+
+def test_accumulator_aupro_matches_brute_force_exact_binned_merged_and_resampled():
+  s, y, subj = _grid_data()
+  want = _brute_aupro(s, y, 0.3)
+  exact = M.bootstrap(s, y, subj, runs=0)
+  binned = M.bootstrap(s, y, subj, runs=0, num_bins=64, score_range=(0.0, 8.0))
+  assert exact['aupro'] == pytest.approx(want, abs=1e-4)
+  assert binned['aupro'] == pytest.approx(want, abs=1e-4)
+  assert M.aupro(s, y) == pytest.approx(want, abs=1e-4)
+  assert exact['num_regions'] == sum(len(_regions_by_flood_fill(m)) for m in y)
+  # Two processes' shares, merged, and [B, H, W, 1] batches: the same numbers.
+  halves = []
+  for part in (slice(0, 5), slice(5, None)):
+    acc = M.PixelMetricsAccumulator(64, (0.0, 8.0), ())
+    index = np.arange(len(s))[part]
+    acc.add(s[part][..., None], y[part][..., None], subj[part], indices=index)
+    halves.append(acc)
+  merged = M.PixelMetricsAccumulator.merge(halves).compute(bootstrap_runs=0)
+  assert merged['aupro'] == pytest.approx(want, abs=1e-4)
+  # A bootstrap run = the data with each subject's images repeated by its multiplicity.
+  acc = M.PixelMetricsAccumulator(2, (0.0, 1.0), (), exact_max_pixels=s.size)
+  acc.add(s, y, subj)
+  weights = M.bootstrap_weights(len(acc.subjects), 3, seed=2)
+  runs = acc.run_values(weights)['aupro']
+  for w, got in zip(weights[1:], runs[1:]):
+    rows = [i for i in range(len(s)) for _ in range(int(w[acc.subjects.index(subj[i])]))]
+    assert got == pytest.approx(_brute_aupro(s[rows], y[rows], 0.3), abs=1e-4)
+  assert len(set(np.round(runs, 6))) > 1
+
+
+def test_aupro_is_undefined_without_layout_or_regions():
+  s, y, subj = _grid_data()
+  flat = M.bootstrap(s.reshape(len(s), -1), y.reshape(len(s), -1), subj, runs=2)
+  assert math.isnan(flat['aupro']) and flat['num_regions'] is None
+  assert flat['auroc'] == M.bootstrap(s, y, subj, runs=2)['auroc']
+  healthy = M.bootstrap(s, np.zeros_like(y), subj, runs=0, num_bins=64)
+  assert math.isnan(healthy['aupro']) and healthy['num_regions'] == 0
 
 
 def test_binned_agrees_with_exact():

@@ -9,6 +9,10 @@ Inputs (``configs/folder.py``: ``--config.data.normal_dir=... --config.data.test
   the images go to validation, at least one subject each).
 * ``test_dir`` (optional): test images, anomalous or not; ``mask_dir``: one mask per test image with
   the same file stem, any format and size with the image's aspect ratio (nonzero = anomalous).
+  The MVTec AD layout works too: ``test_dir/<type>/NAME`` with masks ``mask_dir/<type>/STEM`` or
+  ``STEM_mask`` (``--config.data.test_dir=X/test --config.data.mask_dir=X/ground_truth``); images in
+  ``test_dir/good/`` need no mask. Such an image is named ``<type>/NAME``, its subject
+  ``<type>/STEM``.
 * ``subjects_csv`` (optional): columns ``name,subject``; ``name`` is a file name or stem. Without
   it (or for files it does not list), the subject is the file stem.
 
@@ -71,11 +75,48 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _masks_by_stem(folder: Path) -> dict[str, Path]:
+  """stem -> mask file of a folder (a trailing '_mask' dropped, as MVTec AD names them)."""
+  masks: dict[str, Path] = {}
+  for m in list_images(folder):
+    stem = m.stem[:-len('_mask')] if m.stem.endswith('_mask') else m.stem
+    if stem in masks:
+      raise ValueError(f'Two masks share the stem {stem!r} in {folder}: {masks[stem].name} and '
+                       f'{m.name}.')
+    masks[stem] = m
+  return masks
+
+
+def list_test_items(test_dir: str, mask_dir: str) -> list[tuple[Path, Path | None, str]]:
+  """(image, mask or None = all healthy, name) of every test image: the images of ``test_dir``
+  with their masks in ``mask_dir``, or, when ``test_dir`` holds only folders (MVTec AD), the images
+  of ``test_dir/<type>/`` with masks in ``mask_dir/<type>/``, named ``<type>/NAME`` (``good/``
+  needs no mask). FileNotFoundError naming the image whose mask is missing."""
+  test, masks = Path(test_dir), Path(mask_dir)
+  flat = list_images(test)
+  groups = [(flat, masks, '')] if flat else [
+      (list_images(sub), masks / sub.name, sub.name + '/')
+      for sub in sorted(p for p in test.iterdir() if p.is_dir())]
+  items = []
+  for images, mask_folder, prefix in groups:
+    by_stem = _masks_by_stem(mask_folder) if mask_folder.is_dir() or not prefix else {}
+    for p in images:
+      if p.stem not in by_stem and prefix != 'good/':
+        raise FileNotFoundError(f'No mask for test image {p}: expected {mask_folder}/'
+                                f'{p.stem}.<png|jpg|...> (or {p.stem}_mask.<...>).')
+      items.append((p, by_stem.get(p.stem), prefix + p.name))
+  if not items:
+    raise ValueError(f'test_dir {test_dir} holds no images (nor folders of images).')
+  return items
+
+
 def _fingerprint(parts: dict) -> str:
   listing = {}
-  for key in ('normal_dir', 'test_dir', 'mask_dir'):
-    if parts.get(key):
-      listing[key] = [(p.name, *files.stat(p)) for p in list_images(parts[key])]
+  if parts.get('normal_dir'):
+    listing['normal_dir'] = [(p.name, *files.stat(p)) for p in list_images(parts['normal_dir'])]
+  if parts.get('test_dir'):
+    listing['test'] = [(name, *files.stat(p), *(files.stat(m) if m else ()))
+                       for p, m, name in list_test_items(parts['test_dir'], parts['mask_dir'])]
   if parts.get('subjects_csv'):
     listing['subjects_csv'] = files.stat(parts['subjects_csv'])
   blob = json.dumps([parts, listing], sort_keys=True).encode()
@@ -237,36 +278,24 @@ class SanoFolder(ArrayRecordBuilder):
     train_s, val_s = split_subjects({s: len(v) for s, v in by_subject.items()},
                                     cfg.validation_fraction)
     splits = {
-        'train': [(p, None) for s in sorted(train_s) for p in by_subject[s]],
-        'validation': [(p, None) for s in sorted(val_s) for p in by_subject[s]],
+        'train': [(p, None, p.name) for s in sorted(train_s) for p in by_subject[s]],
+        'validation': [(p, None, p.name) for s in sorted(val_s) for p in by_subject[s]],
     }
     if cfg.test_dir:
-      masks: dict[str, Path] = {}
-      for m in list_images(cfg.mask_dir):
-        if m.stem in masks:
-          raise ValueError(f'Two masks share the stem {m.stem!r} in {cfg.mask_dir}: '
-                           f'{masks[m.stem].name} and {m.name}.')
-        masks[m.stem] = m
-      test = []
-      for p in list_images(cfg.test_dir):
-        if p.stem not in masks:
-          raise FileNotFoundError(f'No mask for test image {p}: expected {cfg.mask_dir}/'
-                                  f'{p.stem}.<png|jpg|...>.')
-        test.append((p, masks[p.stem]))
-      if not test:
-        raise ValueError(f'test_dir {cfg.test_dir} holds no images.')
-      splits['test'] = test
+      splits['test'] = list_test_items(cfg.test_dir, cfg.mask_dir)
     logging.info('sano_folder: %s', {k: len(v) for k, v in splits.items()})
     return {k: self._generate_examples(v, table) for k, v in splits.items()}
 
   def _generate_examples(self, items, table):
     cfg = self.builder_config
     size = cfg.image_size
-    for path, mask_path in items:
+    for path, mask_path, name in items:
       image = load_image(path, size, cfg.num_channels)
       if mask_path is None:
         mask = np.zeros((size, size, 1), np.uint8)
       else:
         mask = load_mask(mask_path, size, _open(path).size, path)
-      yield path.name, {'image': image, 'mask': mask, 'subject': self._subject_of(path, table),
-                        'name': path.name}
+      subject = self._subject_of(path, table)
+      if name != path.name and path.name not in table and path.stem not in table:
+        subject = os.path.splitext(name)[0]  # MVTec AD: '<type>/STEM' (stems repeat across types)
+      yield name, {'image': image, 'mask': mask, 'subject': subject, 'name': name}
