@@ -112,6 +112,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # run_eval.py chooses t, the rule and N from synthetic anomalies on healthy validation images
   # (sano_jax/calibration.py; never reads test labels). False: the settings above, as given.
   localize.calibrate = False
+  # The synthetic anomaly kinds it scores candidates on (sano_jax/calibration.py ALL_KINDS:
+  # cutpaste, rescaled, noise, shift, blur, crack), e.g. --config.localize.synthetic_kinds=crack,noise
+  localize.synthetic_kinds = ('cutpaste', 'rescaled', 'noise', 'shift')
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.batch_size = 32

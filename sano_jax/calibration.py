@@ -53,6 +53,9 @@ T_GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 DENSITY_SETS = ((0.005, 0.01, 0.02, 0.05), (0.02, 0.05, 0.1, 0.2, 0.4), T_GRID)
 Z_RULES = ('global', 'per_pixel', 'two_sided')
 KINDS = ('cutpaste', 'rescaled', 'noise', 'shift')  # 'blur' exists but is left out (docstring)
+# Every kind `synthesize` makes; config.localize.synthetic_kinds picks the calibration's (default
+# KINDS). 'crack': a thin dark or bright random-walk line, the shape of scratches and cracks.
+ALL_KINDS = KINDS + ('blur', 'crack')
 CHOICE_FILE = 'calibration.json'  # in the workdir, beside score_stats.npz
 MIN_MARGIN = 0.05  # kind_score: a kind's AUROC counts as at least 0.5 + MIN_MARGIN
 MAX_PIXELS = 2**19  # synthetic pixels kept per candidate (a fixed uniform subsample beyond)
@@ -86,6 +89,29 @@ def region_mask(height: int, width: int, rng: np.random.Generator) -> np.ndarray
   return m
 
 
+def crack_mask(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+  """A thin random-walk polyline, bool [H, W]: 3-6 segments of S/16..S/8 each (S = the short
+  side), turning by up to 30 degrees at each joint, dilated to a width of 1..S//64 + 1 pixels."""
+  from skimage import draw  # pylint: disable=g-import-not-at-top
+  side = min(height, width)
+  m = np.zeros((height, width), bool)
+  y, x = rng.uniform(0, height), rng.uniform(0, width)
+  angle = rng.uniform(0, 2 * np.pi)
+  for _ in range(int(rng.integers(3, 7))):
+    length = rng.uniform(side / 16, side / 8)
+    ny, nx = y + length * np.sin(angle), x + length * np.cos(angle)
+    rr, cc = draw.line(int(round(y)), int(round(x)), int(round(ny)), int(round(nx)))
+    inside = (rr >= 0) & (rr < height) & (cc >= 0) & (cc < width)
+    m[rr[inside], cc[inside]] = True
+    y, x, angle = ny, nx, angle + rng.uniform(-np.pi / 6, np.pi / 6)
+  width_px = int(rng.integers(1, side // 64 + 2))
+  if width_px > 1:
+    m = ndimage.binary_dilation(m, iterations=width_px - 1)
+  if not m.any():  # the walk left the image at once: one pixel at the centre
+    m[height // 2, width // 2] = True
+  return m
+
+
 def _match(patch: np.ndarray, ref: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Patch with the reference's mean and a jittered std (so intensity alone does not find it)."""
   mean, std = ref.mean((0, 1)), ref.std((0, 1)) + 1e-3
@@ -97,7 +123,7 @@ def synthesize(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator,
                kind: str) -> tuple[np.ndarray, np.ndarray]:
   """One anomaly in `image` (float [H,W,C] in [0,1]) -> (image, mask bool [H,W])."""
   h, w, _ = image.shape
-  mask = region_mask(h, w, rng)
+  mask = crack_mask(h, w, rng) if kind == 'crack' else region_mask(h, w, rng)
   if kind in ('cutpaste', 'rescaled'):
     src = donor
     if kind == 'rescaled':  # the same material at a foreign scale
@@ -117,19 +143,22 @@ def synthesize(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator,
     patch = image + rng.normal(0.0, rng.uniform(0.5, 1.0) * image.std() + 0.02, image.shape)
   elif kind == 'shift':
     patch = image + rng.choice([-1.0, 1.0]) * rng.uniform(0.1, 0.2)
+  elif kind == 'crack':  # darker (3 in 4) or brighter by 1.5-3 of the image's std
+    sign = -1.0 if rng.random() < 0.75 else 1.0
+    patch = image + sign * rng.uniform(1.5, 3.0) * (image.std((0, 1)) + 0.02)
   else:
-    raise ValueError(f'unknown synthetic anomaly kind {kind!r}; expected one of {KINDS}')
+    raise ValueError(f'unknown synthetic anomaly kind {kind!r}; expected one of {ALL_KINDS}')
   out = image.copy()
   out[mask] = patch[mask]
   return np.clip(out, 0.0, 1.0).astype(np.float32), mask
 
 
-def synthetic_set(images: np.ndarray, seed: int = 0):
+def synthetic_set(images: np.ndarray, seed: int = 0, kinds_cycle: tuple = KINDS):
   """One anomaly per image, kinds in turn, donors = the next image: (images, masks, kinds)."""
   rng = np.random.default_rng(seed)
   out, masks, kinds = [], [], []
   for i, image in enumerate(images):
-    kind = KINDS[i % len(KINDS)]
+    kind = kinds_cycle[i % len(kinds_cycle)]
     a, m = synthesize(image, images[(i + 1) % len(images)], rng, kind)
     out.append(a)
     masks.append(m)
@@ -202,7 +231,19 @@ def calibrate(config, params, source, *, max_images: int = 512, seed: int = 0,
   return choose(method.field_fn(params), method.ts, images,
                 batch_size=int(config.eval.batch_size),
                 smoothing_sigma=float(config.localize.smoothing_sigma), seed=seed,
-                sigma_factors=sigma_factors)
+                sigma_factors=sigma_factors, kinds=synthetic_kinds(config))
+
+
+def synthetic_kinds(config) -> tuple:
+  """config.localize.synthetic_kinds (default KINDS); ValueError naming an unknown kind."""
+  # '--config.localize.synthetic_kinds=crack,noise' arrives as the one string 'crack,noise'.
+  kinds = tuple(k.strip() for entry in (config.localize.get('synthetic_kinds', None) or KINDS)
+                for k in str(entry).split(',') if k.strip())
+  unknown = [k for k in kinds if k not in ALL_KINDS]
+  if unknown:
+    raise ValueError(f'config.localize.synthetic_kinds: unknown kind(s) {unknown}; expected some '
+                     f'of {ALL_KINDS}')
+  return kinds
 
 
 def grid_method(config) -> methods_lib.Method:
@@ -226,7 +267,7 @@ def fit_stats_at(fields_fn, images: np.ndarray, ts: tuple, sigmas, batch_size: i
 
 def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
            smoothing_sigma: float = 2.0, seed: int = 0,
-           sigma_factors: tuple = SIGMA_FACTORS) -> dict:
+           sigma_factors: tuple = SIGMA_FACTORS, kinds: tuple = KINDS) -> dict:
   """The calibration proper: field_fn(x in [-1,1]) -> K fields (one per t of `ts`, or one field
   when ts == (None,)); images [N,H,W,C] float in [0,1], healthy. Fits on one half, scores
   synthetic anomalies made in the other, both ways, at every smoothing sigma of
@@ -247,8 +288,8 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
     logging.info('calibration fold %d/2 (%.0f s)', fold + 1, time.perf_counter() - tic)
     fit, held = images[fold::2], images[1 - fold::2]
     stats = fit_stats_at(fields_fn, fit, ts, sigmas, batch_size)
-    syn, masks, kinds = synthetic_set(held, seed + fold)
-    kind_map = np.asarray([KINDS.index(k) for k in kinds])[:, None, None] * np.ones((h, w), int)
+    syn, masks, made = synthetic_set(held, seed + fold, kinds)
+    kind_map = np.asarray([kinds.index(k) for k in made])[:, None, None] * np.ones((h, w), int)
     for start, (chunk, valid) in zip(range(0, len(syn), batch_size), _batched(syn, batch_size)):
       fields = fields_fn(chunk)
       m = masks[start:start + batch_size].reshape(-1)
@@ -268,7 +309,7 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   for (sigma, (rule, idx)), z in zip([(s, c) for s in sigmas for c in cands], zs):
     curves = metrics_lib.grouped_curve_metrics(z, labels, kind_ids)  # one sort per candidate
     m = curves['pooled']
-    by_kind = {k: curves['by_group'][i]['auroc'] for i, k in enumerate(KINDS)
+    by_kind = {k: curves['by_group'][i]['auroc'] for i, k in enumerate(kinds)
                if i in curves['by_group']}
     threshold, macro_dice = curves['macro_threshold']
     rows.append({'rule': rule, 't': [ts[i] for i in idx], 'smoothing_sigma': sigma,
@@ -280,7 +321,7 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   return {'t': best['t'], 'rule': best['rule'], 'n_sigma': float(best['threshold']),
           'smoothing_sigma': best['smoothing_sigma'], 'candidates': rows,
           'synthetic': {'num_images': len(images), 'num_synthetic_images': len(images),
-                        'kinds': list(KINDS), 'pixels_scored': int(labels.size), 'seed': seed},
+                        'kinds': list(kinds), 'pixels_scored': int(labels.size), 'seed': seed},
           'seconds': time.perf_counter() - tic}
 
 

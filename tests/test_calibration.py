@@ -31,6 +31,29 @@ def test_synthesize_changes_exactly_the_masked_region():
   assert np.array_equal(again, out) and np.array_equal(masks2, masks)  # deterministic in the seed
 
 
+def test_a_synthetic_crack_is_a_thin_connected_line_of_shifted_intensity():
+  rng = np.random.default_rng(3)
+  images = rng.uniform(0.3, 0.7, (8, 64, 48, 1)).astype(np.float32)
+  out, masks, kinds = calibration.synthetic_set(images, seed=2, kinds_cycle=('crack',))
+  assert kinds == ['crack'] * 8
+  from scipy import ndimage
+  for a, b, m in zip(out, images, masks):
+    assert np.array_equal(a[~m], b[~m])
+    assert np.abs(a[m] - b[m]).mean() > 0.1  # 1.5-3 image stds (~0.12) away
+    # Thin: eroding by the widest allowed half-width leaves nothing; long: a bounding box side of
+    # at least S/16 px; one 8-connected piece (the walk may leave the image only at its end).
+    assert not ndimage.binary_erosion(m, iterations=2).any()
+    ys, xs = np.nonzero(m)
+    assert max(np.ptp(ys), np.ptp(xs)) >= 48 // 16
+    assert ndimage.label(m, structure=np.ones((3, 3)))[1] == 1
+  config = tiny_run_config('unused')
+  config.localize.synthetic_kinds = ('crack,noise',)  # as a command-line override arrives
+  assert calibration.synthetic_kinds(config) == ('crack', 'noise')
+  config.localize.synthetic_kinds = ('crack', 'rain')
+  with pytest.raises(ValueError, match=r"synthetic_kinds: unknown kind\(s\) \['rain'\]"):
+    calibration.synthetic_kinds(config)
+
+
 def test_candidates_cover_every_rule_and_the_density_sets():
   c = calibration.candidates(calibration.T_GRID)
   assert len(c) == 4 * len(calibration.T_GRID) + 2 * len(calibration.DENSITY_SETS)
@@ -153,6 +176,7 @@ def trained(tmp_path_factory, tiny_run):
   of its data (the choice and its plumbing do not need the whole splits)."""
   config = tiny_run_config(tiny_run[0].data.data_dir,
                            **{'eval.bootstrap_runs': 0, 'localize.calibrate': True})
+  config.localize.synthetic_kinds = calibration.KINDS + ('crack',)  # every kind a default may use
   workdir = str(tmp_path_factory.mktemp('calib') / 'wd')
   shutil.copytree(tiny_run[1], workdir)
   sources = split_slices(config, train=32, val=32, test=48)
@@ -184,6 +208,8 @@ def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp
   out = evaluate.evaluate(config, workdir, **sources)
   choice = out['calibration']
   assert choice is not None and choice['rule'] in localization.RULES
+  assert choice['synthetic']['kinds'] == list(calibration.KINDS) + ['crack']
+  assert set(choice['candidates'][0]['auroc_by_kind']) == set(calibration.KINDS) | {'crack'}
   assert len(choice['candidates']) == (len(calibration.SIGMA_FACTORS)
                                        * len(calibration.candidates(calibration.T_GRID)))
   sigmas = {r['smoothing_sigma'] for r in choice['candidates']}
