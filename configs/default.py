@@ -14,7 +14,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.method = 'sano'
 
   config.data = data = ml_collections.ConfigDict()
-  data.dataset = 'hands11k/256'  # any TFDS name of the data contract (DESIGN.md)
+  data.dataset = 'hands11k/256'  # any TFDS name of the data contract (docs/design.md)
   data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir (None: default)
   data.manual_dir = ml_collections.config_dict.placeholder(str)  # 11k Hands manual download
   data.image_size = 256  # the stored images: statistics and localization see them whole

@@ -182,7 +182,7 @@ def get_source(config, split: str) -> ContractSource:
   missing = {'image', 'mask', 'subject', 'name'} - set(features.keys())
   if missing:
     raise ValueError(f'{desc} does not follow the data contract: features {sorted(missing)} '
-                     'are missing (DESIGN.md, Contracts).')
+                     'are missing (docs/design.md, the data contract).')
   shape = tuple(features['image'].shape)
   want_hw = (int(data.image_size), int(data.image_size))
   if shape[:2] != want_hw:

@@ -1,4 +1,4 @@
-"""Datasets of the sano-jax data contract (DESIGN.md, "Contracts" and "Data").
+"""Datasets of the sano-jax data contract (docs/design.md, "The data contract").
 
 Every dataset yields ``{image: uint8 [H,W,C], mask: uint8 [H,W,1] (0 healthy, 1 anomalous),
 subject: str, name: str}``; ``train`` and ``validation`` are healthy and subject-disjoint, ``test``
