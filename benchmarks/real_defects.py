@@ -5,7 +5,7 @@ r"""The real-defect development benchmark: every method on KolektorSDD at one fi
   PYTHONPATH=. .venv/bin/python benchmarks/real_defects.py --data=data/kolektor \
       --root=workdirs/kolektor [--methods=sano,ae,...] [--config.training.num_train_steps=1500]
 
-Each method is trained on the defect-free train/good images with `configs/folder.py`'s defaults
+Each method is trained on the defect-free train/good images with `configs/mvtec.py`'s defaults
 (the label-free calibration on; grayscale), the same steps x batch for all (default 1500 x 16,
 about 30 min of 2 CPU cores for SANO), then evaluated on test/ (good + crack) by run_eval's
 evaluation, and `sano_jax.compare` writes the table. This script adds the AUPRO column, the
@@ -29,16 +29,14 @@ flags.DEFINE_string('data', None, 'The MVTec-layout folder benchmarks/kolektor.p
 flags.DEFINE_string('root', 'workdirs/kolektor', 'One run per method in ROOT/<method>.')
 flags.DEFINE_list('methods', ['sano', 'ae', 'vae', 'cevae', 'vqvae', 'anovaegan', 'anoddpm'],
                   'The methods to train, evaluate and compare.')
-config_flags.DEFINE_config_file('config', 'configs/folder.py', 'The config every method trains with.',
+config_flags.DEFINE_config_file('config', 'configs/mvtec.py', 'The config every method trains with.',
                                 lock_config=False)
 FLAGS = flags.FLAGS
 
 
 def benchmark_config(config, data: str):
-  """configs/folder.py pointed at the MVTec layout: grayscale, 1500 steps x 16 unless overridden."""
-  config.data.normal_dir = os.path.join(data, 'train', 'good')
-  config.data.test_dir = os.path.join(data, 'test')
-  config.data.mask_dir = os.path.join(data, 'ground_truth')
+  """configs/mvtec.py on the converted folder: grayscale, 1500 steps x 16 unless overridden."""
+  config.data.root = data
   config.data.num_channels = 1
   if '--config.training.num_train_steps' not in ' '.join(sys.argv):
     config.training.num_train_steps = 1500

@@ -35,6 +35,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.test_dir = ml_collections.config_dict.placeholder(str)
   data.mask_dir = ml_collections.config_dict.placeholder(str)
   data.subjects_csv = ml_collections.config_dict.placeholder(str)
+  # An MVTec AD category folder (train/good, test/<type>/, ground_truth/<type>/): supplies the three
+  # folders above where they are not set (configs/mvtec.py).
+  data.root = ml_collections.config_dict.placeholder(str)
+  # Masks must hold 0 and one other value; with a threshold, values above it are anomalous (for
+  # masks saved with anti-aliased edges or as JPEG), e.g. --config.data.mask_threshold=127.
+  data.mask_threshold = ml_collections.config_dict.placeholder(float)
 
   config.model = model = ml_collections.ConfigDict()
   model.nf = 128

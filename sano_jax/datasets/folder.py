@@ -65,6 +65,7 @@ class FolderConfig(tfds.core.BuilderConfig):
   image_size: int = 256
   num_channels: int = 3
   validation_fraction: float = 0.2
+  mask_threshold: float | None = None
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -124,8 +125,21 @@ def _fingerprint(parts: dict) -> str:
 
 
 def make_config(*, normal_dir, test_dir=None, mask_dir=None, subjects_csv=None, image_size=256,
-                num_channels=3, validation_fraction=0.2) -> FolderConfig:
-  """A FolderConfig with absolute paths, named by a fingerprint of inputs and listing."""
+                num_channels=3, validation_fraction=0.2, mask_threshold=None,
+                root=None) -> FolderConfig:
+  """A FolderConfig with absolute paths, named by a fingerprint of inputs and listing.
+
+  root: an MVTec AD category folder; it supplies normal_dir = ROOT/train/good, test_dir =
+  ROOT/test and mask_dir = ROOT/ground_truth where those are not given."""
+  if root:
+    if not files.isdir(os.path.join(root, 'train', 'good')):
+      raise FileNotFoundError(f'config.data.root={root} is not an MVTec AD category folder: it has '
+                              f'no train/good/ (expected train/good, test/<type>/, '
+                              'ground_truth/<type>/).')
+    normal_dir = normal_dir or os.path.join(root, 'train', 'good')
+    if not test_dir and files.isdir(os.path.join(root, 'test')):
+      test_dir = os.path.join(root, 'test')
+      mask_dir = mask_dir or os.path.join(root, 'ground_truth')
   if not normal_dir:
     raise ValueError('The folder dataset needs config.data.normal_dir (a folder of healthy images).')
   if test_dir and not mask_dir:
@@ -139,7 +153,8 @@ def make_config(*, normal_dir, test_dir=None, mask_dir=None, subjects_csv=None, 
       mask_dir=files.absolute(mask_dir) if mask_dir else '',
       subjects_csv=files.absolute(subjects_csv) if subjects_csv else '',
       image_size=int(image_size), num_channels=int(num_channels),
-      validation_fraction=float(validation_fraction))
+      validation_fraction=float(validation_fraction),
+      mask_threshold=None if mask_threshold is None else float(mask_threshold))
   if parts['subjects_csv'] and not files.isfile(parts['subjects_csv']):
     raise FileNotFoundError(f'subjects_csv {parts["subjects_csv"]} does not exist.')
   name = f'{parts["image_size"]}px_{parts["num_channels"]}c_{_fingerprint(parts)}'
@@ -152,7 +167,8 @@ def builder_from_config(data, data_dir=None) -> 'SanoFolder':
       normal_dir=data.get('normal_dir', None), test_dir=data.get('test_dir', None),
       mask_dir=data.get('mask_dir', None), subjects_csv=data.get('subjects_csv', None),
       image_size=data.image_size, num_channels=data.num_channels,
-      validation_fraction=data.get('validation_fraction', 0.2))
+      validation_fraction=data.get('validation_fraction', 0.2),
+      mask_threshold=data.get('mask_threshold', None), root=data.get('root', None))
   return SanoFolder(config=cfg, data_dir=data_dir)
 
 
@@ -188,7 +204,8 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
   return arr.reshape(size, size, channels)
 
 
-def load_mask(path: Path, size: int, image_wh: tuple[int, int], image_path: Path) -> np.ndarray:
+def load_mask(path: Path, size: int, image_wh: tuple[int, int], image_path: Path,
+              threshold: float | None = None) -> np.ndarray:
   """uint8 {0,1} [size, size, 1]: nonzero = anomalous; the central square, nearest-neighbour resize.
 
   ValueError naming the file when the aspect ratio differs from the image's or the mask is not
@@ -201,7 +218,7 @@ def load_mask(path: Path, size: int, image_wh: tuple[int, int], image_path: Path
   if abs(w / h - iw / ih) > 0.01 * (iw / ih):
     raise ValueError(f'Mask file {path} is {w}x{h} (aspect {w / h:.3f}) but its image '
                      f'{image_path} is {iw}x{ih} (aspect {iw / ih:.3f}).')
-  arr = images_lib.mask_to_binary(img, str(path))
+  arr = images_lib.mask_to_binary(img, str(path), threshold)
   binary = images_lib.crop_center_square(Image.fromarray(arr.astype(np.uint8) * 255))
   binary = binary.resize((size, size), Image.NEAREST)
   return (np.asarray(binary) > 0).astype(np.uint8)[..., None]
@@ -294,7 +311,7 @@ class SanoFolder(ArrayRecordBuilder):
       if mask_path is None:
         mask = np.zeros((size, size, 1), np.uint8)
       else:
-        mask = load_mask(mask_path, size, _open(path).size, path)
+        mask = load_mask(mask_path, size, _open(path).size, path, cfg.mask_threshold)
       subject = self._subject_of(path, table)
       if name != path.name and path.name not in table and path.stem not in table:
         subject = os.path.splitext(name)[0]  # MVTec AD: '<type>/STEM' (stems repeat across types)

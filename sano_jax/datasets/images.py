@@ -89,14 +89,16 @@ def flatten_alpha(im):
   return Image.alpha_composite(white, rgba)
 
 
-def mask_to_binary(im, where: str) -> np.ndarray:
+def mask_to_binary(im, where: str, threshold: float | None = None) -> np.ndarray:
   """bool [H, W] (True = anomalous) from a decoded mask image.
 
   Gray, 16-bit, float and palette masks: nonzero value (palette index) = anomalous. Colour masks:
   nonzero in any channel. Masks with alpha: transparent pixels are healthy; opaque pixels are
   anomalous where their colour is nonzero, or, when every opaque pixel is black (a mask drawn in
   the alpha channel only), wherever alpha is nonzero. The values must be 0 and at most ONE nonzero
-  value: a JPEG-compressed, anti-aliased or multi-label mask raises ValueError naming the file.
+  value: a JPEG-compressed, anti-aliased or multi-label mask raises ValueError naming the file,
+  unless `threshold` is given: then anomalous = value > threshold (asked for explicitly, e.g.
+  --config.data.mask_threshold=127 for masks saved with anti-aliased edges).
   """
   arr = np.asarray(im)
   if im.mode in _ALPHA_MODES and arr.ndim == 3:
@@ -107,12 +109,15 @@ def mask_to_binary(im, where: str) -> np.ndarray:
     values = arr.max(axis=-1)
   else:
     values = arr
+  if threshold is not None:
+    return values > threshold
   nonzero = np.unique(values[values != 0])
   if nonzero.size > 1:
     shown = ', '.join(str(v) for v in nonzero[:5]) + (', ...' if nonzero.size > 5 else '')
     raise ValueError(
         f'mask {where} is not binary: besides 0 it holds {nonzero.size} distinct values ({shown}). '
         'A mask must hold 0 (healthy) and one nonzero value (anomalous); JPEG compression and '
-        'anti-aliasing make other values. Binarize it (e.g. np.where(mask > 127, 255, 0)) and '
+        'anti-aliasing make other values. Set --config.data.mask_threshold=127 to count the '
+        'values above 127 as anomalous, or binarize the file (np.where(mask > 127, 255, 0)) and '
         'save it as PNG.')
   return values != 0
