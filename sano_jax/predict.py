@@ -56,7 +56,7 @@ def read_image(path: str, channels: int) -> np.ndarray:
   except ValueError as e:
     raise ValueError(f'cannot read {path!r} as an image: {e.__cause__ or e}') from e
   try:
-    im = images_lib.flatten_alpha(_to_8bit_mode(im))
+    im = images_lib.flatten_alpha(images_lib.to_8bit(im, repr(path)))
     im = im.convert('L' if channels == 1 else 'RGB')
     arr = np.asarray(im, np.float32) / 255.0
   except (OSError, SyntaxError, ValueError) as e:
@@ -76,12 +76,6 @@ def _check_readable(path: str) -> None:
       pass
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f'cannot read {path!r} as an image: {e}') from e
-
-
-def _to_8bit_mode(im):
-  """16/32-bit integer and float gray images -> 'L' (scaled by their type's range, not clipped)."""
-  from sano_jax.datasets import images as images_lib  # pylint: disable=g-import-not-at-top
-  return images_lib.to_8bit(im)
 
 
 def _resize(x: np.ndarray, shape: tuple[int, int], order: int, anti_aliasing: bool) -> np.ndarray:

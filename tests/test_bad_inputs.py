@@ -189,6 +189,25 @@ def test_file_float_tiff_scaled_by_range(tmp_path):
   np.testing.assert_allclose(predict.read_image(str(tmp_path / 'f.tif'), 1), 64 / 255)
 
 
+def test_file_intensity_scale_is_one_rule_per_type_and_out_of_range_is_an_error(tmp_path):
+  """A 16-bit image of 200 and one of 300 are both / 65535 (the 200 one was read as 8-bit, 200/255);
+  a float image outside [0, 1] and a 32-bit integer image above 65535 are errors naming the file
+  (a float image of 1.02 was divided by 255; one of 0.98 was not)."""
+  for value in (200, 300):
+    path = _png(tmp_path / f'dark{value}.png', np.full((S, S), value, np.uint16))
+    got = predict.read_image(str(path), 1)
+    np.testing.assert_allclose(got, np.round(value / 65535 * 255) / 255, atol=1e-6)
+    assert folder.load_image(path, S, 1).max() == np.round(value / 65535 * 255)
+  Image.fromarray(np.full((S, S), 1.02, np.float32), 'F').save(tmp_path / 'bright.tif')
+  with pytest.raises(ValueError, match=r'bright\.tif is a float image .* values in \[1\.02, 1\.02\]'):
+    folder.load_image(tmp_path / 'bright.tif', S, 1)
+  with pytest.raises(ValueError, match=r'bright\.tif.*must lie in \[0, 1\]'):
+    predict.read_image(str(tmp_path / 'bright.tif'), 1)
+  Image.fromarray(np.full((S, S), 70000, np.int32), 'I').save(tmp_path / 'wide.tif')
+  with pytest.raises(ValueError, match=r'wide\.tif is a 16-bit integer image .* \[70000, 70000\]'):
+    folder.load_image(tmp_path / 'wide.tif', S, 1)
+
+
 def test_file_cmyk_jpeg(tmp_path):
   rgb = np.zeros((S, S, 3), np.uint8)
   rgb[:8, :, 0], rgb[8:, :, 1], rgb[:, :4, 2] = 200, 180, 90
@@ -286,6 +305,37 @@ def test_mask_not_binary_jpeg(tmp_path):
   normal, test, masks = _folders(tmp_path, mask=buf.getvalue(), mask_name='t0.jpg')
   with pytest.raises(ValueError, match=r'mask .*t0\.jpg is not binary: besides 0 it holds \d+ distinct'):
     _build_folder(tmp_path, normal, test, masks)
+
+
+def test_folder_test_image_equal_to_a_healthy_one(tmp_path):
+  """A test image that is also in normal_dir (a defect trained on as healthy) was built silently."""
+  normal, test, masks = _folders(tmp_path, mask=_ring())
+  shutil.copy(test / 't0.png', normal / 'copy_of_t0.png')
+  with pytest.raises(ValueError, match=r'Test image .*t0\.png is the same file as healthy image '
+                                       r'.*copy_of_t0\.png'):
+    _build_folder(tmp_path, normal, test, masks)
+
+
+def test_folder_subjects_csv_names_that_match_no_file(tmp_path):
+  """A misspelt name made its image a subject of its own without a word."""
+  normal, _, _ = _folders(tmp_path)
+  csv_path = tmp_path / 'subjects.csv'
+  csv_path.write_text('name,subject\nn0.png,a\nn1.png,a\nn2,b\nn3.jpeg,b\nghost.png,c\n')
+  with pytest.raises(ValueError, match=r'subjects\.csv: 2 name\(s\) match no image file in the '
+                                       r'folders: ghost\.png, n3\.jpeg'):
+    _build_folder(tmp_path, normal, subjects_csv=str(csv_path))
+
+
+def test_folder_skipped_entries_are_listed(tmp_path, caplog):
+  """.heic photos, notes and subfolders in normal_dir were skipped without a word."""
+  normal, _, _ = _folders(tmp_path)
+  (normal / 'IMG_0001.heic').write_bytes(b'not read')
+  (normal / 'more').mkdir()
+  (normal / '.DS_Store').write_bytes(b'')
+  with caplog.at_level('WARNING'):
+    assert len(folder.list_images(normal)) == 4
+  assert 'skipped 2 entries that are not an image file' in caplog.text
+  assert 'IMG_0001.heic, more/' in caplog.text and '.DS_Store' not in caplog.text
 
 
 def test_mask_duplicate_stems(tmp_path):

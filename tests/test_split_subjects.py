@@ -15,18 +15,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _oracle(counts, fraction):
-  """Brute force over the prefixes of the sha256 order: the prefix whose image count is closest
-  to the target (on a tie the longer one), then at least one subject on each side."""
+  """The documented rule, spelled out: in sha256 order, hold a subject out if that brings the
+  held-out image count strictly closer to the target; then at least one subject on each side (the
+  smallest held out when none is; the last held-out one kept when all are)."""
   order = sorted(counts, key=lambda s: hashlib.sha256(s.encode()).hexdigest())
-  sums = np.concatenate([[0], np.cumsum([counts[s] for s in order])])
-  target = fraction * sums[-1]
-  dist = np.abs(sums - target)
-  k = int(np.flatnonzero(dist == dist.min()).max())
-  if k == 0 and fraction > 0 and len(order) >= 2:
-    k = 1
-  if k == len(order) and len(order) >= 2:
-    k -= 1
-  return set(order[k:]), set(order[:k])
+  target = fraction * sum(counts.values())
+  held = []
+  for s in order:
+    now = sum(counts[h] for h in held)
+    if abs(now + counts[s] - target) < abs(now - target):
+      held.append(s)
+  if not held and fraction > 0 and len(order) >= 2:
+    smallest = min(counts.values())
+    held = [next(s for s in order if counts[s] == smallest)]
+  if len(held) == len(order) and len(order) >= 2:
+    held = held[:-1]
+  return set(order) - set(held), set(held)
+
+
+def test_a_large_subject_first_does_not_take_the_holdout():
+  """Subjects of 95 and 5 images at 0.2: the 5 are held out whichever comes first in the order
+  (the rule before stopped at the first subject that overshot and then held out that one: 95)."""
+  for big, small in (('a', 'b'), ('b', 'a'), ('x1', 'x2'), ('x2', 'x1')):
+    assert split_subjects({big: 95, small: 5}, 0.2) == ({big}, {small})
+
+
+def test_a_split_far_from_its_fraction_says_what_it_got(caplog):
+  with caplog.at_level('WARNING'):
+    split_subjects({'a': 50, 'b': 50}, 0.2)
+  assert '50 of 100 images (50%) held out for a target of 20%' in caplog.text
 
 
 def _random_counts(rng, n):

@@ -133,11 +133,12 @@ class Hands11k(ArrayRecordBuilder):
   """11k Hands with jewelry masks: healthy train/validation, jewelry test (SANO)."""
 
   name = 'hands11k'
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release.',
       '1.1.0': 'Masks with alpha: transparent = healthy; non-binary masks and duplicate image '
                'names in HandInfo.csv are errors.',
+      '1.2.0': 'Subject split: a subject that overshoots is skipped, not the end of the walk.',
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [

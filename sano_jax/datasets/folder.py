@@ -68,12 +68,25 @@ class FolderConfig(tfds.core.BuilderConfig):
   mask_threshold: float | None = None
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
+def list_images(folder: str | os.PathLike, *, folders_expected: bool = False) -> list[Path]:
+  """The image files at the top level of `folder`, sorted. Other entries (files of other types,
+  subfolders unless `folders_expected`) are skipped with a warning that lists them; hidden files
+  (a leading dot) silently."""
   folder = Path(folder)
   if not folder.is_dir():
     raise FileNotFoundError(f'Image folder {folder} does not exist or is not a directory.')
-  return sorted(p for p in folder.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+  images, skipped = [], []
+  for p in folder.iterdir():
+    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+      images.append(p)
+    elif not p.name.startswith('.') and not (folders_expected and p.is_dir()):
+      skipped.append(p.name + ('/' if p.is_dir() else ''))
+  if skipped:
+    shown = ', '.join(sorted(skipped)[:10]) + (', ...' if len(skipped) > 10 else '')
+    logging.warning('%s: skipped %d entr%s that %s not an image file (%s) at the top level: %s',
+                    folder, len(skipped), 'y' if len(skipped) == 1 else 'ies',
+                    'is' if len(skipped) == 1 else 'are', ' '.join(IMAGE_EXTENSIONS), shown)
+  return sorted(images)
 
 
 def _masks_by_stem(folder: Path) -> dict[str, Path]:
@@ -94,7 +107,7 @@ def list_test_items(test_dir: str, mask_dir: str) -> list[tuple[Path, Path | Non
   of ``test_dir/<type>/`` with masks in ``mask_dir/<type>/``, named ``<type>/NAME`` (``good/``
   needs no mask). FileNotFoundError naming the image whose mask is missing."""
   test, masks = Path(test_dir), Path(mask_dir)
-  flat = list_images(test)
+  flat = list_images(test, folders_expected=True)
   groups = [(flat, masks, '')] if flat else [
       (list_images(sub), masks / sub.name, sub.name + '/')
       for sub in sorted(p for p in test.iterdir() if p.is_dir())]
@@ -196,7 +209,7 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
   if have != channels:
     raise ValueError(f'Image file {path} has {have} channel(s) (mode {mode}) but the dataset '
                      f'expects {channels} (config.data.num_channels).')
-  img = images_lib.flatten_alpha(images_lib.to_8bit(img))
+  img = images_lib.flatten_alpha(images_lib.to_8bit(img, f'Image file {path}'))
   img = images_lib.crop_center_square(img.convert('RGB' if have == 3 else 'L'))
   if img.size != (size, size):
     img = img.resize((size, size), Image.LANCZOS, reducing_gap=3.0)
@@ -222,6 +235,40 @@ def load_mask(path: Path, size: int, image_wh: tuple[int, int], image_path: Path
   binary = images_lib.crop_center_square(Image.fromarray(arr.astype(np.uint8) * 255))
   binary = binary.resize((size, size), Image.NEAREST)
   return (np.asarray(binary) > 0).astype(np.uint8)[..., None]
+
+
+def _check_disjoint(normal: list[Path], test: list[Path]) -> None:
+  """ValueError naming the first test image whose bytes equal a healthy training image's (a defect
+  trained on as healthy, or a test image that tests nothing new)."""
+  def digest(p):
+    return hashlib.sha256(files.read_bytes(p)).hexdigest()
+  by_size: dict[int, list[Path]] = {}
+  for p in normal:
+    by_size.setdefault(files.stat(p)[0], []).append(p)
+  healthy = {}
+  for p in test:
+    same_size = by_size.get(files.stat(p)[0], [])
+    if not same_size:
+      continue
+    for q in same_size:
+      if q not in healthy:
+        healthy[q] = digest(q)
+    d = digest(p)
+    twin = next((q for q in same_size if healthy[q] == d), None)
+    if twin is not None:
+      raise ValueError(f'Test image {p} is the same file as healthy image {twin} (normal_dir): the '
+                       'test and healthy folders must not share images. Remove it from one.')
+
+
+def _check_subjects_listed(table: dict[str, str], csv_path: str, images: list[Path]) -> None:
+  """ValueError listing the subjects_csv names that match no image file (a typo would otherwise
+  make each of those images a subject of its own)."""
+  names = {p.name for p in images} | {p.stem for p in images}
+  unmatched = sorted(n for n in table if n not in names)
+  if unmatched:
+    shown = ', '.join(unmatched[:10]) + (', ...' if len(unmatched) > 10 else '')
+    raise ValueError(f'subjects_csv {csv_path}: {len(unmatched)} name(s) match no image file in '
+                     f'the folders: {shown}. Names are file names or stems; fix or remove them.')
 
 
 def _read_subjects(csv_path: str) -> dict[str, str]:
@@ -252,12 +299,15 @@ class SanoFolder(ArrayRecordBuilder):
   """A folder of healthy images (+ test images and masks) as a dataset of the data contract."""
 
   name = 'sano_folder'
-  VERSION = tfds.core.Version('1.2.0')
+  VERSION = tfds.core.Version('1.3.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release.',
       '1.1.0': 'Decoded as predict decodes: EXIF orientation, 16-bit / float scaled by their '
                'range, alpha over white; non-binary masks are an error.',
       '1.2.0': 'Aspect ratio kept: the central square is resized (no stretching).',
+      '1.3.0': 'Subject split: a subject that overshoots is skipped, not the end of the walk; '
+               'integer images / 65535 and float images as is, out of range an error (no '
+               'per-image scale); the MVTec AD test layout; mask_threshold.',
   }
   BUILDER_CONFIGS = []  # Configs are made per set of folders: see make_config.
 
@@ -300,6 +350,9 @@ class SanoFolder(ArrayRecordBuilder):
     }
     if cfg.test_dir:
       splits['test'] = list_test_items(cfg.test_dir, cfg.mask_dir)
+      _check_disjoint(normal, [p for p, _, _ in splits['test']])
+    _check_subjects_listed(table, cfg.subjects_csv, normal + [p for p, _, _ in
+                                                              splits.get('test', [])])
     logging.info('sano_folder: %s', {k: len(v) for k, v in splits.items()})
     return {k: self._generate_examples(v, table) for k, v in splits.items()}
 

@@ -9,7 +9,7 @@ localization.
   orientation (a phone photo is seen upright, as every viewer shows it) and turns any failure
   (including Pillow's decompression-bomb guard) into a ValueError naming the file.
 * ``to_8bit``: 16/32-bit integer and float gray images -> 'L', scaled by their type's range
-  (65535 for 16-bit; 1.0 for float images in [0, 1], else 255), never per-image min-max.
+  (65535 for integer, 1.0 for float), never per image; values outside it are an error.
 * ``flatten_alpha``: alpha composited over white.
 * ``center_square``: the central square of an image, which the dataset keeps (short side, no
   stretching) and ``predict`` scores.
@@ -47,19 +47,22 @@ def open_image(source: str | os.PathLike | bytes, where: str | None = None):
   return img
 
 
-def to_8bit(im):
-  """16/32-bit integer and float gray images -> 'L' (scaled by their type's range, not clipped)."""
+def to_8bit(im, where: str = 'image'):
+  """16/32-bit integer and float gray images -> 'L', by one rule per type, never per image:
+  integer (modes 'I;16*' and 'I', which is how Pillow opens a 16-bit PNG) / 65535, float ('F') in
+  [0, 1] as is. Values outside the type's range are a ValueError naming `where`, the range and the
+  fix (a per-image choice of scale made the same value 200 stay 200 in one file and 255 in another).
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if im.mode.startswith('I;16') or im.mode in ('I', 'F'):
     a = np.asarray(im).astype(np.float64)
-    if im.mode == 'F':
-      top = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
-    elif im.mode.startswith('I;16'):
-      top = 65535.0
-    else:
-      top = 255.0 if a.size and a.max() <= 255 else 65535.0
-    a = np.clip(np.nan_to_num(a) / top, 0.0, 1.0)
-    return Image.fromarray((a * 255.0 + 0.5).astype(np.uint8), 'L')
+    top = 1.0 if im.mode == 'F' else 65535.0
+    if a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= top):
+      kind = 'float' if im.mode == 'F' else '16-bit integer'
+      raise ValueError(f'{where} is a {kind} image (mode {im.mode}) with values in '
+                       f'[{np.nanmin(a):g}, {np.nanmax(a):g}]; {kind} images must lie in [0, '
+                       f'{top:g}]. Rescale the file to that range (or save it as 8-bit).')
+    return Image.fromarray((a / top * 255.0 + 0.5).astype(np.uint8), 'L')
   return im
 
 
