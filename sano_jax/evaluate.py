@@ -57,6 +57,7 @@ from sano_jax import methods as methods_lib
 from sano_jax import sharding
 
 STATS_FILE = 'score_stats.npz'
+MIN_IMAGES_PER_PIXEL = 2  # validation images the per_pixel rule needs (a std per pixel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +189,13 @@ def fit_stats(method: methods_lib.Method, params, config, source, mesh):
   if len(source) == 0:
     raise ValueError('cannot fit the score statistics: the healthy validation split '
                      f'({config.data.validation_split!r} of {config.data.dataset!r}) is empty')
+  rule = localization._rule_from_config(lc)  # pylint: disable=protected-access
+  if rule == 'per_pixel' and len(source) < MIN_IMAGES_PER_PIXEL:
+    raise ValueError(f'the per_pixel rule estimates a healthy std at every pixel, from the '
+                     f'validation images: {config.data.validation_split!r} of '
+                     f'{config.data.dataset!r} holds {len(source)}, it needs at least '
+                     f'{MIN_IMAGES_PER_PIXEL} (one image gives a std of 0, floored at 1e-12: '
+                     "every pixel flagged). Add healthy images or use --config.localize.stats=global.")
 
   def local(stats, params, images, valid):  # one device: its stats [1, ...] and rows [b, ...]
     one = jax.tree.map(lambda x: x[0], stats)

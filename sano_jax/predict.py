@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Sequence
 
+from absl import logging
 import numpy as np
 
 from sano_jax import files
@@ -112,6 +113,22 @@ def _out_names(paths: Sequence[str]) -> list[str]:
   return out
 
 
+def _check_outputs(paths: Sequence[str], out_dir: str, names: Sequence[str]) -> None:
+  """ValueError when OUT is a folder of the input images (predict never writes among its inputs);
+  a warning listing the files of an earlier prediction that this one replaces."""
+  out = files.absolute(out_dir).rstrip('/')
+  folders = {os.path.dirname(files.absolute(p)).rstrip('/') for p in paths}
+  if out in folders:
+    raise ValueError(f'--out={out_dir} is a folder of the input images: predict writes its masks '
+                     'and heatmaps elsewhere. Choose another --out.')
+  outputs = ['predictions.json'] + [f'{s}_{k}.png' for s in names for k in ('mask', 'heatmap')]
+  present = [n for n in outputs if files.exists(os.path.join(out_dir, n))]
+  if present:
+    shown = ', '.join(present[:6]) + (', ...' if len(present) > 6 else '')
+    logging.warning('replacing %d file(s) of an earlier prediction in %s: %s', len(present),
+                    out_dir, shown)
+
+
 def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_size: int = 16,
             progress: bool = True, method: str | None = None) -> list[dict]:
   """Localizes every image of `images` (a glob, a folder, or a list of paths) into `out_dir`.
@@ -138,9 +155,10 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
   n_sigma = float(config.localize.n_sigma)
   for p in paths:  # header-only check of every file before any work is done
     _check_readable(p)
+  names = _out_names(paths)
+  _check_outputs(paths, out_dir, names)
   localizer = localization.load_localizer(workdir, method=method)
   files.makedirs(out_dir)
-  names = _out_names(paths)
   batch_size = max(1, int(batch_size))
   results = []
   import tqdm  # pylint: disable=g-import-not-at-top

@@ -277,6 +277,13 @@ def test_empty_validation_is_a_clear_error(run):
   config, workdir, _ = run
   with pytest.raises(ValueError, match='validation split.*empty'):
     evaluate.evaluate(config, workdir, val_source=[])
+  # One validation image and the per_pixel rule: a std of 0 at every pixel flagged everything.
+  one = config.copy_and_resolve_references()
+  one.localize.stats = 'per_pixel'
+  val = input_pipeline.get_source(config, 'validation')
+  with pytest.raises(ValueError, match=r"per_pixel rule .* holds 1, it needs at least 2 .*"
+                                       r"--config\.localize\.stats=global"):
+    evaluate.evaluate(one, workdir, val_source=[val[0]])
 
 
 def test_config_of_another_model_is_rejected(run):

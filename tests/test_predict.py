@@ -159,6 +159,20 @@ def test_predict_errors(workdir, tmp_path, capsys):
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / 'in' / 'ok.png')
   with pytest.raises(FileNotFoundError, match='run_eval.py'):
     predict.predict(wd2, str(tmp_path / 'in' / 'ok.png'), str(tmp_path / 'o'))
+  # --out among the inputs: refused before any work; an earlier prediction's files: listed.
+  with pytest.raises(ValueError, match=r'--out=.*in is a folder of the input images'):
+    predict.predict(workdir, str(tmp_path / 'in' / 'ok.png'), str(tmp_path / 'in'))
+  assert not (tmp_path / 'in' / 'ok_mask.png').exists()
+
+
+def test_predict_says_which_earlier_outputs_it_replaces(workdir, tmp_path, caplog):
+  (tmp_path / 'in').mkdir()
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / 'in' / 'ok.png')
+  predict.predict(workdir, str(tmp_path / 'in' / 'ok.png'), str(tmp_path / 'o'), progress=False)
+  with caplog.at_level('WARNING'):
+    predict.predict(workdir, str(tmp_path / 'in' / 'ok.png'), str(tmp_path / 'o'), progress=False)
+  assert 'replacing 3 file(s) of an earlier prediction' in caplog.text
+  assert 'predictions.json, ok_mask.png, ok_heatmap.png' in caplog.text
 
 
 def test_read_image_conversions(tmp_path):
