@@ -40,9 +40,8 @@ def build_localize(model, sde, lc):
   @jax.jit
   def localize_with(params, stats, images):
     return localization.localize(
-        score.make_score_fn(model, params, sde, multiscale.as_ts(lc.t)[0]), images, stats, n_sigma=float(lc.n_sigma),
-        smoothing_sigma=float(lc.smoothing_sigma), rule=localization._rule_from_config(lc),  # pylint: disable=protected-access
-        target_fpr=float(lc.get('target_fpr', 1e-3)))
+        score.make_score_fn(model, params, sde, multiscale.as_ts(lc.t)[0]), images, stats,
+        **localization.settings(lc))
   return localize_with
 
 

@@ -175,7 +175,7 @@ def _json_safe(x):
 
 def needs_multi_stats(method: methods_lib.Method, config) -> bool:
   """A t-set, or the density rule: MultiStats; else the paper's ScoreStats."""
-  rule = localization._rule_from_config(config.localize)  # pylint: disable=protected-access
+  rule = localization.rule_from_config(config.localize)
   return len(method.ts) > 1 or rule in localization.DENSITY_RULES
 
 
@@ -189,7 +189,7 @@ def fit_stats(method: methods_lib.Method, params, config, source, mesh):
   if len(source) == 0:
     raise ValueError('cannot fit the score statistics: the healthy validation split '
                      f'({config.data.validation_split!r} of {config.data.dataset!r}) is empty')
-  rule = localization._rule_from_config(lc)  # pylint: disable=protected-access
+  rule = localization.rule_from_config(lc)
   if rule == 'per_pixel' and len(source) < MIN_IMAGES_PER_PIXEL:
     raise ValueError(f'the per_pixel rule estimates a healthy std at every pixel, from the '
                      f'validation images: {config.data.validation_split!r} of '
@@ -514,8 +514,9 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   elif chief:
     files.remove(calib_path)  # this evaluation's settings replace an earlier calibration
   # The settings of this evaluation: the config's, or the calibration's applied to it.
-  rule = localization._rule_from_config(lc)  # pylint: disable=protected-access
-  n_sigma, sigma = float(lc.n_sigma), float(lc.smoothing_sigma)
+  loc = localization.settings(lc)
+  rule, n_sigma, sigma, target_fpr = loc['rule'], loc['n_sigma'], loc['smoothing_sigma'], \
+      loc['target_fpr']
   num_devices = mesh.devices.size * jax.process_count()
   logging.info('evaluating %s (%s) on %d device(s) in %d process(es), rule=%s, t=%s', workdir,
                method.name, num_devices, jax.process_count(), rule, method.ts)
@@ -540,12 +541,11 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   # 3. Scoring the test split.
   n_threshold = n_sigma
   if rule == 'quantile':  # the rule's mask is A > q = (z = A / std) > q / std
-    n_threshold = float(stats.quantile(1.0 - float(lc.get('target_fpr', 1e-3))) / stats.std)
+    n_threshold = float(stats.quantile(1.0 - target_fpr) / stats.std)
 
   @jax.jit
   def score_step(params, stats, images, mean):
-    z, _ = localization.localize(method.field_fn(params), images, stats, n_sigma=n_sigma, smoothing_sigma=sigma,
-                                 rule=rule, target_fpr=float(lc.get('target_fpr', 1e-3)))
+    z, _ = localization.localize(method.field_fn(params), images, stats, **loc)
     base = baseline_map(images, mean, sigma) if mean is not None else None
     return z, base
 
@@ -637,7 +637,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
       num_healthy_images=n_valid - n_anomalous,
       localization={'method': method.name, 't': list(method.ts), 'rule': rule, 'n_sigma': n_sigma,
                     'n_sigma_threshold': n_threshold, 'smoothing_sigma': sigma,
-                    'use_ema': bool(lc.use_ema), 'target_fpr': float(lc.get('target_fpr', 1e-3))},
+                    'use_ema': bool(lc.use_ema), 'target_fpr': target_fpr},
       score_stats={'path': os.path.join(workdir, STATS_FILE), 'std': float(stats.std),
                    'num_images': int(stats.n_images)},
       calibration=choice,

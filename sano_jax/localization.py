@@ -39,6 +39,7 @@ ScoreFn = Callable[[jax.Array], jax.Array]
 
 RULES = ('global', 'per_pixel', 'two_sided', 'quantile', 'density', 'density_mean')
 DENSITY_RULES = ('density', 'density_mean')  # need MultiStats
+TARGET_FPR = 1e-3  # the 'quantile' rule's healthy false-positive rate unless configured
 _STD_FLOOR = 1e-12
 
 # --------------------------------------------------------------------------------------------
@@ -534,7 +535,7 @@ def _check_shapes(images, stats: ScoreStats):
 
 def localize(score_fn: ScoreFn, images: jax.Array, stats, *, n_sigma: float = 3.0,
              smoothing_sigma: float = 2.0, rule: str = 'global',
-             target_fpr: float = 1e-3) -> tuple[jax.Array, jax.Array]:
+             target_fpr: float = TARGET_FPR) -> tuple[jax.Array, jax.Array]:
   """images [B,H,W,C] in [0,1] (float, or uint8 scaled by 1/255) -> (z_map [B,H,W] f32, mask bool).
 
   z = G_sigma * mean_c |s(2 images - 1)| / std_healthy; mask = z > n_sigma (SANO §2.2).
@@ -611,7 +612,14 @@ def _zmap(a, stats: ScoreStats, rule: str) -> jax.Array:
   return a / stats.std
 
 
-def _rule_from_config(lc) -> str:
+def settings(lc) -> dict:
+  """The keyword arguments of `localize` from a config's localize block: n_sigma,
+  smoothing_sigma, rule (from stats and two_sided) and target_fpr, as floats and a str."""
+  return {'n_sigma': float(lc.n_sigma), 'smoothing_sigma': float(lc.smoothing_sigma),
+          'rule': rule_from_config(lc), 'target_fpr': float(lc.get('target_fpr', TARGET_FPR))}
+
+
+def rule_from_config(lc) -> str:
   kind = lc.get('stats', 'global')
   if lc.get('two_sided', False):
     if kind != 'global':
@@ -657,9 +665,7 @@ def load_localizer(workdir: str, *, method: str | None = None
   @jax.jit
   def localize_with(params, stats, images):
     # params and stats are arguments, not constants baked into the compiled program.
-    return localize(method_obj.field_fn(params), images, stats,
-                    n_sigma=float(lc.n_sigma), smoothing_sigma=float(lc.smoothing_sigma),
-                    rule=_rule_from_config(lc), target_fpr=float(lc.get('target_fpr', 1e-3)))
+    return localize(method_obj.field_fn(params), images, stats, **settings(lc))
   def localizer(images):
     if not isinstance(images, jax.core.Tracer):
       check_images(images)  # NaN/inf or out-of-range values: a clear error, not a silent NaN map

@@ -236,9 +236,9 @@ def test_load_localizer_missing_stats(tmp_path, monkeypatch):
 def test_rule_from_config():
   import ml_collections
   lc = ml_collections.ConfigDict(dict(stats='global', two_sided=True))
-  assert L._rule_from_config(lc) == 'two_sided'
+  assert L.rule_from_config(lc) == 'two_sided'
   lc.stats = 'per_pixel'
   with pytest.raises(ValueError, match="two_sided=True needs localize.stats='global'"):
-    L._rule_from_config(lc)
+    L.rule_from_config(lc)
   lc.two_sided = False
-  assert L._rule_from_config(lc) == 'per_pixel'
+  assert L.rule_from_config(lc) == 'per_pixel'
