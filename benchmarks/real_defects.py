@@ -60,18 +60,19 @@ def main(argv):
   from sano_jax import cli, compare, files  # pylint: disable=g-import-not-at-top
   cli.setup_logging()
   config = benchmark_config(FLAGS.config, FLAGS.data)
+  code = commit()  # the code that trains: HEAD may move while this runs
   tic = time.perf_counter()
   workdirs = compare.train_all(config, FLAGS.root, FLAGS.methods)
   result = compare.compare(workdirs, FLAGS.root)
   command = ' '.join(['python'] + sys.argv)
   header = (f'# Real defects: KolektorSDD ({FLAGS.data})\n\n'
-            f'command: `{command}`  \ncommit: {commit()}  \n'
+            f'command: `{command}`  \ncommit: {code}  \n'
             f'budget: {config.training.num_train_steps} steps x {config.training.batch_size} '
             f'images at {config.data.image_size} px per method; this call took '
             f'{(time.perf_counter() - tic) / 60:.1f} min\n\n')
   files.atomic_write_text(os.path.join(FLAGS.root, 'real_defects.md'), header + result['markdown'])
   files.atomic_write_json(os.path.join(FLAGS.root, 'real_defects.json'),
-                          {'command': command, 'commit': commit(), 'rows': result['rows']})
+                          {'command': command, 'commit': code, 'rows': result['rows']})
   print(header + result['markdown'])
 
 

@@ -68,23 +68,30 @@ def markdown_table(rows: Sequence[dict]) -> str:
   """Table 1's layout; the best value of each column in bold."""
   fmt = lambda v: 'n/a' if v is None else f'{v:.3f}'
   best = {k: max((r[k] for r in rows if r[k] is not None), default=None) for k, _ in COLUMNS}
-  head = ['method'] + [name for _, name in COLUMNS] + ['train img/s', 'train s']
+  # Calibrated runs each choose their own rule and N: show them per row when they differ.
+  per_row = len({(r['rule'], r['n_sigma']) for r in rows}) > 1
+  head = (['method'] + [name for _, name in COLUMNS] + (['rule, N'] if per_row else [])
+          + ['train img/s', 'train s'])
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in rows:
     cells = [r['method']]
     for k, _ in COLUMNS:
       cell = f'{fmt(r[k])} ± {fmt(r[k + "_std"])}'
       cells.append(f'**{cell}**' if r[k] is not None and r[k] == best[k] else cell)
+    if per_row:
+      cells.append(f"{r['rule']}, {r['n_sigma']:.3g}")
     speed, secs = r['train_images_per_s'], r['train_seconds']
     cells += ['n/a' if speed is None else f'{speed:.0f}', 'n/a' if secs is None else f'{secs:.0f}']
     lines.append('| ' + ' | '.join(cells) + ' |')
   r0 = rows[0]
   lines.append('')
+  threshold = ("each run's own rule and N (column 'rule, N')" if per_row else
+               f"N = {r0['n_sigma']:g} of the healthy statistics ('{r0['rule']}' rule), for every "
+               'method')
   lines.append(f"{r0['dataset']} ({r0['test_split']}, {r0['num_images']} images); ± is the std of "
-               'the subject-stratified bootstrap. OP: the best-F1 threshold (uses test labels); '
-               f"Nσ*: the label-free threshold, N = {r0['n_sigma']:g} of the healthy statistics "
-               f"('{r0['rule']}' rule), for every method. Trivial baseline AUROC: "
-               f"{fmt(r0['baseline_auroc'])}.")
+               'the subject-stratified bootstrap. AUPRO: per-region overlap up to FPR 0.3. OP: the '
+               'best-F1 threshold (uses test labels); Nσ*: the label-free threshold, '
+               f"{threshold}. Trivial baseline AUROC: {fmt(r0['baseline_auroc'])}.")
   return '\n'.join(lines) + '\n'
 
 

@@ -47,6 +47,22 @@ def test_table_json_and_best_values(tmp_path):
   assert [r['method'] for r in rows] == ['sano', 'vqvae'] and rows[1]['auroc'] == 0.8
 
 
+def test_calibrated_runs_show_their_own_rule_and_n(tmp_path):
+  """Calibrated runs each choose a rule and N: the table shows them per row, not one for all."""
+  a = _write_run(tmp_path / 'a', 'sano', 0.9)
+  b = _write_run(tmp_path / 'b', 'ae', 0.8)
+  with open(os.path.join(b, 'eval', 'metrics.json')) as f:
+    m = json.load(f)
+  m['localization']['rule'], m['n_sigma']['n'] = 'density', 1.25
+  with open(os.path.join(b, 'eval', 'metrics.json'), 'w') as f:
+    json.dump(m, f)
+  md = compare.compare([a, b], str(tmp_path / 'out'), figure=False)['markdown']
+  lines = md.splitlines()
+  assert '| rule, N |' in lines[0]
+  assert '| per_pixel, 3 |' in lines[2] and '| density, 1.25 |' in lines[3]
+  assert "each run's own rule and N" in md
+
+
 def test_errors_name_the_problem(tmp_path):
   a = _write_run(tmp_path / 'a', 'sano', 0.9)
   b = _write_run(tmp_path / 'b', 'ae', 0.8, dataset='sano_textures/grass_32')
