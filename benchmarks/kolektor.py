@@ -16,6 +16,11 @@ writes
   OUT/test/crack/NNN.jpg          every image with a polygon
   OUT/ground_truth/crack/NNN_mask.png   0/255 masks at the image's size
 
+The copy holds 8 images twice under two numbers (000-007 = 143-150, 096-103 = 223-230; two of the
+pairs are defective, their two label files differ slightly): each image is kept once, under its
+first name, with the union of its copies' polygons, so that no test image has a twin in train/good
+(the folder builder refuses such a pair). That leaves 391 images: 341 defect-free, 50 with cracks.
+
 Polygons are rasterized with scikit-image: the interior (`skimage.draw.polygon`) plus the outline
 (`polygon_perimeter`), because the labels are outlines of pixel masks traced through boundary pixel
 centres and a 1-2 px crack has no interior. The original set's 50 physical commutators are not
@@ -24,6 +29,7 @@ recoverable from the renumbered files, so every image is its own subject.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 
@@ -92,9 +98,14 @@ def convert(src: str, out: str, *, test_fraction: float = 0.2, seed: int = 0) ->
   names = [os.path.basename(p) for p, _ in items]
   if len(set(names)) != len(names):
     raise ValueError(f'image file names repeat across the splits of {src}')
-  good, defect = [], []
+  unique: dict[str, tuple[str, list]] = {}  # content hash -> (first image path, polygons)
   for image, label in items:
-    polygons = read_polygons(label)
+    with open(image, 'rb') as f:
+      key = hashlib.sha256(f.read()).hexdigest()
+    first, polygons = unique.get(key, (image, []))
+    unique[key] = (first, polygons + read_polygons(label))  # a twin's labels join the first's
+  good, defect = [], []
+  for image, polygons in unique.values():
     (defect if polygons else good).append((image, polygons))
   n_test = int(round(test_fraction * len(good)))
   order = np.random.default_rng(seed).permutation(len(good))
@@ -113,7 +124,8 @@ def convert(src: str, out: str, *, test_fraction: float = 0.2, seed: int = 0) ->
     stem = os.path.splitext(name)[0]
     Image.fromarray(mask.astype(np.uint8) * 255).save(
         os.path.join(out, 'ground_truth', DEFECT, f'{stem}_mask.png'))
-  return {'train/good': len(good) - n_test, 'test/good': n_test, f'test/{DEFECT}': len(defect)}
+  return {'train/good': len(good) - n_test, 'test/good': n_test, f'test/{DEFECT}': len(defect),
+          'duplicates_dropped': len(items) - len(unique)}
 
 
 def main():

@@ -1,5 +1,6 @@
 """The embedded dataset (sano_textures) and the folder builder (sano_folder)."""
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -336,12 +337,24 @@ def _yolo_copy(root, n_good=10):
 def test_kolektor_conversion_rasterizes_polygons_into_the_mvtec_layout(tmp_path):
   from benchmarks import kolektor
   src = _yolo_copy(tmp_path / 'src')
+  # Twins (the real copy holds 8 images twice): a defect-free one and a defective one whose second
+  # copy carries another polygon. Each is kept once; the defective one with both polygons.
+  images = src / 'Datasets' / 'images'
+  shutil.copy(images / 'train' / '004.jpg', images / 'val' / '100.jpg')
+  (src / 'Datasets' / 'labels' / 'val' / '100.txt').write_text('')
+  shutil.copy(images / 'val' / '000.jpg', images / 'train' / '101.jpg')
+  (src / 'Datasets' / 'labels' / 'train' / '101.txt').write_text('0 0.8 0.8 0.9 0.8 0.9 0.9')
+  shutil.copy(images / 'train' / '002.jpg', images / 'train' / '102.jpg')
+  (src / 'Datasets' / 'labels' / 'train' / '102.txt').write_text('0 0.8 0.1 0.9 0.1 0.9 0.2')
   counts = kolektor.convert(str(src), str(tmp_path / 'out'), test_fraction=0.3, seed=1)
-  assert counts == {'train/good': 7, 'test/good': 3, 'test/crack': 2}
+  assert counts == {'train/good': 6, 'test/good': 3, 'test/crack': 3, 'duplicates_dropped': 3}
   out = tmp_path / 'out'
   goods = sorted(p.name for p in (out / 'train/good').iterdir()) + sorted(
       p.name for p in (out / 'test/good').iterdir())
-  assert sorted(goods) == [f'{i:03d}.jpg' for i in range(12) if i not in (1, 2)]
+  assert sorted(goods) == [f'{i:03d}.jpg' for i in range(3, 12)]
+  assert sorted(p.name for p in (out / 'test/crack').iterdir()) == ['001.jpg', '002.jpg', '101.jpg']
+  twin = np.asarray(Image.open(out / 'ground_truth/crack/002_mask.png')) > 0
+  assert twin[2:5, 2:7].any() and twin[4:9, 16:19].any()  # its polygon and its twin's
   mask = np.asarray(Image.open(out / 'ground_truth/crack/001_mask.png'))
   assert mask.shape == (40, 20) and set(np.unique(mask)) == {0, 255}
   # The rectangle x in [5, 15], y in [10, 20] px, outline included; the line: column 10, y 24-36.
@@ -356,7 +369,7 @@ def test_kolektor_conversion_rasterizes_polygons_into_the_mvtec_layout(tmp_path)
   cfg.data.num_channels = 1
   tst = ip.get_source(cfg, 'test')
   names = sorted(tst[i]['name'] for i in range(len(tst)))
-  assert names[:2] == ['crack/001.jpg', 'crack/002.jpg'] and len(names) == 5
+  assert names[:3] == ['crack/001.jpg', 'crack/002.jpg', 'crack/101.jpg'] and len(names) == 6
 
 
 def test_kolektor_conversion_rejects_bad_labels(tmp_path):
