@@ -16,10 +16,10 @@ writes
   OUT/test/crack/NNN.jpg          every image with a polygon
   OUT/ground_truth/crack/NNN_mask.png   0/255 masks at the image's size
 
-The copy holds 8 images twice under two numbers (000-007 = 143-150, 096-103 = 223-230; two of the
+The copy holds 16 images twice under two numbers (000-007 = 143-150, 096-103 = 223-230; two of the
 pairs are defective, their two label files differ slightly): each image is kept once, under its
 first name, with the union of its copies' polygons, so that no test image has a twin in train/good
-(the folder builder refuses such a pair). That leaves 391 images: 341 defect-free, 50 with cracks.
+(the folder builder refuses such a pair). That leaves 383 images: 333 defect-free, 50 with cracks.
 
 Polygons are rasterized with scikit-image: the interior (`skimage.draw.polygon`) plus the outline
 (`polygon_perimeter`), because the labels are outlines of pixel masks traced through boundary pixel
