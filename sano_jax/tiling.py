@@ -72,8 +72,9 @@ def tiled(field_fn: Callable, tile: int | None, overlap: int = 0) -> Callable:
     starts = jnp.asarray([(y, x0) for y in ys for x0 in xs], jnp.int32)
     out_shapes = jax.eval_shape(field_fn, jax.ShapeDtypeStruct((b, th, tw) + x.shape[3:], x.dtype))
 
-    def canvas(s):
-      return jnp.zeros((s.shape[0], h, w) + s.shape[3:], jnp.float32)
+    def canvas(s):  # zeros shaped like the whole field, typed like x (under shard_map: varying
+      # over the mesh axis as the field is, else scan refuses the carry)
+      return jax.lax.full_like(x, 0, jnp.float32, (s.shape[0], h, w) + s.shape[3:])
 
     def expand(wt, a):  # [h', w'] -> broadcastable against a [B, h', w', ...]
       return wt.reshape((1,) + wt.shape + (1,) * (a.ndim - 3))

@@ -90,6 +90,19 @@ def test_tiles_of_a_pointwise_field_equal_the_single_pass(tile, overlap):
     np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
 
 
+def test_tiles_run_inside_shard_map_as_the_evaluation_runs_them():
+  """evaluate.fit_stats runs the field under jax.shard_map over the local devices: the tiles' scan
+  carry must be typed like the sharded input (it was not: run_eval.py with tile_size failed)."""
+  from jax.sharding import Mesh, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()), ('batch',))
+  x = jax.random.normal(jax.random.PRNGKey(2), (2 * len(jax.devices()), 30, 22, 1))
+  field = lambda x: [x ** 2, jnp.sin(x)]
+  sharded = jax.jit(jax.shard_map(tiling.tiled(field, 16, 4), mesh=mesh, in_specs=P('batch'),
+                                  out_specs=P('batch')))
+  for g, want in zip(sharded(x), field(x)):
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
+
+
 def test_constant_field_has_no_seams_and_one_tile_is_the_single_pass():
   x = jnp.zeros((1, 48, 48, 1))
   const = jax.jit(tiling.tiled(lambda x: jnp.full(x.shape, 3.5), 16, 6))(x)
