@@ -37,7 +37,10 @@ def main(argv):
     if FLAGS.config is not None:
       if not FLAGS.root:
         raise app.UsageError('--config needs --root (one run per method goes in ROOT/<method>)')
-      workdirs += compare.train_all(FLAGS.config, FLAGS.root, FLAGS.methods)
+      trained = compare.train_all(FLAGS.config, FLAGS.root, FLAGS.methods)
+      if trained is None:  # preempted: resume with the same command
+        return
+      workdirs += trained
     if not workdirs:
       raise app.UsageError('give --workdirs=W1,W2,... or --config=... --root=...')
     from sano_jax import files  # pylint: disable=g-import-not-at-top

@@ -26,7 +26,9 @@ def main(argv):
   tic = time.perf_counter()
   print(f'[1/2] training {config.data.dataset} at {config.data.image_size} px for '
         f'{config.training.num_train_steps} steps in {workdir} (resumes if interrupted)', flush=True)
-  train.train_and_evaluate(config, workdir)
+  if not train.finished(train.train_and_evaluate(config, workdir), config):
+    print('preempted: the checkpoint is saved; run the same command again to resume', flush=True)
+    return
   print('[2/2] evaluating the best checkpoint on the test split', flush=True)
   metrics = evaluate.evaluate(config, workdir)
   print('\n' + evaluate.format_summary(metrics, workdir, time.perf_counter() - tic), flush=True)

@@ -66,8 +66,9 @@ def main(argv):
     config.training.keep_checkpoints = 1000  # every checkpoint is a point of the curve
     workdir = os.path.join(FLAGS.root, f'nf{width}')
     last = os.path.join(workdir, 'checkpoints', str(config.training.num_train_steps))
-    if not os.path.isdir(last):
-      train.train_and_evaluate(config, workdir)
+    if not os.path.isdir(last) and not train.finished(train.train_and_evaluate(config, workdir),
+                                                      config):
+      return  # preempted: resume with the same command
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
     for step in steps:
       m = evaluate_step(workdir, step, os.path.join(FLAGS.root, f'nf{width}_step{step}'))

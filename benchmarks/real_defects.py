@@ -63,6 +63,8 @@ def main(argv):
   code = commit()  # the code that trains: HEAD may move while this runs
   tic = time.perf_counter()
   workdirs = compare.train_all(config, FLAGS.root, FLAGS.methods)
+  if workdirs is None:  # preempted: resume with the same command
+    return
   result = compare.compare(workdirs, FLAGS.root)
   command = ' '.join(['python'] + sys.argv)
   header = (f'# Real defects: KolektorSDD ({FLAGS.data})\n\n'

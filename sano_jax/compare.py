@@ -164,8 +164,10 @@ def reuse_sano_model(sano_dir: str, workdir: str, config) -> bool:
   return True
 
 
-def train_all(config, root: str, names) -> list[str]:
-  """Trains and evaluates each method (same data, steps and batch) into ROOT/<method>."""
+def train_all(config, root: str, names) -> list[str] | None:
+  """Trains and evaluates each method (same data, steps and batch) into ROOT/<method>; None when a
+  training was preempted (SIGTERM): it saved its checkpoint, nothing half-trained is evaluated,
+  and the same call resumes it."""
   from sano_jax import evaluate, methods, train  # pylint: disable=g-import-not-at-top
   workdirs = []
   for name in names:
@@ -181,7 +183,10 @@ def train_all(config, root: str, names) -> list[str]:
       tic, cpu = time.perf_counter(), time.process_time()
       print(f'[{name}] training {cfg.data.dataset} for {cfg.training.num_train_steps} steps in '
             f'{workdir}', flush=True)
-      train.train_and_evaluate(cfg, workdir)
+      if not train.finished(train.train_and_evaluate(cfg, workdir), cfg):
+        print(f'[{name}] preempted: its checkpoint is saved; run the same command again to resume',
+              flush=True)
+        return None
       print(f'[{name}] trained in {time.perf_counter() - tic:.0f} s wall, '
             f'{time.process_time() - cpu:.0f} CPU-s; evaluating', flush=True)
       evaluate.evaluate(cfg, workdir)

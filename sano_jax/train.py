@@ -365,6 +365,12 @@ class Preemption:
       self._installed = False
 
 
+def finished(state: TrainState, config) -> bool:
+  """Whether `state` (what `train_and_evaluate` returned) reached config's num_train_steps: False
+  after a preemption, when evaluating it would report a half-trained model."""
+  return int(state.step) >= int(config.training.num_train_steps)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        train_source=None, val_source=None) -> TrainState:
   """Train `config` in `workdir`, resuming from its latest checkpoint; returns the final host state.

@@ -101,3 +101,21 @@ def test_anoddpm_reuses_a_trained_sano_model(tmp_path):
   assert not compare.reuse_sano_model(str(sano), str(tmp_path / 'other'),
                                       tiny_config(**{'method': 'anoddpm', 'model.nf': 16}))
   assert not (tmp_path / 'other').exists()
+
+
+def test_a_preempted_training_is_not_evaluated(tmp_path, monkeypatch):
+  """train_all after a SIGTERM: train_and_evaluate returns the state it saved (step < the budget);
+  evaluating it would put a half-trained model in the table and mark the run done."""
+  import types
+  from configs import tiny
+  from sano_jax import evaluate, train
+  config = tiny.get_config()
+  config.training.num_train_steps = 20
+  calls = []
+  monkeypatch.setattr(train, 'train_and_evaluate',
+                      lambda cfg, wd: types.SimpleNamespace(step=np.int32(7)))
+  monkeypatch.setattr(evaluate, 'evaluate', lambda *a, **k: calls.append(a))
+  assert compare.train_all(config, str(tmp_path), ['sano', 'ae']) is None
+  assert calls == [] and not (tmp_path / 'sano' / 'eval').exists()
+  assert train.finished(types.SimpleNamespace(step=np.int32(20)), config)
+  assert not train.finished(types.SimpleNamespace(step=np.int32(19)), config)
