@@ -416,10 +416,11 @@ class PixelMetricsAccumulator:
     if not np.issubdtype(s_in.dtype, np.floating):
       s_in = s_in.astype(np.float64)
     s = s_in.astype(np.float32, copy=False)
-    layout = y[keep]
-    layout = layout.reshape(layout.shape[:3]) if layout.ndim >= 3 and \
-        np.prod(layout.shape[3:], dtype=np.int64) == 1 else None
-    y = y[keep].reshape(s.shape) > 0
+    kept = y[keep]
+    # [B, H, W] (or [B, H, W, 1]): the images' layout, which AUPRO's regions need.
+    layout = kept.reshape(kept.shape[:3]) if kept.ndim >= 3 and \
+        np.prod(kept.shape[3:], dtype=np.int64) == 1 else None
+    y = kept.reshape(s.shape) > 0
     subjects = subjects[keep]
     if not np.isfinite(s).all():
       raise ValueError('scores contain NaN or inf')
