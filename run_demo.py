@@ -1,10 +1,13 @@
 r"""`make demo`: SANO end to end on the embedded data, on a CPU, in a few minutes.
 
 Builds the embedded texture dataset (offline), trains configs/demo.py, evaluates the best checkpoint
-(healthy statistics, test-split metrics with subject bootstrap, figures) and prints a summary.
+(label-free calibration, healthy statistics, test-split metrics with subject bootstrap, figures),
+writes the full summary to WORKDIR/eval/summary.txt and prints five lines: the metrics, where the
+figures are, the command to look at them.
 
   python run_demo.py --workdir=workdirs/demo [--config=configs/demo.py:grass] [--config.x.y=...]
 """
+import os
 import time
 
 from absl import app
@@ -29,9 +32,14 @@ def main(argv):
   if not train.finished(train.train_and_evaluate(config, workdir), config):
     print('preempted: the checkpoint is saved; run the same command again to resume', flush=True)
     return
-  print('[2/2] evaluating the best checkpoint on the test split', flush=True)
+  print('[2/2] evaluating the best checkpoint: calibration on healthy validation images, healthy '
+        'statistics, the test split', flush=True)
   metrics = evaluate.evaluate(config, workdir)
-  print('\n' + evaluate.format_summary(metrics, workdir, time.perf_counter() - tic), flush=True)
+  seconds = time.perf_counter() - tic
+  from sano_jax import files  # pylint: disable=g-import-not-at-top
+  files.atomic_write_text(os.path.join(workdir, 'eval', evaluate.SUMMARY_FILE),
+                          evaluate.format_summary(metrics, workdir, seconds) + '\n')
+  print('\n' + evaluate.brief_summary(metrics, workdir, seconds), flush=True)
 
 
 if __name__ == '__main__':

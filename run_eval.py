@@ -4,7 +4,9 @@ r"""Evaluate the best checkpoint of a run (SANO or a baseline): calibrate, score
   python run_eval.py --config=configs/demo.py --workdir=workdirs/demo [--config.eval.bootstrap_runs=10]
   python run_eval.py --workdir=gs://bucket/runs/hands --distributed     # on every host of a slice
 
-Writes WORKDIR/score_stats.npz, WORKDIR/eval/metrics.json and WORKDIR/eval/figures/*.png. With
+Writes the run's inference bundle (WORKDIR/inference.json and WORKDIR/inference/: the healthy
+statistics with the settings and checkpoint step they belong to, read by load_localizer, predict
+and export), WORKDIR/eval/metrics.json and WORKDIR/eval/figures/*.png. With
 --distributed each process scores its share of the splits and process 0 writes (sano_jax/evaluate.py).
 """
 import sys

@@ -6,7 +6,7 @@ r"""Localization throughput: SANO's one-pass localize vs a bare model forward vs
 Three jitted programs on the same synthetic images, params (and stats) passed as jit arguments:
 
   forward    model.apply(params, 2 img - 1, t) -- the bare network, nothing else
-  localize   the program `localization.load_localizer` builds: score = -eps/sigma(t), mean_c |.|,
+  localize   the program `rundir.load_localizer` builds: score = -eps/sigma(t), mean_c |.|,
              gaussian filter (sigma from the config), z = A / std, mask = z > N
   anoddpm_K  `sano_jax.baselines.anoddpm`: noise to t=0.5, K ancestral steps back, smoothed
              mean_c |x - x_rec| (K forward passes)
@@ -36,7 +36,7 @@ from sano_jax.baselines import anoddpm
 
 
 def build_localize(model, sde, lc):
-  """The jitted function of `localization.load_localizer` (params and stats as arguments)."""
+  """The jitted function of `rundir.load_localizer` (params and stats as arguments)."""
   @jax.jit
   def localize_with(params, stats, images):
     return localization.localize(

@@ -5,7 +5,7 @@ tiles (`config.localize.tile_size`), img/s and peak memory (not a test).
       --size=1024 [--tile=64] [--overlap=16] [--batch=1] [--steps=3] [--out=FILE]
 
 The model is the config's (trained on `data.crop_size`, default its image_size); it scores
-`--size` x `--size` images with the program `localization.load_localizer` builds (params and stats
+`--size` x `--size` images with the program `rundir.load_localizer` builds (params and stats
 as jit arguments). Run one size/tiling per process: peak RSS is a per-process maximum.
 """
 from __future__ import annotations

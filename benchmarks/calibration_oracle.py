@@ -26,6 +26,7 @@ from sano_jax import calibration
 from sano_jax import checkpointing
 from sano_jax import input_pipeline
 from sano_jax import localization
+from sano_jax import methods
 from sano_jax import metrics
 
 flags.DEFINE_string('workdir', None, 'A trained run directory.')
@@ -52,14 +53,14 @@ def main(argv):
   if FLAGS.method:
     with config.unlocked():
       config.method = FLAGS.method
-  _, _, params = checkpointing.restore_for_inference(FLAGS.workdir, config=config)
+  _, _, params, _ = checkpointing.restore_for_inference(FLAGS.workdir, config=config)
   val_source = input_pipeline.get_source(config, config.data.validation_split)
   test_x, test_m = test_split(input_pipeline.get_source(config, config.data.test_split))
 
-  choice = calibration.calibrate(config, params, val_source, max_images=FLAGS.max_images,
+  method = methods.create_at(config, calibration.T_GRID)
+  choice = calibration.calibrate(config, method, params, val_source, max_images=FLAGS.max_images,
                                  seed=int(config.get('seed', 0)),
                                  sigma_factors=tuple(float(f) for f in FLAGS.sigma_factors))
-  method = calibration.grid_method(config)
   field_fn, ts = method.field_fn(params), method.ts
   cands = calibration.candidates(ts)
   bs = int(config.eval.batch_size)

@@ -73,7 +73,7 @@ def curve(z, masks, n_sigma):
 def main(argv):
   del argv
   tic = time.perf_counter()
-  config, method, params = checkpointing.restore_for_inference(
+  config, method, params, _ = checkpointing.restore_for_inference(
       FLAGS.workdir, ema=False if FLAGS.no_ema else None)
   model, sde = method.model, method.sde  # a SANO run
   val_x, _ = load_split(config, config.data.validation_split)

@@ -1,14 +1,15 @@
 """sano-jax: SANO, score-based anomaly localization, in JAX/Flax.
 
-The public API: ``sano_jax.localize``, ``sano_jax.load_localizer``, ``sano_jax.ScoreStats``
-(all from ``sano_jax.localization``; the module is not called ``localize`` so that the function
-of that name is never shadowed by a submodule), and ``sano_jax.load_exported`` (from
+The public API: ``sano_jax.localize``, ``sano_jax.ScoreStats``, ``sano_jax.fit_score_stats``
+(from ``sano_jax.localization``; the module is not called ``localize`` so that the function
+of that name is never shadowed by a submodule), ``sano_jax.load_localizer`` (from
+``sano_jax.rundir``, the run directory's reader), and ``sano_jax.load_exported`` (from
 ``sano_jax.export``: it needs only jax and numpy, never flax or the model code).
 """
 
 __version__ = '0.1.0'
 
-_LAZY = ('localize', 'load_localizer', 'ScoreStats', 'fit_score_stats')
+_LAZY = ('localize', 'ScoreStats', 'fit_score_stats')
 
 
 def __getattr__(name):
@@ -16,6 +17,9 @@ def __getattr__(name):
   if name in _LAZY:
     from sano_jax import localization
     return getattr(localization, name)
+  if name == 'load_localizer':
+    from sano_jax import rundir  # the run directory's one reader
+    return rundir.load_localizer
   if name == 'load_exported':
     from sano_jax import export  # jax and numpy only
     return export.load_exported

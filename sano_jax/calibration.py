@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import time
 
 from absl import logging
@@ -44,10 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from sano_jax import files
 from sano_jax import localization
 from sano_jax import metrics as metrics_lib
-from sano_jax import methods as methods_lib
+from sano_jax import multiscale
 
 T_GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 DENSITY_SETS = ((0.005, 0.01, 0.02, 0.05), (0.02, 0.05, 0.1, 0.2, 0.4), T_GRID)
@@ -56,7 +54,6 @@ KINDS = ('cutpaste', 'rescaled', 'noise', 'shift')  # 'blur' exists but is left 
 # Every kind `synthesize` makes; config.localize.synthetic_kinds picks the calibration's (default
 # KINDS). 'crack': a thin dark or bright random-walk line, the shape of scratches and cracks.
 ALL_KINDS = KINDS + ('blur', 'crack')
-CHOICE_FILE = 'calibration.json'  # in the workdir, beside score_stats.npz
 MIN_MARGIN = 0.05  # kind_score: a kind's AUROC counts as at least 0.5 + MIN_MARGIN
 MAX_PIXELS = 2**19  # synthetic pixels kept per candidate (a fixed uniform subsample beyond)
 # The smoothing sigmas tried, in units of config.localize.smoothing_sigma (one forward pass serves
@@ -217,9 +214,11 @@ def _batched(images: np.ndarray, batch_size: int):
     yield chunk, valid
 
 
-def calibrate(config, params, source, *, max_images: int = 512, seed: int = 0,
+def calibrate(config, method, params, source, *, max_images: int = 512, seed: int = 0,
               sigma_factors: tuple = SIGMA_FACTORS) -> dict:
-  """Chooses t, rule and N for `config`'s method from the healthy `source` (module docstring).
+  """Chooses t, rule and N from the healthy `source` (module docstring) for `method`, a Method
+  whose field is taken at every t of T_GRID (`methods.create_at(config, T_GRID)`; a method without
+  t as it is); `config` gives the batch size, the base smoothing sigma and the synthetic kinds.
 
   Returns {'t', 'rule', 'n_sigma', 'candidates': [...], 'synthetic': {...}, 'seconds'}."""
   n = len(source)
@@ -227,7 +226,6 @@ def calibrate(config, params, source, *, max_images: int = 512, seed: int = 0,
     raise ValueError(f'calibration needs at least 4 healthy validation images, got {n}')
   pick = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(int))
   images = read_images(source, pick)
-  method = grid_method(config)
   return choose(method.field_fn(params), method.ts, images,
                 batch_size=int(config.eval.batch_size),
                 smoothing_sigma=float(config.localize.smoothing_sigma), seed=seed,
@@ -244,14 +242,6 @@ def synthetic_kinds(config) -> tuple:
     raise ValueError(f'config.localize.synthetic_kinds: unknown kind(s) {unknown}; expected some '
                      f'of {ALL_KINDS}')
   return kinds
-
-
-def grid_method(config) -> methods_lib.Method:
-  """`config`'s method at every t of T_GRID (methods without t: as is); `config` is not changed."""
-  config = copy.deepcopy(config)
-  if methods_lib.create(config).ts != (None,):
-    set_t(config, T_GRID)
-  return methods_lib.create(config)
 
 
 def fit_stats_at(fields_fn, images: np.ndarray, ts: tuple, sigmas, batch_size: int) -> list:
@@ -380,51 +370,15 @@ def kind_score(auroc_by_kind: dict) -> float:
   return float(0.5 + np.exp(np.mean(np.log(np.maximum(margins, MIN_MARGIN)))))
 
 
-def set_t(config, ts) -> None:
-  """config.localize.t = ts, also over a config whose t was read as a float (an old config.json)."""
-  with config.unlocked():
-    del config.localize['t']
-    config.localize.t = tuple(float(t) for t in ts)
-
-
 def apply(config, choice: dict):
   """config.localize with the calibrated t, rule and N (a copy; the input is not changed)."""
   config = copy.deepcopy(config)
   lc = config.localize
   if choice['t'] != [None]:
-    set_t(config, choice['t'])
+    multiscale.set_t(config, choice['t'])
   lc.stats = 'global' if choice['rule'] == 'two_sided' else choice['rule']
   lc.two_sided = choice['rule'] == 'two_sided'
   lc.n_sigma = float(choice['n_sigma'])
   if choice.get('smoothing_sigma') is not None:  # absent from choices saved before it was chosen
     lc.smoothing_sigma = float(choice['smoothing_sigma'])
   return config
-
-
-def _saved_fields(choice: dict) -> dict:
-  """The fields of a choice that calibration.json keeps (a KeyError names a missing one);
-  smoothing_sigma may be absent (choices made before it was chosen): None, the config's sigma."""
-  return {**{k: choice[k] for k in ('t', 'rule', 'n_sigma')},
-          'smoothing_sigma': choice.get('smoothing_sigma')}
-
-
-def save_choice(choice: dict, path: str) -> None:
-  """Writes the choice atomically (load_localizer applies it over config.localize)."""
-  files.atomic_write_json(path, _saved_fields(choice))
-
-
-def load_choice(path: str) -> dict | None:
-  """The saved choice, or None when the workdir was not calibrated."""
-  if not files.exists(path):
-    return None
-  try:
-    choice = files.read_json(path)
-    return _saved_fields(choice)
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'{path} is not a readable calibration file ({e}); rerun run_eval.py') from e
-
-
-def applied(config, workdir: str):
-  """`config` with WORKDIR/calibration.json applied when run_eval.py calibrated the run, else as is."""
-  choice = load_choice(os.path.join(workdir, CHOICE_FILE))
-  return config if choice is None else apply(config, choice)

@@ -5,8 +5,8 @@ Layout of a workdir:
   checkpoints/<step>/    the latest few TrainStates (resume)
   */dropped.tmp/         checkpoints being deleted (left only by a killed run; deleted at the next save)
   best/<step>/           params and EMA params with the best validation loss (the paper's model selection)
-  score_stats.npz        healthy score statistics (written by the evaluation)
   damaged_checkpoints/   checkpoints found damaged on resume, moved aside (restore_latest)
+  inference.json, inference/   the inference bundle of the evaluation (sano_jax/rundir.py)
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a killed run
 never leaves a half-written checkpoint behind; every process calls save, the primary one writes.
@@ -14,6 +14,7 @@ A checkpoint Orbax drops (the oldest beyond `keep`; in best/, the worse one) is 
 the listed steps (`_TRASH`), then deleted, so a killed run never leaves a half-deleted one either.
 A checkpoint damaged later (a truncated or missing file) is detected on restore: the newest intact
 one is used instead, and the damaged steps are named in the log (or in the error if none is intact).
+A storage error is not damage: it is retried, then raised, and nothing is moved aside.
 This module imports no training code.
 """
 from __future__ import annotations
@@ -21,9 +22,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 from etils import epath
@@ -35,6 +37,51 @@ from sano_jax import files
 
 class DamagedCheckpointError(RuntimeError):
   """Every checkpoint of a run directory is damaged (unreadable, truncated or incomplete)."""
+
+
+# A read that fails with one of these (or a message naming one) says nothing about the checkpoint:
+# it is retried RETRIES times with exponential backoff, then raised; never taken for damage.
+_TRANSIENT_TYPES = (ConnectionError, TimeoutError, InterruptedError, BlockingIOError)
+_TRANSIENT_MESSAGE = re.compile(
+    r'timed out|timeout|deadline exceeded|unavailable|temporarily|connection (reset|aborted|refused)'
+    r'|too many requests|rate limit|try again|\b(http|status|code)\W{0,3}(429|50[0234])\b')
+RETRIES = 3
+BACKOFF_S = 1.0
+
+
+def is_transient(e: BaseException) -> bool:
+  """True for errors of the storage or the network, not of the checkpoint's bytes."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, _TRANSIENT_TYPES) or _TRANSIENT_MESSAGE.search(str(e).lower()):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _read(restore, where: str):
+  """restore(), retried on transient errors (`is_transient`): RETRIES more tries, BACKOFF_S * 2^k
+  apart, then the transient error is raised. Any other error is raised at once (damage)."""
+  for attempt in range(RETRIES + 1):
+    try:
+      with _quiet_abandoned_reads():
+        return restore()
+    except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds
+      if not is_transient(e):
+        raise
+      if attempt == RETRIES:
+        raise TransientReadError(f'reading {where} failed {RETRIES + 1} times with a storage error '
+                                 f'({type(e).__name__}: {_first_line(e)}); nothing was moved or '
+                                 'deleted: try again when the storage answers') from e
+      logging.warning('reading %s failed (%s: %s): retry %d of %d in %.0f s', where,
+                      type(e).__name__, _first_line(e), attempt + 1, RETRIES,
+                      BACKOFF_S * 2**attempt)
+      time.sleep(BACKOFF_S * 2**attempt)
+
+
+class TransientReadError(OSError):
+  """A checkpoint could not be read because the storage failed repeatedly (not damage)."""
 
 
 # Orbax deletes a checkpoint it drops file by file, in place: a run killed meanwhile left a step
@@ -106,8 +153,10 @@ class CheckpointStore:
   def restore_latest(self, target: Any) -> Any:
     """The newest intact checkpoint, restored into `target`'s structure.
 
-    Steps are tried newest first. One that Orbax cannot read (a truncated or missing file, whatever
-    exception that raises) is logged as damaged and the previous one is tried; once one restores,
+    Steps are tried newest first. A storage error (`is_transient`: a timeout, a refused connection,
+    HTTP 429/5xx) is retried, then raised as TransientReadError: nothing is moved. One that Orbax
+    cannot read otherwise (a truncated or missing file, whatever exception that raises) is logged
+    as damaged and the previous one is tried; once one restores,
     the damaged newer ones are moved aside to damaged_checkpoints/ (so that the run can write those
     steps again). A checkpoint of another model (tree structure or shapes differ from `target`'s) is
     a ValueError, not damage; none intact is a DamagedCheckpointError naming the steps."""
@@ -115,8 +164,10 @@ class CheckpointStore:
     damaged = []
     for step in sorted(self.latest.all_steps(), reverse=True):
       try:
-        with _quiet_abandoned_reads():
-          restored = self.latest.restore(step, args=ocp.args.StandardRestore(target))
+        restored = _read(lambda: self.latest.restore(step, args=ocp.args.StandardRestore(target)),
+                         os.path.join(str(self.latest.directory), str(step)))
+      except TransientReadError:
+        raise
       except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds on damage
         saved = _saved_shapes(self.latest, step)
         if saved is not None and saved != want:
@@ -203,9 +254,47 @@ def check_same_model(config, workdir: str) -> None:
                      'Use a fresh --workdir, or the config that trained it.')
 
 
+def require_checkpoint(workdir: str) -> None:
+  """FileNotFoundError saying to train first when `workdir` has no checkpoint folder with a step."""
+  if not any(files.listdir(os.path.join(workdir, d)) for d in ('best', 'checkpoints')):
+    raise FileNotFoundError(f'no checkpoint in {workdir!r} (looked in best/ and checkpoints/): '
+                            f'train first with run_train.py --config=... --workdir={workdir}')
+
+
+class Restored(NamedTuple):
+  config: ml_collections.ConfigDict
+  method: Any
+  params: Any
+  step: int  # the checkpoint's training step
+
+
+# The config.data fields that say WHICH images a run learns from (not where a copy is cached, nor
+# which test images are scored).
+DATA_IDENTITY = ('dataset', 'root', 'normal_dir', 'subjects_csv', 'image_size', 'num_channels')
+
+
+def data_identity(config) -> dict:
+  """{field: value} of config.data's DATA_IDENTITY fields (None where absent)."""
+  return {k: config.data.get(k, None) for k in DATA_IDENTITY}
+
+
+def check_same_data(config, workdir: str) -> None:
+  """A clear error when `workdir` holds a run trained on other data than `config` describes
+  (resuming would mix two datasets in one model, or score the old model as if trained on these)."""
+  if not files.exists(os.path.join(workdir, 'config.json')):
+    return
+  old, new = data_identity(load_config(workdir)), data_identity(config)
+  diff = {k: (old[k], new[k]) for k in new if json.dumps(old[k]) != json.dumps(new[k])}
+  if diff:
+    detail = ', '.join(f'data.{k}: run {a!r} vs config {b!r}' for k, (a, b) in diff.items())
+    raise ValueError(f'workdir {workdir!r} holds a run trained on other data ({detail}). Use a '
+                     'fresh --workdir for these data, or the data config that trained it.')
+
+
 def restore_for_inference(workdir: str, *, best: bool = True, ema: bool | None = None,
-                          config=None):
-  """(config, method, params) of a trained run: the best-by-validation (else latest) EMA params.
+                          config=None) -> Restored:
+  """(config, method, params, step) of a trained run: the best-by-validation (else latest) EMA
+  params and the step of the checkpoint they came from.
 
   config: the config to build the method from (default: the run's own config.json); it must
   describe the same method and model (`check_same_model`)."""
@@ -221,7 +310,7 @@ def restore_for_inference(workdir: str, *, best: bool = True, ema: bool | None =
     mngr = _manager(os.path.join(workdir, 'best'), keep=1, best=True)
     step = mngr.best_step() or mngr.latest_step()
     if step is not None:
-      restored = _restore_intact(mngr, [step], damaged)
+      restored, step = _restore_intact(mngr, [step], damaged)
     mngr.close()
     if restored is None and damaged:
       logging.warning('the best checkpoint in %s is damaged: using the latest intact one in %s',
@@ -229,7 +318,7 @@ def restore_for_inference(workdir: str, *, best: bool = True, ema: bool | None =
   if restored is None:
     mngr = _manager(os.path.join(workdir, 'checkpoints'), keep=1, best=False)
     steps = sorted(mngr.all_steps(), reverse=True)
-    restored = _restore_intact(mngr, steps, damaged)
+    restored, step = _restore_intact(mngr, steps, damaged)
     mngr.close()
     if restored is None and not damaged:
       raise FileNotFoundError(f'no checkpoint in {workdir!r} (looked in best/ and checkpoints/): '
@@ -242,22 +331,24 @@ def restore_for_inference(workdir: str, *, best: bool = True, ema: bool | None =
   restored = restored[key]
   method = methods.create(config)
   _check_params_fit(method, restored, workdir)
-  return config, method, restored
+  return Restored(config, method, restored, int(step))
 
 
 def _restore_intact(mngr: ocp.CheckpointManager, steps, damaged: list):
-  """The first of `steps` that restores (as saved); each damaged one is logged and appended to
-  `damaged` as (its folder, the exception). None if none restores."""
+  """(the restored tree, its step) of the first of `steps` that restores (as saved); each damaged
+  one is logged and appended to `damaged` as (its folder, the exception). (None, None) if none
+  restores."""
   for step in steps:
+    where = os.path.join(str(mngr.directory), str(step))
     try:
-      with _quiet_abandoned_reads():
-        return mngr.restore(step, args=ocp.args.StandardRestore())
+      return _read(lambda: mngr.restore(step, args=ocp.args.StandardRestore()), where), step
+    except TransientReadError:
+      raise
     except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds on damage
-      where = os.path.join(str(mngr.directory), str(step))
       logging.warning('the checkpoint %s is damaged (%s: %s)', where, type(e).__name__,
                       _first_line(e))
       damaged.append((where, e))
-  return None
+  return None, None
 
 
 @contextlib.contextmanager

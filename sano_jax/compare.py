@@ -107,7 +107,7 @@ def write_figure(workdirs: Sequence[str], path: str, max_images: int = 256) -> s
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from sano_jax import checkpointing, evaluate, input_pipeline, localization  # pylint: disable=g-import-not-at-top
+  from sano_jax import checkpointing, evaluate, input_pipeline, rundir  # pylint: disable=g-import-not-at-top
 
   config = checkpointing.load_config(workdirs[0])
   source = input_pipeline.get_source(config, config.data.test_split)
@@ -119,7 +119,7 @@ def write_figure(workdirs: Sequence[str], path: str, max_images: int = 256) -> s
   maps = []
   for wd in workdirs:
     cfg = checkpointing.load_config(wd)
-    z, mask = localization.load_localizer(wd)(images)
+    z, mask = rundir.load_localizer(wd)(images)
     maps.append((str(cfg.get('method', 'sano')), np.asarray(z), np.asarray(mask)))
   cols = 2 + len(maps)
   fig, axes = plt.subplots(len(picks), cols, figsize=(2.2 * cols, 2.2 * len(picks) + 0.4),
@@ -153,13 +153,14 @@ def write_figure(workdirs: Sequence[str], path: str, max_images: int = 256) -> s
 def reuse_sano_model(sano_dir: str, workdir: str, config) -> bool:
   """AnoDDPM trains exactly SANO's model with SANO's loss: copy a trained SANO run's checkpoints
   (not its statistics or evaluation) instead of training the same model twice."""
-  from sano_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from sano_jax import checkpointing, rundir  # pylint: disable=g-import-not-at-top
   if not files.isdir(os.path.join(sano_dir, 'best')) or files.exists(workdir):
     return False
   if checkpointing.model_signature(checkpointing.load_config(sano_dir)) != {
       **checkpointing.model_signature(config), 'method': 'sano'}:
     return False
-  files.copytree(sano_dir, workdir, ignore=('eval', 'score_stats.npz', 'config.json'))
+  files.copytree(sano_dir, workdir, ignore=('eval', 'config.json', rundir.MANIFEST,
+                                            rundir.PARTS_DIR) + rundir.LEGACY)
   checkpointing.save_config(config, workdir)
   return True
 

@@ -4,7 +4,8 @@
   1. restores the best checkpoint of WORKDIR (EMA params if config.localize.use_ema);
   2. fits the healthy `ScoreStats` of the method's field (SANO's score, a baseline's residual
      x - x_hat) on the validation split (streaming, jitted batches, padding masked
-     by 'valid') and writes WORKDIR/score_stats.npz, so that `load_localizer(workdir)` works after;
+     by 'valid') and writes them with the settings used and the checkpoint step as the run's
+     inference bundle (`sano_jax.rundir`), so that `load_localizer(workdir)` works after;
   3. scores the test split in jitted batches (data-parallel over the local devices: the batch is
      sharded over a 1-D mesh and jit partitions the forward pass) into z-maps, and streams them into
      a `PixelMetricsAccumulator` (exact while the test set has at most config.eval.exact_max_pixels
@@ -54,9 +55,9 @@ from sano_jax import groups as groups_lib
 from sano_jax import localization
 from sano_jax import metrics as metrics_lib
 from sano_jax import methods as methods_lib
+from sano_jax import rundir
 from sano_jax import sharding
 
-STATS_FILE = 'score_stats.npz'
 MIN_IMAGES_PER_PIXEL = 2  # validation images the per_pixel rule needs (a std per pixel)
 
 
@@ -68,10 +69,7 @@ def _check_workdir(workdir: str) -> None:
   if not files.isdir(workdir):  # local or gs://
     raise FileNotFoundError(f'workdir {workdir!r} does not exist: train first with '
                             f'run_train.py --config=... --workdir={workdir}')
-  has_ckpt = any(files.listdir(os.path.join(workdir, d)) for d in ('best', 'checkpoints'))
-  if not has_ckpt:
-    raise FileNotFoundError(f'no checkpoint in {workdir!r} (best/ and checkpoints/ are missing or '
-                            f'empty): train first with run_train.py --config=... --workdir={workdir}')
+  checkpointing.require_checkpoint(workdir)
 
 
 def eval_mesh(config):
@@ -397,17 +395,6 @@ def _make_accumulators(config, n_pixels: int, thresholds, score_range, baseline:
   return make, base
 
 
-def checkpoint_step(workdir: str) -> int:
-  """The step of the evaluated checkpoint: the largest step directory of best/, else of
-  checkpoints/ (0 if none): where evaluation's TensorBoard summaries sit on training's axis."""
-  for sub in ('best', 'checkpoints'):
-    path = os.path.join(workdir, sub)
-    steps = [int(n) for n in files.listdir(path) if n.isdigit()]  # [] without the directory
-    if steps:
-      return max(steps)
-  return 0
-
-
 def write_summaries(log_dir: str, step: int, scalars: dict, images: dict[str, str]) -> bool:
   """TensorBoard scalars (None skipped) and PNG images (tag -> path) in `log_dir`, replacing an
   earlier evaluation's, with flax.metrics.tensorboard (training's writer); False without
@@ -487,8 +474,8 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   mesh = eval_mesh(config)
   # Orbax's restore may run a cross-process collective: meet first (gloo's 30 s to join one).
   distributed.barrier('sano_eval_start')
-  _, method, params = checkpointing.restore_for_inference(workdir, ema=bool(lc.use_ema),
-                                                         config=config)
+  _, method, params, step = checkpointing.restore_for_inference(workdir, ema=bool(lc.use_ema),
+                                                               config=config)
   val_source = val_source if val_source is not None else input_pipeline.get_source(
       config, config.data.validation_split)
   test_source = test_source if test_source is not None else input_pipeline.get_source(
@@ -499,20 +486,16 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
 
   # 0. Label-free calibration of t, rule and N (healthy validation images only).
   choice = None
-  calib_path = os.path.join(workdir, calibration.CHOICE_FILE)
   if lc.get('calibrate', False):
-    choice = calibration.calibrate(config, params, val_source, seed=int(config.get('seed', 0)))
+    choice = calibration.calibrate(config, methods_lib.create_at(config, calibration.T_GRID),
+                                   params, val_source, seed=int(config.get('seed', 0)))
     choice = gather_from_processes(choice, 'calibration')[0]  # every process uses process 0's
     config = calibration.apply(config, choice)
     lc = config.localize
     method = methods_lib.create(config)
-    if chief:
-      calibration.save_choice(choice, calib_path)
     logging.info('calibrated on %d synthetic anomalies in %.1f s: t=%s rule=%s sigma=%g N=%.3g',
                  choice['synthetic']['num_synthetic_images'], choice['seconds'], choice['t'],
                  choice['rule'], float(lc.smoothing_sigma), choice['n_sigma'])
-  elif chief:
-    files.remove(calib_path)  # this evaluation's settings replace an earlier calibration
   # The settings of this evaluation: the config's, or the calibration's applied to it.
   loc = localization.settings(lc)
   rule, n_sigma, sigma, target_fpr = loc['rule'], loc['n_sigma'], loc['smoothing_sigma'], \
@@ -525,8 +508,8 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   tic = time.perf_counter()
   stats = fit_stats(method, params, config, val_source, mesh)
   stats_seconds = time.perf_counter() - tic
-  if chief:
-    localization.save_stats(stats, os.path.join(workdir, STATS_FILE))
+  if chief:  # the statistics with the settings and checkpoint step they belong to, as one unit
+    bundle = rundir.save(workdir, config=config, stats=stats, step=step, calibration=choice)
   logging.info('healthy score std %.4g over %d validation images', float(stats.std),
                int(stats.n_images))
 
@@ -638,8 +621,9 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
       localization={'method': method.name, 't': list(method.ts), 'rule': rule, 'n_sigma': n_sigma,
                     'n_sigma_threshold': n_threshold, 'smoothing_sigma': sigma,
                     'use_ema': bool(lc.use_ema), 'target_fpr': target_fpr},
-      score_stats={'path': os.path.join(workdir, STATS_FILE), 'std': float(stats.std),
-                   'num_images': int(stats.n_images)},
+      checkpoint_step=step,
+      score_stats={'path': os.path.join(workdir, bundle['parts']['stats']['file']),
+                   'std': float(stats.std), 'num_images': int(stats.n_images)},
       calibration=choice,
       data={'dataset': str(config.data.dataset), 'test_split': str(config.data.test_split),
             'validation_split': str(config.data.validation_split),
@@ -671,7 +655,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
             for p in figures + list(out['curves'].get('figures', {}).values())
             + [s['figure'] for s in out.get('groups', {}).values()]}
   out['tensorboard'] = os.path.join(eval_dir, 'tensorboard')
-  if not write_summaries(out['tensorboard'], checkpoint_step(workdir), _summary_scalars(out),
+  if not write_summaries(out['tensorboard'], step, _summary_scalars(out),
                          images):
     out['tensorboard'] = None
   out['timing']['total_seconds'] = time.perf_counter() - t_start
@@ -686,6 +670,27 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   logging.info('wrote %s', path)
   distributed.barrier('sano_eval_written')
   return out
+
+
+def brief_summary(metrics: dict, workdir: str, seconds: float) -> str:
+  """Five lines for the end of `make demo`: the metrics, where the figures are, how to look."""
+  ns, op, base = metrics['n_sigma'], metrics['operating_point'], metrics.get('baseline') or {}
+  num = lambda v: 'n/a' if v is None else f'{v:.3f}'
+  loc = metrics['localization']
+  return '\n'.join([
+      f"done in {seconds / 60:.1f} min: {metrics['data']['dataset']}, {metrics['num_images']} test "
+      f"images; pixel AUROC {num(metrics.get('auroc'))} ± {num(metrics.get('auroc_std'))} (trivial "
+      f"baseline {num(base.get('auroc'))}), AUPRO {num(metrics.get('aupro'))}",
+      f"Dice at the label-free threshold ({loc['rule']}, N = {ns['n']:.3g}): {num(ns.get('dice'))}; "
+      f"at the best-F1 threshold (uses test labels): {num(op.get('dice'))}",
+      f"figures: {os.path.join(workdir, 'eval', 'figures')}/ (test_grid_*.png, roc.png, pr.png, "
+      'z_histogram.png, groups_*.png)',
+      f"all metrics: {os.path.join(workdir, 'eval', 'metrics.json')} (the full summary: "
+      f"{os.path.join(workdir, 'eval', SUMMARY_FILE)})",
+      f'look at them: tensorboard --logdir={workdir}'])
+
+
+SUMMARY_FILE = 'summary.txt'
 
 
 def format_summary(metrics: dict, workdir: str, seconds: float) -> str:

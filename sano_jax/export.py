@@ -7,7 +7,7 @@ r"""A trained localizer as one self-contained file (`jax.export`), loadable with
   z_map, mask = localizer(images)                     # images [B,H,W,C]: float in [0,1], or uint8
   localizer.metadata                                   # config, code version, platforms, ...
 
-What is exported: `load_localizer(workdir)` (best EMA params, WORKDIR/score_stats.npz), traced
+What is exported: `load_localizer(workdir)` (best EMA params, the run's inference bundle), traced
 with a symbolic batch dimension (`b, H, W, C`, H, W, C fixed by the run's config) and lowered for
 cpu, cuda and tpu in one artifact (a platform whose lowering fails is left out and named in
 `metadata['platforms_failed']`).
@@ -38,7 +38,6 @@ Results are bit for bit only for the same backend and XLA settings: on CPU even 
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -280,9 +279,10 @@ def _shape(aval) -> list:
 
 def export_localizer(workdir: str, out: str, *, platforms: Sequence[str] = PLATFORMS) -> dict:
   """Writes `load_localizer(workdir)` to `out` (atomically); returns the metadata written."""
-  from sano_jax import checkpointing, files, localization  # pylint: disable=g-import-not-at-top
-  config = checkpointing.load_config(workdir)
-  localizer = localization.load_localizer(workdir)
+  from sano_jax import files, rundir  # pylint: disable=g-import-not-at-top
+  bundle = rundir.load(workdir)
+  config = bundle.config
+  localizer = rundir.localizer(bundle)
   h = w = int(config.data.image_size)
   c = int(config.data.num_channels)
   shape = jax_export.symbolic_shape(f'b, {h}, {w}, {c}')
@@ -335,16 +335,18 @@ def export_localizer(workdir: str, out: str, *, platforms: Sequence[str] = PLATF
   return metadata
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m sano_jax.export',
-      description='Serialize a trained, calibrated run\'s localizer with jax.export (one file; '
-      'load it with sano_jax.load_exported, which needs only jax and numpy).')
-  parser.add_argument('--workdir', required=True, help='run directory (trained and evaluated)')
-  parser.add_argument('--out', required=True, help='the file to write')
-  parser.add_argument('--platforms', default=','.join(PLATFORMS),
-                      help='comma-separated platforms to lower for (default: %(default)s)')
-  args = parser.parse_args(argv)
+def main(argv: Sequence[str]) -> int:
+  """Serializes a trained, evaluated run's localizer with jax.export into one file (load it with
+  sano_jax.load_exported, which needs only jax and numpy: so absl is imported here, not above)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from sano_jax import cli  # pylint: disable=g-import-not-at-top
+  args = flags.FlagValues()
+  flags.DEFINE_string('workdir', None, 'run directory (trained and evaluated)', flag_values=args)
+  flags.DEFINE_string('out', None, 'the file to write', flag_values=args)
+  flags.DEFINE_string('platforms', ','.join(PLATFORMS), 'comma-separated platforms to lower for',
+                      flag_values=args)
+  flags.mark_flags_as_required(['workdir', 'out'], flag_values=args)
+  cli.parse_args(args, argv, 'python -m sano_jax.export')
   platforms = tuple(p.strip() for p in args.platforms.split(',') if p.strip())
   try:
     metadata = export_localizer(args.workdir, args.out, platforms=platforms)
@@ -361,4 +363,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(main(sys.argv[1:]))

@@ -23,7 +23,6 @@ neighbourhood (and the mask False there, since NaN > N is False). Called eagerly
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Iterable
 
 import flax
@@ -31,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sano_jax import files
 from sano_jax import multiscale
 from sano_jax.image_checks import check_images  # pylint: disable=unused-import  (public here too)
 
@@ -447,8 +445,9 @@ _ARRAY_FIELDS = ('count', 'mean', 'm2', 'n_images', 'pixel_mean', 'pixel_m2', 'm
                  'map_mean', 'map_m2', 'hist')
 
 
-def save_stats(stats, path: str) -> None:
-  """Writes ScoreStats or MultiStats to an .npz file (e.g. WORKDIR/score_stats.npz)."""
+def stats_to_arrays(stats) -> dict:
+  """ScoreStats or MultiStats as {name: numpy array}, the contents of an .npz (`stats_from_arrays`
+  reads them back; sano_jax/rundir.py writes them into the run directory)."""
   if isinstance(stats, MultiStats):
     first = stats.per_t[0]
     arrays = {f't{i}.{k}': np.asarray(getattr(st, k))
@@ -468,16 +467,13 @@ def save_stats(stats, path: str) -> None:
   arrays.update(image_shape=np.asarray(first.image_shape, np.int64),
                 smoothing_sigma=np.float64(first.smoothing_sigma),
                 hist_lo=np.float64(first.hist_lo), hist_hi=np.float64(first.hist_hi))
-  files.save_npz(path, **arrays)  # atomically, local or gs://
+  return arrays
 
 
-def load_stats(path: str):
-  """Reads the ScoreStats or MultiStats written by `save_stats`."""
-  if not files.exists(path):
-    raise FileNotFoundError(
-        f'no score statistics at {path}: run run_eval.py first or fit_score_stats + save_stats')
+def stats_from_arrays(f: dict, where: str = 'the statistics'):
+  """The ScoreStats or MultiStats of `stats_to_arrays`'s arrays; a ValueError naming `where` when
+  they are incomplete or inconsistent."""
   try:
-    f = files.load_npz(path)  # {name: array}, local or gs://
     ts = tuple(float(v) for v in f['ts']) if 'ts' in f else None
     arrays = ([f't{i}.{k}' for i in range(len(ts)) for k in _ARRAY_FIELDS]
               + [f'density.{k}' for k in ('n', 'mean', 'comoment')]) if ts else list(_ARRAY_FIELDS)
@@ -509,8 +505,8 @@ def load_stats(path: str):
       return MultiStats(per_t=per_t, density=density, channel_density=colour, ts=ts,
                         density_scales=scales)
     return ScoreStats(**{k: jnp.asarray(f[k]) for k in _ARRAY_FIELDS}, **meta)
-  except (ValueError, OSError, EOFError, KeyError) as e:
-    raise ValueError(f'{path} is not a readable ScoreStats file ({e}); rerun run_eval.py to fit '
+  except (ValueError, KeyError) as e:
+    raise ValueError(f'{where} is not a readable ScoreStats file ({e}); rerun run_eval.py to fit '
                      'the healthy statistics again') from e
 
 
@@ -627,47 +623,3 @@ def rule_from_config(lc) -> str:
                        'the two-sided rule uses the healthy anomaly map\'s global mean and std')
     return 'two_sided'
   return kind
-
-
-def load_localizer(workdir: str, *, method: str | None = None
-                   ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-  """images -> (z_map, mask), jitted, with the best (EMA) params and WORKDIR/score_stats.npz bound.
-
-  Works for every method (`config.method` of the workdir's config.json says which one it holds:
-  its `field` replaces the score, e.g. x - x_hat for the reconstruction baselines). `method`, when
-  given, must name that method (a clear error naming both otherwise). Concrete inputs are checked
-  on the host first (check_images); under an outer jit/vmap it traces.
-
-  Uses config.localize.{t, n_sigma, smoothing_sigma, stats, two_sided, target_fpr}.
-  """
-  from sano_jax import checkpointing, methods
-  if method is not None:
-    held = methods.method_name(checkpointing.load_config(workdir))
-    if methods.check_name(method) != held:
-      raise ValueError(f'workdir {workdir!r} holds a {held!r} run, not {method!r}')
-  from sano_jax import calibration  # pylint: disable=g-import-not-at-top
-  config, method_obj, params = checkpointing.restore_for_inference(workdir)
-  calibrated = calibration.applied(config, workdir)  # run_eval.py's label-free choice, if any
-  if calibrated is not config:
-    config, method_obj = calibrated, methods.create(calibrated)
-  lc = config.localize
-  path = os.path.join(workdir, 'score_stats.npz')
-  if not files.exists(path):
-    raise FileNotFoundError(f'no score statistics at {path}: run run_eval.py first '
-                            '(or fit_score_stats + save_stats)')
-  stats = load_stats(path)
-  size, channels = int(config.data.image_size), int(config.data.num_channels)
-  if tuple(stats.image_shape) != (size, size, channels):
-    h, w, c = stats.image_shape
-    raise ValueError(f'{path} was fitted on {h}x{w}x{c} images, but the run in {workdir!r} is '
-                     f'{size}x{size}x{channels}: rerun run_eval.py --workdir={workdir}')
-
-  @jax.jit
-  def localize_with(params, stats, images):
-    # params and stats are arguments, not constants baked into the compiled program.
-    return localize(method_obj.field_fn(params), images, stats, **settings(lc))
-  def localizer(images):
-    if not isinstance(images, jax.core.Tracer):
-      check_images(images)  # NaN/inf or out-of-range values: a clear error, not a silent NaN map
-    return localize_with(params, stats, images)
-  return localizer

@@ -65,6 +65,13 @@ def as_ts(t) -> tuple[float, ...]:
   return ts
 
 
+def set_t(config, ts) -> None:
+  """config.localize.t = ts, also over a config whose t was read as a float (an old config.json)."""
+  with config.unlocked():
+    del config.localize['t']
+    config.localize.t = tuple(float(t) for t in ts)
+
+
 @flax.struct.dataclass
 class DensityStats:
   """Streaming per-pixel Gaussian of u = log anomaly maps over the t-set.

@@ -8,16 +8,16 @@ keep it: no stretching) is resized (anti-aliased) to the model's size, localized
 `load_localizer(workdir)` in batches, and its z-map resized back into that square (bilinear), its
 mask with nearest neighbour; outside the square (non-square images) z = 0 and nothing is flagged.
 Writes O/<stem>_mask.png (0/255), O/<stem>_heatmap.png (the z-map over the image) and
-O/predictions.json (per image: max z, anomalous fraction, the scored square). The run needs
-WORKDIR/score_stats.npz, written by run_eval.py.
+O/predictions.json (per image: max z, anomalous fraction, the scored square). The run needs its
+inference bundle (sano_jax/rundir.py), written by run_eval.py.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Sequence
 
+from absl import flags
 from absl import logging
 import numpy as np
 
@@ -136,28 +136,21 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
   Returns per image {path, mask, heatmap, height, width, max_z, anomalous_fraction}.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from sano_jax import calibration
-  from sano_jax import checkpointing
-  from sano_jax import localization
+  from sano_jax import rundir
   from sano_jax.datasets.images import center_square  # pylint: disable=g-import-not-at-top
 
   paths = find_images(images) if isinstance(images, str) else list(images)
   if not paths:
     raise FileNotFoundError('no image files given')
-  stats_path = os.path.join(workdir, 'score_stats.npz')
-  config = checkpointing.load_config(workdir)  # clear error when workdir is not a run
-  config = calibration.applied(config, workdir)  # the calibrated N, when run_eval.py chose one
-  if not files.exists(stats_path):
-    raise FileNotFoundError(f'no score statistics at {stats_path}: run run_eval.py '
-                            f'--workdir={workdir} first (it fits them on the healthy validation '
-                            'split)')
+  bundle = rundir.load(workdir, method=method)  # the model and its checked inference bundle
+  config = bundle.config  # with the localize settings the evaluation used (calibrated N included)
   size, channels = int(config.data.image_size), int(config.data.num_channels)
   n_sigma = float(config.localize.n_sigma)
   for p in paths:  # header-only check of every file before any work is done
     _check_readable(p)
   names = _out_names(paths)
   _check_outputs(paths, out_dir, names)
-  localizer = localization.load_localizer(workdir, method=method)
+  localizer = rundir.localizer(bundle)
   files.makedirs(out_dir)
   batch_size = max(1, int(batch_size))
   results = []
@@ -198,18 +191,22 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
   return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m sano_jax.predict',
-      description='Anomaly masks and heatmaps for image files with a trained SANO run.')
-  parser.add_argument('--workdir', required=True, help='run directory (trained and evaluated)')
-  parser.add_argument('--images', required=True, help="glob (quoted, e.g. 'dir/*.jpg') or folder")
-  parser.add_argument('--out', required=True, help='output folder')
-  parser.add_argument('--batch_size', type=int, default=16)
-  parser.add_argument('--method', default=None,
-                      help='check that WORKDIR holds this method (sano, ae, vae, cevae, vqvae, '
-                      'anovaegan, anoddpm); default: whatever its config.json says')
-  args = parser.parse_args(argv)
+_FLAGS = flags.FlagValues()
+flags.DEFINE_string('workdir', None, 'run directory (trained and evaluated)', flag_values=_FLAGS)
+flags.DEFINE_string('images', None, "glob (quoted, e.g. 'dir/*.jpg') or folder", flag_values=_FLAGS)
+flags.DEFINE_string('out', None, 'output folder', flag_values=_FLAGS)
+flags.DEFINE_integer('batch_size', 16, 'images per batch', flag_values=_FLAGS)
+flags.DEFINE_string('method', None, 'check that WORKDIR holds this method (sano, ae, vae, cevae, '
+                    "vqvae, anovaegan, anoddpm; default: whatever its config.json says)",
+                    flag_values=_FLAGS)
+flags.mark_flags_as_required(['workdir', 'images', 'out'], flag_values=_FLAGS)
+
+
+def main(argv: Sequence[str]) -> int:
+  """Anomaly masks and heatmaps for image files with a trained run (flags: module docstring)."""
+  from sano_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.parse_args(_FLAGS, argv, 'python -m sano_jax.predict')
+  args = _FLAGS
   try:
     results = predict(args.workdir, args.images, args.out, batch_size=args.batch_size,
                       method=args.method)
@@ -221,4 +218,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(main(sys.argv[1:]))

@@ -393,6 +393,7 @@ def _train(config, workdir: str, train_source, val_source, preemption: Preemptio
   num_devices = jax.device_count()
   is_chief = jax.process_index() == 0
   checkpointing.check_same_model(config, workdir)
+  checkpointing.check_same_data(config, workdir)
   if is_chief:
     checkpointing.save_config(config, workdir)
 

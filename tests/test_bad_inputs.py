@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 
 from sano_jax import checkpointing, localization, predict, train
+from sano_jax import rundir
 from sano_jax.datasets import folder
-from tests.helpers import random_params, tiny_config
+from tests.helpers import random_run_dir, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = 16  # the tiny config's image size
@@ -41,23 +42,9 @@ def stats16():
   return localization.fit_score_stats(_identity_score, [rng.uniform(size=(4, S, S, 1)).astype(np.float32)])
 
 
-def _make_run(wd, config, *, stats_size=S):
-  """A run directory as load_localizer / predict read it: config.json, best/, score_stats.npz."""
-  checkpointing.save_config(config, wd)
-  params = random_params(config)
-  store = checkpointing.CheckpointStore(wd)
-  store.save_best(1, {'params': params, 'ema_params': params}, 0.0)
-  store.close()
-  rng = np.random.default_rng(1)
-  batch = rng.uniform(size=(4, stats_size, stats_size, config.data.num_channels)).astype(np.float32)
-  localization.save_stats(localization.fit_score_stats(_identity_score, [batch]),
-                          os.path.join(wd, 'score_stats.npz'))
-  return wd
-
-
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
-  return _make_run(str(tmp_path_factory.mktemp('bad_inputs') / 'run'), tiny_config())
+  return random_run_dir(str(tmp_path_factory.mktemp('bad_inputs') / 'run'), tiny_config())
 
 
 def _copy_run(run_dir, tmp_path, name='run'):
@@ -108,7 +95,7 @@ def test_image_nan_through_load_localizer(run_dir):
   images = np.full((2, S, S, 1), 0.5, np.float32)
   images[1, 3, 4, 0] = np.nan
   with pytest.raises(ValueError, match='1 non-finite values'):
-    localization.load_localizer(run_dir)(images)
+    rundir.load_localizer(run_dir)(images)
 
 
 def test_image_inf():
@@ -120,7 +107,7 @@ def test_image_inf():
 
 def test_image_empty_batch(run_dir):
   with pytest.raises(ValueError, match='empty batch: images has batch size 0'):
-    localization.load_localizer(run_dir)(np.zeros((0, S, S, 1), np.float32))
+    rundir.load_localizer(run_dir)(np.zeros((0, S, S, 1), np.float32))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -605,7 +592,7 @@ def test_workdir_empty(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(FileNotFoundError, match=r"config\.json not found: .*empty' is not a sano-jax "
                      'run directory'):
-    localization.load_localizer(str(tmp_path / 'empty'))
+    rundir.load_localizer(str(tmp_path / 'empty'))
 
 
 def test_workdir_config_but_no_checkpoint(tmp_path):
@@ -613,15 +600,15 @@ def test_workdir_config_but_no_checkpoint(tmp_path):
   checkpointing.save_config(tiny_config(), wd)
   with pytest.raises(FileNotFoundError, match=r"no checkpoint in '.*fresh' \(looked in best/ and "
                      r'checkpoints/\)'):
-    localization.load_localizer(wd)
+    rundir.load_localizer(wd)
 
 
 def test_workdir_without_score_stats(run_dir, tmp_path):
   wd = _copy_run(run_dir, tmp_path)
-  os.remove(os.path.join(wd, 'score_stats.npz'))
-  with pytest.raises(FileNotFoundError, match=r'no score statistics at .*score_stats\.npz: run '
-                     r'run_eval\.py'):
-    localization.load_localizer(wd)
+  os.remove(os.path.join(wd, rundir.MANIFEST))
+  with pytest.raises(FileNotFoundError, match=r'no inference bundle .*inference\.json.*not evaluated '
+                     r'yet; rerun run_eval\.py --workdir='):
+    rundir.load_localizer(wd)
 
 
 def test_workdir_other_models_checkpoint_when_training(run_dir, tmp_path):
@@ -635,23 +622,26 @@ def test_workdir_other_models_checkpoint_at_inference(run_dir, tmp_path):
   wd = _copy_run(run_dir, tmp_path)
   checkpointing.save_config(tiny_config(**{'model.nf': 16}), wd)  # config.json of another model
   with pytest.raises(ValueError, match=r'config\.json'):
-    localization.load_localizer(wd)(np.full((1, S, S, 1), 0.5, np.float32))
+    rundir.load_localizer(wd)(np.full((1, S, S, 1), 0.5, np.float32))
 
 
 def test_workdir_stats_of_another_image_size(run_dir, tmp_path):
   wd = _copy_run(run_dir, tmp_path)
-  other = _make_run(str(tmp_path / 'other8'), tiny_config(), stats_size=8)
-  shutil.copy(os.path.join(other, 'score_stats.npz'), os.path.join(wd, 'score_stats.npz'))
-  with pytest.raises(ValueError, match=r'score_stats\.npz was fitted on 8x8x1 images.*16x16x1'):
-    localization.load_localizer(wd)
+  other = random_run_dir(str(tmp_path / 'other8'), tiny_config(), stats_size=8)
+  shutil.rmtree(os.path.join(wd, rundir.PARTS_DIR))
+  shutil.copytree(os.path.join(other, rundir.PARTS_DIR), os.path.join(wd, rundir.PARTS_DIR))
+  shutil.copy(os.path.join(other, rundir.MANIFEST), os.path.join(wd, rundir.MANIFEST))
+  with pytest.raises(ValueError, match=r'stats-.*\.npz was fitted on 8x8x1 images.*16x16x1'):
+    rundir.load_localizer(wd)
 
 
 def test_workdir_damaged_score_stats(run_dir, tmp_path):
   wd = _copy_run(run_dir, tmp_path)
-  with open(os.path.join(wd, 'score_stats.npz'), 'wb') as f:
+  part = rundir.read_manifest(wd)['parts']['stats']['file']
+  with open(os.path.join(wd, part), 'wb') as f:
     f.write(b'not an npz file')
-  with pytest.raises(ValueError, match=r'score_stats\.npz'):
-    localization.load_localizer(wd)
+  with pytest.raises(ValueError, match=r'stats-.*\.npz is damaged \(its sha256'):
+    rundir.load_localizer(wd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -681,7 +671,8 @@ def test_cli_predict_without_workdir(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     predict.main([f'--images={tmp_path}/*.png', f'--out={tmp_path}/o'])
   assert e.value.code == 2
-  assert 'the following arguments are required: --workdir' in capsys.readouterr().err
+  assert 'error: flag --workdir=None: Flag --workdir must have a value other than None' in \
+      capsys.readouterr().err
 
 
 def test_cli_predict_on_empty_workdir(tmp_path, capsys):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sano_jax import calibration, evaluate, localization, metrics
+from sano_jax import rundir
 from tests.helpers import random_values, split_slices, tiny_run_config
 
 
@@ -222,8 +223,7 @@ def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp
   assert out['localization']['smoothing_sigma'] == choice['smoothing_sigma']
 
   wd = str(tmp_path / 'copy')
-  shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns('eval', 'score_stats.npz',
-                                                             'calibration.json'))
+  shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns('eval', 'inference*'))
   test = sources['test_source']
   shuffled = evaluate.evaluate(config, wd, **{**sources, 'test_source': _ShuffledMasks(test)})
   assert _strip(shuffled['calibration']) == _strip(choice)  # test labels change nothing
@@ -231,9 +231,12 @@ def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp
 
   # load_localizer applies the saved choice: its mask is z > the calibrated N.
   images = np.stack([test[i]['image'] for i in range(4)]).astype(np.float32) / 255.0
-  z, mask = localization.load_localizer(workdir)(images)
+  z, mask = rundir.load_localizer(workdir)(images)
   assert np.array_equal(np.asarray(mask), np.asarray(z) > choice['n_sigma'])
-  stats = localization.load_stats(os.path.join(workdir, 'score_stats.npz'))
+  bundle = rundir.load(workdir)
+  assert {k: bundle.manifest['calibration'][k] for k in ('t', 'rule', 'n_sigma')} == {
+      k: choice[k] for k in ('t', 'rule', 'n_sigma')}
+  stats = bundle.stats
   multi = len(choice['t']) > 1 or choice['rule'] in localization.DENSITY_RULES
   assert isinstance(stats, localization.MultiStats) == multi
   assert stats.smoothing_sigma == choice['smoothing_sigma']  # fitted at the chosen sigma
@@ -251,7 +254,7 @@ def test_a_method_without_t_calibrates_and_evaluates_with_the_density_rule():
   assert method.ts == (None,)
   params = random_values(jax.eval_shape(method.init, jax.random.PRNGKey(0)))
   healthy = grating_source(16)
-  choice = calibration.calibrate(config, params, healthy)
+  choice = calibration.calibrate(config, method, params, healthy)
   rows = choice['candidates']
   assert choice['t'] == [None] and all(r['t'] == [None] for r in rows)
   assert len(rows) == len(calibration.SIGMA_FACTORS) * len(calibration.candidates((None,)))
@@ -279,13 +282,13 @@ def test_a_method_without_t_calibrates_and_evaluates_with_the_density_rule():
 
 
 def test_predict_uses_the_calibrated_n(trained, tmp_path):
-  """predict() applies WORKDIR/calibration.json like load_localizer (same N for masks and report)."""
+  """predict() applies the calibrated N like load_localizer (same N for masks and report)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from sano_jax import predict  # pylint: disable=g-import-not-at-top
   config, workdir, sources = trained
-  if not os.path.exists(os.path.join(workdir, calibration.CHOICE_FILE)):
+  if not os.path.exists(os.path.join(workdir, rundir.MANIFEST)):
     evaluate.evaluate(config, workdir, **sources)
-  choice = calibration.load_choice(os.path.join(workdir, calibration.CHOICE_FILE))
+  choice = rundir.read_manifest(workdir)['calibration']
   test = sources['test_source']
   paths = []
   for i in range(2):
@@ -298,15 +301,7 @@ def test_predict_uses_the_calibrated_n(trained, tmp_path):
     assert json.load(f)['n_sigma'] == pytest.approx(choice['n_sigma'])
 
 
-def test_bad_calibration_inputs_are_clear_errors(tmp_path):
+def test_bad_calibration_inputs_are_clear_errors():
   from tests.helpers import grating_source, tiny_config  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match='at least 4 healthy validation images, got 3'):
-    calibration.calibrate(tiny_config(), None, grating_source(3))
-  bad = tmp_path / 'calibration.json'
-  bad.write_text('{"t": [0.1], "rule": "per_pixel"')  # truncated JSON
-  with pytest.raises(ValueError, match='not a readable calibration file'):
-    calibration.load_choice(str(bad))
-  bad.write_text('{"t": [0.1]}')  # a key missing
-  with pytest.raises(ValueError, match='not a readable calibration file'):
-    calibration.load_choice(str(bad))
-  assert calibration.load_choice(str(tmp_path / 'absent.json')) is None
+    calibration.calibrate(tiny_config(), None, None, grating_source(3))

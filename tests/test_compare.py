@@ -90,13 +90,16 @@ def test_anoddpm_reuses_a_trained_sano_model(tmp_path):
   (sano / 'best' / '10').mkdir(parents=True)
   (sano / 'best' / '10' / 'params').write_text('checkpoint bytes')
   (sano / 'eval').mkdir()
-  (sano / 'score_stats.npz').write_text('stats')
+  (sano / 'score_stats.npz').write_text('stats')  # the layout before the inference bundle
+  (sano / 'inference.json').write_text('{}')
+  (sano / 'inference').mkdir()
   checkpointing.save_config(tiny_config(method='sano'), str(sano))
   assert compare.reuse_sano_model(str(sano), str(tmp_path / 'anoddpm'),
                                   tiny_config(method='anoddpm'))
   copied = tmp_path / 'anoddpm'
   assert (copied / 'best' / '10' / 'params').read_text() == 'checkpoint bytes'
-  assert not (copied / 'eval').exists() and not (copied / 'score_stats.npz').exists()
+  assert not any((copied / n).exists() for n in ('eval', 'score_stats.npz', 'inference.json',
+                                                 'inference'))
   assert checkpointing.load_config(str(copied)).method == 'anoddpm'
   assert not compare.reuse_sano_model(str(sano), str(tmp_path / 'other'),
                                       tiny_config(**{'method': 'anoddpm', 'model.nf': 16}))

@@ -55,12 +55,12 @@ def test_every_config_builds_its_model_and_field(name, variant):
   """eval_shape (tracing, no compile) of init and of the field at the calibration's t-grid: every
   shipped config describes a model that builds, at its image size and channel count."""
   import jax  # pylint: disable=g-import-not-at-top
-  from sano_jax import calibration, methods  # pylint: disable=g-import-not-at-top
+  from sano_jax import calibration, methods, multiscale  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'configs.{name}').get_config(variant)
   method = methods.create(config)
   params = jax.eval_shape(method.init, jax.random.PRNGKey(0))
   assert sum(x.size for x in jax.tree.leaves(params)) > 0
-  calibration.set_t(config, calibration.T_GRID)
+  multiscale.set_t(config, calibration.T_GRID)
   grid = methods.create(config)
   x = jax.ShapeDtypeStruct((2,) + method.image_shape, 'float32')
   fields = jax.eval_shape(grid.field, params, x)

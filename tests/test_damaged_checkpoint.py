@@ -102,7 +102,7 @@ def test_inference_falls_back_from_damaged_best(trained, tmp_path, caplog):
   (best,) = _steps(wd, 'best')
   _truncate_largest_file(wd / 'best' / str(best))
   caplog.set_level(logging.WARNING, logger='absl')
-  _, _, params = checkpointing.restore_for_inference(str(wd))
+  _, _, params, _ = checkpointing.restore_for_inference(str(wd))
   assert 'the best checkpoint in' in caplog.text and 'is damaged' in caplog.text, caplog.text
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(trained[1].ema_params)):
     np.testing.assert_array_equal(x, y)  # the latest checkpoint's (step 30) EMA params
@@ -111,3 +111,54 @@ def test_inference_falls_back_from_damaged_best(trained, tmp_path, caplog):
   with pytest.raises(checkpointing.DamagedCheckpointError,
                      match=re.escape(f"every checkpoint in '{wd}' is damaged: {wd}/best/")):
     checkpointing.restore_for_inference(str(wd))
+
+
+def _flaky(monkeypatch, failures: int, error=TimeoutError('deadline exceeded while reading')):
+  """Orbax's restore fails `failures` times with a storage error, then reads; no sleeping."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  real = ocp.CheckpointManager.restore
+  calls = []
+
+  def restore(self, *a, **kw):
+    calls.append(a[0] if a else kw.get('step'))
+    if len(calls) <= failures:
+      raise error
+    return real(self, *a, **kw)
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', restore)
+  monkeypatch.setattr(checkpointing, 'BACKOFF_S', 0.0)
+  return calls
+
+
+def test_a_storage_error_is_retried_and_is_never_damage(trained, tmp_path, monkeypatch):
+  """Two timeouts, then the read works: the run resumes from its newest checkpoint, retrying it,
+  and nothing is moved aside (before, any error set the newer checkpoints aside)."""
+  wd = _copy(trained, tmp_path)
+  calls = _flaky(monkeypatch, failures=2)
+  store = checkpointing.CheckpointStore(str(wd))
+  state = train.create_train_state(tiny_config(**STEPS), *_method_and_tx(), jax.random.PRNGKey(0))
+  restored = store.restore_latest(state)
+  store.close()
+  assert calls == [30, 30, 30] and int(restored.step) == 30
+  assert _steps(wd) == [10, 20, 30] and _steps(wd, 'damaged_checkpoints') == []
+
+
+def test_a_storage_error_that_persists_is_raised_and_moves_nothing(trained, tmp_path, monkeypatch):
+  wd = _copy(trained, tmp_path)
+  calls = _flaky(monkeypatch, failures=100, error=OSError('HTTP 503 Service Unavailable'))
+  store = checkpointing.CheckpointStore(str(wd))
+  state = train.create_train_state(tiny_config(**STEPS), *_method_and_tx(), jax.random.PRNGKey(0))
+  with pytest.raises(checkpointing.TransientReadError, match=r'checkpoints/30 failed 4 times with '
+                     r'a storage error \(OSError: HTTP 503.*nothing was moved'):
+    store.restore_latest(state)
+  store.close()
+  assert calls == [30] * (checkpointing.RETRIES + 1)
+  assert _steps(wd) == [10, 20, 30] and _steps(wd, 'damaged_checkpoints') == []
+  with pytest.raises(checkpointing.TransientReadError, match=r'best/30 failed'):
+    checkpointing.restore_for_inference(str(wd))  # never a silent fall-back to checkpoints/
+
+
+def _method_and_tx():
+  from sano_jax import methods  # pylint: disable=g-import-not-at-top
+  config = tiny_config(**STEPS)
+  method = methods.create(config)
+  return method, train.create_optimizer(config, method)

@@ -11,7 +11,7 @@ import pytest
 import scipy.ndimage as ndi
 from sklearn import metrics as skm
 
-from sano_jax import checkpointing, evaluate, groups, input_pipeline, localization
+from sano_jax import checkpointing, evaluate, groups, input_pipeline, rundir
 from sano_jax import metrics as metrics_lib
 from tests.helpers import tiny_run_config
 from tests.sklearn_oracle import whole_set_metrics
@@ -86,7 +86,7 @@ def _test_arrays(config):
 
 def test_metrics_match_sklearn_on_localize_maps(run, oracle):
   config, workdir, out = run
-  assert os.path.exists(os.path.join(workdir, 'score_stats.npz'))
+  assert os.path.exists(out['score_stats']['path'])
   images, masks, _ = _test_arrays(config)
   z = oracle['z']  # load_localizer's z-maps
   y = masks.reshape(-1) > 0
@@ -118,7 +118,7 @@ def binned(run, tmp_path_factory):
   """The same run evaluated on the binned two-pass path (1 device, a padded last batch)."""
   _, workdir, _ = run
   wd = str(tmp_path_factory.mktemp('binned') / 'copy')
-  shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns('eval', 'score_stats.npz'))
+  shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns('eval', 'inference*'))
   config = checkpointing.load_config(wd)  # evaluate(None, ...) reads the same file
   config.eval.exact_max_pixels = 0
   config.eval.bootstrap_runs = 2
@@ -151,7 +151,7 @@ def oracle(run):
   assert set(GROUP_BY) <= set(src.attributes)
   ex = [src[i] for i in range(len(src))]
   images = np.stack([e['image'] for e in ex])
-  localizer = localization.load_localizer(workdir)
+  localizer = rundir.load_localizer(workdir)
   zs = []
   for s in range(0, len(images), 50):
     z, mask = localizer(images[s:s + 50])
@@ -244,8 +244,8 @@ def test_tensorboard_holds_the_evaluation(run):
                                                          event_accumulator.TENSORS: 0})
   ea.Reload()
   tensors = {t: ea.Tensors(t) for t in ea.Tags()['tensors']}
-  step = evaluate.checkpoint_step(workdir)
-  assert step == 10
+  step = out['checkpoint_step']
+  assert step == 10  # the run trained 10 steps; the best checkpoint is its last
   for tag in ('auroc', 'aupro'):
     value = tensors[f'eval/{tag}'][0]
     assert value.step == step

@@ -2,7 +2,6 @@
 raw params (use_ema=False), and the zero-std error: metrics.json against scikit-learn on the z-maps
 of `load_localizer`, and each rule's z-map against an independent numpy/scipy recomputation from
 the method's field and the saved statistics."""
-import os
 import shutil
 
 import jax
@@ -11,7 +10,7 @@ import pytest
 import scipy.ndimage as ndi
 from sklearn import metrics as skm
 
-from sano_jax import checkpointing, evaluate, localization, train
+from sano_jax import checkpointing, evaluate, rundir, train
 from tests.helpers import split_slices, tiny_run_config
 
 
@@ -29,7 +28,7 @@ def _variant(base, name, **overrides):
   splits (no bootstrap: no assertion reads it)."""
   root, workdir, sources = base
   wd = str(root / name)
-  shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns('eval', 'score_stats.npz'))
+  shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns('eval', 'inference*'))
   config = checkpointing.load_config(wd)
   for key, value in {'eval.bootstrap_runs': 0, **overrides}.items():
     block, field = key.split('.')
@@ -45,7 +44,7 @@ def _split(source):
 
 def _anomaly_maps(wd, images, ema):
   """A = G_2 * mean_c |field| with scipy's gaussian filter (mode reflect), from the run's params."""
-  _, method, params = checkpointing.restore_for_inference(wd, ema=ema)
+  _, method, params, _ = checkpointing.restore_for_inference(wd, ema=ema)
   field = jax.jit(method.field_fn(params))
   f = np.concatenate([np.asarray(field(2.0 * images[s:s + 64] - 1.0))
                       for s in range(0, len(images), 64)]).astype(np.float64)
@@ -62,7 +61,7 @@ def ema_maps(base):
 
 
 def _localized(wd, images):
-  localizer = localization.load_localizer(wd)
+  localizer = rundir.load_localizer(wd)
   out = [localizer(images[s:s + 64]) for s in range(0, len(images), 64)]
   return (np.concatenate([np.asarray(z) for z, _ in out]).astype(np.float64),
           np.concatenate([np.asarray(m) for _, m in out]))
@@ -90,7 +89,7 @@ def test_rule_end_to_end(base, ema_maps, rule):
   elif rule == 'two_sided':
     want = np.abs(a - healthy.mean()) / healthy.std()
   else:  # z = A / std of the signed field; the mask: A above the (1 - fpr) healthy quantile
-    stats = localization.load_stats(os.path.join(wd, 'score_stats.npz'))
+    stats = rundir.load(wd).stats
     want = a / float(stats.std)
     q = np.quantile(healthy, 1.0 - float(config.localize.target_fpr))
     assert abs(float(stats.quantile(1.0 - float(config.localize.target_fpr))) / q - 1) < 1e-2
@@ -107,7 +106,7 @@ def test_raw_params_end_to_end(base, ema_maps):
   z, mask = _localized(wd, images)
   _check_metrics(out, z, mask, y)
   raw = _anomaly_maps(wd, images, ema=False)
-  stats = localization.load_stats(os.path.join(wd, 'score_stats.npz'))
+  stats = rundir.load(wd).stats
   np.testing.assert_allclose(z, raw / float(stats.std), rtol=2e-3, atol=1e-4)
   ema = ema_maps[0]
   assert np.abs(raw - ema).max() > 1e-3 * np.abs(ema).max()  # the two param sets differ

@@ -2,7 +2,7 @@
 outputs bit for bit, rejects damaged files clearly, and runs in an interpreter without flax.
 
 The run directory is made without training (random params, stats fitted on random images), as in
-test_predict: export only needs a checkpoint, a config and score_stats.npz.
+test_predict: export only needs a checkpoint, a config and the inference bundle.
 """
 import json
 import os
@@ -16,6 +16,7 @@ import pytest
 import helpers
 import sano_jax
 from sano_jax import checkpointing, export, localization, methods
+from sano_jax import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCHES = (1, 3, 8)
@@ -46,11 +47,11 @@ def run(tmp_path_factory):
   store.close()
   batches = [rng.uniform(0.3, 0.7, (8, 16, 16, 1)).astype(np.float32) for _ in range(2)]
   stats = localization.fit_score_stats(method.field_fn(params), batches)
-  localization.save_stats(stats, os.path.join(wd, 'score_stats.npz'))
+  rundir.save(wd, config=config, stats=stats, step=1)
   # N at the median z of the test images, so that the masks are neither empty nor full.
-  z, _ = localization.load_localizer(wd)(_images(8, 8))
+  z, _ = rundir.load_localizer(wd)(_images(8, 8))
   config.localize.n_sigma = float(np.median(z))
-  checkpointing.save_config(config, wd)
+  rundir.save(wd, config=config, stats=stats, step=1)
   out = str(root / 'out' / 'tiny.sano')
   assert export.main([f'--workdir={wd}', f'--out={out}']) == 0
   return wd, out
@@ -59,7 +60,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope='module')
 def live(run):
   """The live localizer, one for all tests (its compilations are cached per batch size)."""
-  return localization.load_localizer(run[0])
+  return rundir.load_localizer(run[0])
 
 
 def test_matches_live_localizer_bit_for_bit(run, live):
@@ -91,7 +92,7 @@ def test_metadata_records_config_code_and_platforms(run):
   wd, out = run
   assert os.listdir(os.path.dirname(out)) == ['tiny.sano']  # no temporary file left
   md = sano_jax.load_exported(out).metadata
-  assert md['config'] == json.loads(checkpointing.load_config(wd).to_json_best_effort())
+  assert md['config'] == json.loads(rundir.load(wd).config.to_json_best_effort())
   assert md['config']['localize']['n_sigma'] != 3.0  # the config the localizer was exported with
   head = subprocess.run(['git', '-C', ROOT, 'rev-parse', 'HEAD'], capture_output=True, text=True)
   if head.returncode == 0:

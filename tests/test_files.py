@@ -226,38 +226,35 @@ def test_user_folders_on_the_bucket(fake_gcs):
 
 
 def test_evaluation_files(root):
-  """score_stats.npz, calibration.json, a subjects_csv's group columns, and the workdir checks and
-  step of run_eval.py, on a local folder and in the bucket."""
+  """The inference bundle (manifest and statistics part; a re-evaluation replaces the part), a
+  subjects_csv's group columns, and the workdir checks of run_eval.py, on a local folder and in the
+  bucket."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sano_jax import calibration, evaluate, groups, localization  # pylint: disable=g-import-not-at-top
+  from sano_jax import evaluate, groups, localization, rundir  # pylint: disable=g-import-not-at-top
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  stats = localization.fit_score_stats(lambda x: x - jnp.mean(x), [rng.uniform(size=(2, 8, 8, 1))],
-                                       smoothing_sigma=1.0, num_bins=64)
-  path = os.path.join(root, evaluate.STATS_FILE)
-  with pytest.raises(FileNotFoundError, match='no score statistics at .*fit_score_stats'):
-    localization.load_stats(path)
-  localization.save_stats(stats, path)
-  back = localization.load_stats(path)
+  fit = lambda: localization.fit_score_stats(lambda x: x - jnp.mean(x),
+                                             [rng.uniform(size=(2, 8, 8, 1))],
+                                             smoothing_sigma=1.0, num_bins=64)
+  stats = fit()
+  with pytest.raises(FileNotFoundError, match='no inference bundle .*not evaluated yet'):
+    rundir.read_manifest(root)
+  config = tiny_config(**{'data.image_size': 8})
+  manifest = rundir.save(root, config=config, stats=stats, step=7, calibration={
+      't': [0.01], 'rule': 'global', 'n_sigma': 3.0, 'smoothing_sigma': 2.0, 'seconds': 3.0})
+  assert rundir.read_manifest(root) == manifest
+  assert manifest['step'] == 7 and manifest['image_shape'] == [8, 8, 1]
+  part = os.path.join(root, manifest['parts']['stats']['file'])
+  back = rundir.stats_from_bytes(files.read_bytes(part), part)
   assert back.image_shape == stats.image_shape and back.smoothing_sigma == 1.0
   for a, b in zip(jax.tree_util.tree_leaves(stats), jax.tree_util.tree_leaves(back),
                   strict=True):
     np.testing.assert_array_equal(a, b)
-  files.atomic_write_bytes(path, b'PK\x03\x04 truncated')
-  with pytest.raises(ValueError, match=r'score_stats\.npz is not a readable ScoreStats file'):
-    localization.load_stats(path)
-
-  choice_path = os.path.join(root, calibration.CHOICE_FILE)
-  assert calibration.load_choice(choice_path) is None
-  choice = {'t': [0.1, 0.2], 'rule': 'per_pixel', 'n_sigma': 2.5, 'smoothing_sigma': 4.0}
-  calibration.save_choice({**choice, 'seconds': 3.0}, choice_path)
-  assert calibration.load_choice(choice_path) == choice
-  old = {k: choice[k] for k in ('t', 'rule', 'n_sigma')}  # a choice saved before sigma was chosen
-  files.atomic_write_json(choice_path, old)
-  assert calibration.load_choice(choice_path) == {**old, 'smoothing_sigma': None}
-  files.atomic_write_text(choice_path, '{"t": [0.1]')
-  with pytest.raises(ValueError, match='not a readable calibration file'):
-    calibration.load_choice(choice_path)
+  second = rundir.save(root, config=config, stats=fit(), step=8)
+  assert second['parts'] != manifest['parts'] and second['calibration'] is None
+  assert files.listdir(os.path.join(root, rundir.PARTS_DIR)) == [
+      os.path.basename(second['parts']['stats']['file'])]  # the replaced part is deleted
 
   csv_path = os.path.join(root, 'subjects.csv')
   files.atomic_write_text(csv_path, '\ufeffname,subject,site\r\na.png,s1,x\r\nb.png,s2,\r\n')
@@ -268,11 +265,9 @@ def test_evaluation_files(root):
     evaluate._check_workdir(os.path.join(root, 'absent'))  # pylint: disable=protected-access
   with pytest.raises(FileNotFoundError, match='no checkpoint in'):
     evaluate._check_workdir(root)  # pylint: disable=protected-access
-  assert evaluate.checkpoint_step(root) == 0
   for name in ('checkpoints/3/x', 'checkpoints/12/x', 'best/7/x', 'best/7.orbax-tmp/x'):
     files.atomic_write_text(os.path.join(root, name), '')
   evaluate._check_workdir(root)  # pylint: disable=protected-access
-  assert evaluate.checkpoint_step(root) == 7
   if not files.is_local(root):  # TensorBoard cannot reach the fake bucket: skipped, nothing written
     assert not evaluate.write_summaries(os.path.join(root, 'eval', 'tensorboard'), 7, {'a': 1.0}, {})
     assert not files.exists(os.path.join(root, 'eval'))

@@ -14,7 +14,7 @@ import os
 import jax
 import numpy as np
 
-from sano_jax import calibration, checkpointing, evaluate, files, localization, train
+from sano_jax import checkpointing, evaluate, files, rundir, train
 from tests import multihost_eval_worker as worker
 
 STEPS, PREEMPT_AT = 6, 4
@@ -34,7 +34,7 @@ def _evaluate_and_localize(workdir, data):
   """(metrics.json dict, params, (z, mask) of the first 8 test images) of the trained `workdir`."""
   out = evaluate.evaluate(_config(), workdir, train_source=data['train'],
                           val_source=data['validation'], test_source=data['test'])
-  localizer = localization.load_localizer(workdir)
+  localizer = rundir.load_localizer(workdir)
   images = np.stack([ex['image'] for ex in data['test'][:8]]).astype(np.float32) / 255.0
   z, mask = localizer(images)
   params = checkpointing.restore_for_inference(workdir)[2]
@@ -84,9 +84,8 @@ def test_train_eval_localize_cycle_in_a_bucket_equals_a_local_one(fake_gcs, tmp_
   assert files.listdir(f'{wd}/checkpoints') == [str(PREEMPT_AT)]
   assert not files.exists(f'{wd}/best')  # validation runs at step STEPS only
   assert int(train.train_and_evaluate(_config(), wd, **kw).step) == STEPS
-  # An earlier calibration's choice: an evaluation without calibration removes it.
-  calibration.save_choice({'t': [0.1], 'rule': 'global', 'n_sigma': 2.0},
-                          f'{wd}/{calibration.CHOICE_FILE}')
+  # A calibration file of the layout before the inference bundle: the evaluation removes it.
+  files.atomic_write_json(f'{wd}/calibration.json', {'t': [0.1], 'rule': 'global', 'n_sigma': 2.0})
   out, params, (z, mask) = _evaluate_and_localize(wd, data)
 
   # What the run left in the bucket.
@@ -99,11 +98,11 @@ def test_train_eval_localize_cycle_in_a_bucket_equals_a_local_one(fake_gcs, tmp_
   assert [r['step'] for r in rows if 'perf/compile_and_first_step_s' in r] == [1, PREEMPT_AT + 1]
   assert [r['step'] for r in rows if 'train/loss' in r] == [3, STEPS]
   assert [r['step'] for r in rows if 'validation/loss' in r] == [STEPS]
-  assert not files.exists(f'{wd}/{calibration.CHOICE_FILE}')
-  stats = localization.load_stats(f'{wd}/{evaluate.STATS_FILE}')
-  assert tuple(stats.image_shape) == (16, 16, 1)
+  assert not files.exists(f'{wd}/calibration.json')
+  bundle = rundir.load(wd)
+  assert tuple(bundle.stats.image_shape) == (16, 16, 1) and bundle.step == STEPS
   assert files.read_json(f'{wd}/eval/metrics.json') == json.loads(json.dumps(out))
-  assert out['score_stats']['path'] == f'{wd}/{evaluate.STATS_FILE}'
+  assert out['score_stats']['path'] == f'{wd}/{bundle.manifest["parts"]["stats"]["file"]}'
   assert files.exists(out['curves']['points'])
   figures = ['groups_kind.png', 'pr.png', 'roc.png', 'test_grid_00.png', 'z_histogram.png']
   assert files.listdir(f'{wd}/eval/figures') == figures

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sano_jax import checkpointing, localization, methods, train
+from sano_jax import rundir
 from sano_jax.baselines import autoencoders as aes
 from tests.helpers import tiny_config
 
@@ -187,7 +188,7 @@ def test_workdir_of_another_method_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="holds a 'vqvae' run, but config.method='sano'"):
     checkpointing.check_same_model(tiny_config(method='sano'), str(tmp_path))
   with pytest.raises(ValueError, match="holds a 'vqvae' run, not 'ae'"):
-    localization.load_localizer(str(tmp_path), method='ae')
+    rundir.load_localizer(str(tmp_path), method='ae')
   # A config of the same method with another codebook size: the differing field is named.
   with pytest.raises(ValueError, match='num_codes: checkpoint 16 vs config 32'):
     checkpointing.check_same_model(tiny_config(**{'method': 'vqvae', 'vqvae.num_codes': 32}),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sano_jax import calibration, checkpointing, evaluate, localization, methods, train
+from sano_jax import rundir
 from sano_jax.baselines import autoencoders
 from tests.helpers import grating_source, tiny_config
 
@@ -78,11 +79,11 @@ def test_method_trains_evaluates_and_restores(name, tmp_path):
       out['auroc'], out['baseline']['auroc'], choice['t'], choice['rule'])
   assert out['n_sigma']['dice'] is not None  # the label-free threshold works for every method
 
-  loc = localization.load_localizer(workdir, method=name)
-  run_config, _, params = checkpointing.restore_for_inference(workdir)
+  loc = rundir.load_localizer(workdir, method=name)
+  run_config, _, params, _ = checkpointing.restore_for_inference(workdir)
   restored_method = methods.create(calibration.apply(run_config, choice))  # the calibrated t
   images = np.stack([ex['image'] for ex in test_src[:4]]).astype(np.float32) / 255.0
-  stats = localization.load_stats(os.path.join(workdir, 'score_stats.npz'))
+  stats = rundir.load(workdir).stats
   z, mask = loc(images)
   z0, mask0 = localization.localize(restored_method.field_fn(params), images, stats,
                                     n_sigma=used['n_sigma'], rule=used['rule'],

@@ -130,8 +130,7 @@ def test_localize_with_a_t_set_jits_and_matches_the_per_t_oracle(sano_multi, tmp
   step = jax.jit(L.make_stats_step(fn))
   for i in range(0, 12, 4):
     stats = step(stats, healthy[i:i + 4], jnp.ones(4, bool))
-  L.save_stats(stats, str(tmp_path / 's.npz'))
-  loaded = L.load_stats(str(tmp_path / 's.npz'))
+  loaded = L.stats_from_arrays(L.stats_to_arrays(stats))
   assert isinstance(loaded, L.MultiStats) and loaded.ts == method.ts
   jax.tree.map(np.testing.assert_array_equal, loaded, stats)
 
@@ -195,13 +194,10 @@ def test_density_at_one_t_models_each_colour_channel(channels, tmp_path):
   else:
     np.testing.assert_allclose(ref, mean_ref)
 
-  path = str(tmp_path / 's.npz')
-  L.save_stats(alone, path)
-  jax.tree.map(np.testing.assert_array_equal, L.load_stats(path), alone)
-  arrays = {k: v for k, v in np.load(path).items() if 'channel_density' not in k}
+  jax.tree.map(np.testing.assert_array_equal, L.stats_from_arrays(L.stats_to_arrays(alone)), alone)
+  arrays = {k: v for k, v in L.stats_to_arrays(alone).items() if 'channel_density' not in k}
   arrays['format_version'] = np.int64(3)
-  np.savez(path, **arrays)
-  old = L.load_stats(path)
+  old = L.stats_from_arrays(arrays)
   assert old.channel_density is None
   np.testing.assert_allclose(L.localize(one_t, images, old, rule='density')[0], mean_ref,
                              rtol=1e-4, atol=1e-4)
@@ -233,27 +229,20 @@ def test_cholesky_and_lower_inverse_match_numpy_under_jit():
 
 
 def test_density_scales_round_trip_and_a_mismatch_is_a_clear_error(tmp_path):
-  """score_stats.npz keeps the density's scales; a file whose feature count does not match
+  """The saved statistics keep the density's scales; a file whose feature count does not match
   t x scales, and one saved before the scales (read as (1.0,)), are handled explicitly."""
   stats = L.init_multi_stats((6, 5, 1), (0.1, 0.2), smoothing_sigma=1.5)
   assert stats.density_scales == M.DENSITY_SCALES and stats.density.mean.shape[-1] == 6
-  path = str(tmp_path / 's.npz')
-  L.save_stats(stats, path)
-  assert L.load_stats(path).density_scales == M.DENSITY_SCALES
-  arrays = dict(np.load(path))
+  arrays = L.stats_to_arrays(stats)
+  assert L.stats_from_arrays(arrays).density_scales == M.DENSITY_SCALES
   arrays['density_scales'] = np.asarray([1.0, 2.0])  # 2 t x 2 scales != 6 features
-  np.savez(path, **arrays)
   with pytest.raises(ValueError, match=r'not a readable ScoreStats file.*6 features for 2 t x 2'):
-    L.load_stats(path)
+    L.stats_from_arrays(arrays)
   rgb = L.init_multi_stats((6, 5, 3), (0.1, 0.2), smoothing_sigma=1.5)
-  L.save_stats(rgb, path)
-  arrays = dict(np.load(path))
+  arrays = L.stats_to_arrays(rgb)
   arrays['t1.channel_density.mean'] = np.zeros((6, 5, 4), np.float32)  # 3 scales x 3 channels = 9
-  np.savez(path, **arrays)
   with pytest.raises(ValueError, match=r'not a readable ScoreStats.*does not have 9 features'):
-    L.load_stats(path)
+    L.stats_from_arrays(arrays)
   old = L.init_multi_stats((6, 5, 1), (0.1, 0.2), density_scales=(1.0,))
-  L.save_stats(old, path)
-  arrays = {k: v for k, v in np.load(path).items() if k != 'density_scales'}
-  np.savez(path, **arrays)
-  assert L.load_stats(path).density_scales == (1.0,)
+  arrays = {k: v for k, v in L.stats_to_arrays(old).items() if k != 'density_scales'}
+  assert L.stats_from_arrays(arrays).density_scales == (1.0,)

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats as sps
 
 from configs import tiny
-from sano_jax import checkpointing, evaluate, input_pipeline as ip, localization, methods, tiling
+from sano_jax import checkpointing, evaluate, input_pipeline as ip, methods, rundir, tiling
 from sano_jax import train
 from sano_jax.models.unet import UNet
 from tests.helpers import random_values, split_slices, tiny_run_config
@@ -188,13 +188,13 @@ def test_model_trained_on_crops_scores_whole_images(crop_run):
   assert out['data']['image_size'] == 32
   assert out['auroc'] > out['baseline']['auroc'] + 0.05  # it finds the planted anomalies
   assert checkpointing.load_config(workdir).data.crop_size == 16
-  localizer = localization.load_localizer(workdir)
+  localizer = rundir.load_localizer(workdir)
   images = np.random.default_rng(0).uniform(0, 1, (3, 32, 32, 1)).astype(np.float32)
   z, mask = localizer(images)
   assert z.shape == (3, 32, 32) and mask.shape == (3, 32, 32)
   # The same model over tiles: one 32 px tile is the single pass exactly; 16 px tiles with 8 px
   # overlap give the same shapes, close but not identical (a tile cannot see beyond itself).
-  _, method, params = checkpointing.restore_for_inference(workdir)
+  _, method, params, _ = checkpointing.restore_for_inference(workdir)
   x = 2 * jnp.asarray(images) - 1
   whole = jax.jit(method.field_fn(params))(x)
   config = checkpointing.load_config(workdir)

@@ -1,7 +1,7 @@
 """`python -m sano_jax.predict`: image files of any size/format -> masks and heatmaps of their size.
 
 The run directory is made without training (random params, stats fitted on random images): the
-predict path only needs a checkpoint, a config and score_stats.npz.
+predict path only needs a checkpoint, a config and the inference bundle.
 """
 import json
 import os
@@ -11,12 +11,13 @@ import pytest
 from PIL import Image
 
 from sano_jax import checkpointing, localization, models, predict, score
+from sano_jax import rundir
 from sano_jax import sde as sde_lib
 from tests.helpers import random_params
 
 
 def _z_maps(workdir, images_u8):
-  z, mask = localization.load_localizer(workdir)(images_u8)
+  z, mask = rundir.load_localizer(workdir)(images_u8)
   return np.asarray(z), np.asarray(mask)
 
 
@@ -39,12 +40,12 @@ def workdir(tmp_path_factory):
   rng = np.random.default_rng(0)
   batches = [rng.uniform(0.3, 0.7, (8, 16, 16, 1)).astype(np.float32) for _ in range(2)]
   stats = localization.fit_score_stats(score_fn, batches)
-  localization.save_stats(stats, os.path.join(wd, 'score_stats.npz'))
+  rundir.save(wd, config=config, stats=stats, step=1)
   # With N = 3 the random model flags no pixel at all (max z ~ 1), and two empty masks always
   # agree: put N at the median z of random images so that masks are neither empty nor full.
   z, _ = _z_maps(wd, _random_u8(10, (4, 16, 16, 1)))
   config.localize.n_sigma = float(np.median(z))
-  checkpointing.save_config(config, wd)
+  rundir.save(wd, config=config, stats=stats, step=1)
   return wd
 
 
@@ -87,9 +88,9 @@ def test_predict_writes_masks_of_original_size(workdir, tmp_path):
   by_stem = {os.path.splitext(os.path.basename(r['path']))[0]: r for r in results}
   summary = json.loads((out / 'predictions.json').read_text())
   assert len(summary['images']) == len(sizes)
-  n_sigma = float(checkpointing.load_config(workdir).localize.n_sigma)
+  n_sigma = float(rundir.read_manifest(workdir)['localize']['n_sigma'])  # the evaluated N
   assert summary['n_sigma'] == pytest.approx(n_sigma)
-  localizer = localization.load_localizer(workdir)
+  localizer = rundir.load_localizer(workdir)
   for stem, (h, w) in sizes.items():
     # The localizer's own answer at the model's size: the image's central square (side = the
     # short side, the aspect ratio kept as the dataset keeps it) anti-aliased down to 16 x 16.
@@ -129,14 +130,14 @@ def test_predict_matches_localizer_at_model_size(workdir, tmp_path):
   img = _random_u8(3, (16, 16))
   Image.fromarray(img, 'L').save(tmp_path / 'in' / 'x.png')
   results = predict.predict(workdir, str(tmp_path / 'in'), str(tmp_path / 'out'), progress=False)
-  z, mask = (np.asarray(a)[0] for a in localization.load_localizer(workdir)(img[None, ..., None]))
+  z, mask = (np.asarray(a)[0] for a in rundir.load_localizer(workdir)(img[None, ..., None]))
   assert 0 < mask.sum() < mask.size  # neither test is about an empty (or full) mask
   got = np.asarray(Image.open(tmp_path / 'out' / 'x_mask.png')) > 0
   np.testing.assert_array_equal(got, mask)
   assert results[0]['anomalous_fraction'] == pytest.approx(mask.mean(), abs=1e-12)
   assert results[0]['max_z'] == pytest.approx(float(z.max()), rel=1e-5)
   # The heatmap is the overlay of exactly this z-map (up to uint8 rounding).
-  n_sigma = float(checkpointing.load_config(workdir).localize.n_sigma)
+  n_sigma = float(rundir.read_manifest(workdir)['localize']['n_sigma'])  # the evaluated N
   expected = predict.heatmap_overlay(img[..., None] / 255.0, z, n_sigma).astype(int)
   heat = np.asarray(Image.open(tmp_path / 'out' / 'x_heatmap.png')).astype(int)
   assert np.abs(heat - expected).max() <= 1
@@ -155,7 +156,7 @@ def test_predict_errors(workdir, tmp_path, capsys):
   # A run without score statistics.
   import shutil
   wd2 = str(tmp_path / 'nostats')
-  shutil.copytree(workdir, wd2, ignore=shutil.ignore_patterns('score_stats.npz'))
+  shutil.copytree(workdir, wd2, ignore=shutil.ignore_patterns('inference*'))
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / 'in' / 'ok.png')
   with pytest.raises(FileNotFoundError, match='run_eval.py'):
     predict.predict(wd2, str(tmp_path / 'in' / 'ok.png'), str(tmp_path / 'o'))

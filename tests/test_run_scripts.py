@@ -65,7 +65,8 @@ def _check_evaluation(workdir, out, data_dir, bootstrap_runs):
   for v in (m['auroc'], m['auprc'], m['baseline']['auroc'], m['operating_point']['dice'],
             m['n_sigma']['dice']):
     assert 0.0 <= v <= 1.0, m
-  assert os.path.exists(os.path.join(workdir, 'score_stats.npz'))
+  assert os.path.exists(m['score_stats']['path']) and os.path.exists(
+      os.path.join(workdir, 'inference.json'))
   # The figures it lists: PNGs in eval/figures, with the ROC, PR, histogram and group figures.
   figures_dir = os.path.join(workdir, 'eval', 'figures')
   listed = m['figures'] + list(m['curves']['figures'].values()) + \
@@ -104,7 +105,7 @@ def test_run_demo_trains_evaluates_and_reports(demo):
   workdir, data_dir, code, out = demo
   assert code == 0, out[-4000:]
   assert f'[1/2] training sano_textures/brick at 16 px for 10 steps in {workdir}' in out
-  assert '[2/2] evaluating the best checkpoint on the test split' in out
+  assert '[2/2] evaluating the best checkpoint: calibration' in out
   # Training's outputs: the config, the log (validation at step 10), the checkpoints.
   with open(os.path.join(workdir, 'config.json')) as f:
     saved = json.load(f)
@@ -115,8 +116,18 @@ def test_run_demo_trains_evaluates_and_reports(demo):
   assert [r['step'] for r in rows if 'train/loss' in r] == [5, 10]
   assert [s for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()] == ['10']
   assert os.listdir(os.path.join(workdir, 'best'))
-  m = _check_evaluation(workdir, out, data_dir, bootstrap_runs=3)
+  with open(os.path.join(workdir, 'eval', 'summary.txt')) as f:
+    summary = f.read()  # the full summary; the console ends with five lines
+  m = _check_evaluation(workdir, summary, data_dir, bootstrap_runs=3)
   assert m['localization']['rule'] == 'per_pixel' and m['data']['dataset'] == 'sano_textures/brick'
+  brief = out.rstrip().splitlines()[-5:]
+  assert brief[0].startswith('done in ') and f"pixel AUROC {m['auroc']:.3f} ± " in brief[0], brief
+  assert f"AUPRO {m['aupro']:.3f}" in brief[0] and f"{m['num_images']} test images" in brief[0]
+  assert f"Dice at the label-free threshold (per_pixel, N = {m['n_sigma']['n']:.3g}): " \
+      f"{m['n_sigma']['dice']:.3f}" in brief[1], brief
+  assert f"figures: {os.path.join(workdir, 'eval', 'figures')}/" in brief[2]
+  assert f"all metrics: {os.path.join(workdir, 'eval', 'metrics.json')}" in brief[3]
+  assert brief[4] == f'look at them: tensorboard --logdir={workdir}'
 
 
 def test_run_eval_reproduces_the_demo_and_takes_overrides(demo, tmp_path):

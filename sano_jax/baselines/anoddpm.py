@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from sano_jax import localization
-from sano_jax import methods
+from sano_jax.sano import SANO
 from sano_jax.sde import VPSDE
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x [B,H,W,C], t [B]) -> eps_hat
@@ -117,7 +117,7 @@ def make_localizer(model, sde: VPSDE, *, t_start: float = 0.5, num_steps: int = 
   return localize
 
 
-class AnoDDPM(methods.SANO):
+class AnoDDPM(SANO):
   """config.method='anoddpm': SANO's U-Net, trained exactly like SANO (eq. 1), localizing by
   reconstruction: field = x - x_rec, x_rec from `reconstruct` (config.anoddpm.{t_start, num_steps},
   a fixed key and one noise draw shared by the batch, so the map is deterministic per image)."""

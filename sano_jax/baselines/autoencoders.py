@@ -28,7 +28,7 @@ import copy
 import jax
 import jax.numpy as jnp
 
-from sano_jax import methods
+from sano_jax.method_base import Method
 from sano_jax.models import autoencoder as ae_models
 
 sg = jax.lax.stop_gradient
@@ -72,7 +72,7 @@ def code_perplexity(codes: jax.Array, num_codes: int) -> jax.Array:
   return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)))
 
 
-class AE(methods.Method):
+class AE(Method):
   """config.method='ae': the deterministic convolutional autoencoder."""
   name = 'ae'
   module_cls = ae_models.AutoEncoder
@@ -261,5 +261,5 @@ class AnoVAEGAN(VAE):
 _METHODS = {m.name: m for m in (AE, VAE, CEVAE, VQVAE, AnoVAEGAN)}
 
 
-def create(name: str, config) -> methods.Method:
+def create(name: str, config) -> Method:
   return _METHODS[name](config)
