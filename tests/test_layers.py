@@ -3,6 +3,7 @@ only from the layers below it, the maths touch no files, checkpoints or methods,
 model. Checked in-process with import-linter's own report (what `lint-imports` prints from)."""
 import os
 
+from importlinter import api
 from importlinter.application import use_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -10,6 +11,7 @@ CONFIG = os.path.join(ROOT, '.importlinter')
 
 
 def test_import_contracts_are_kept(tmp_path, monkeypatch):
+  assert api.read_configuration  # importing importlinter.api configures import-linter's adapters
   monkeypatch.chdir(ROOT)  # import-linter finds the package from the working directory
   # lint-imports registers the built-in contract types (layers, forbidden) before it reports; its
   # console output is left out (under xdist it writes to a stream pytest has closed).
