@@ -24,7 +24,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from sano_jax import cli
   cli.setup_logging()
-  from sano_jax import evaluate, train
+  from sano_jax import evaluate, report, train
   config, workdir = FLAGS.config, FLAGS.workdir
   tic = time.perf_counter()
   print(f'[1/2] training {config.data.dataset} at {config.data.image_size} px for '
@@ -37,9 +37,9 @@ def main(argv):
   metrics = evaluate.evaluate(config, workdir)
   seconds = time.perf_counter() - tic
   from sano_jax import files  # pylint: disable=g-import-not-at-top
-  files.atomic_write_text(os.path.join(workdir, 'eval', evaluate.SUMMARY_FILE),
-                          evaluate.format_summary(metrics, workdir, seconds) + '\n')
-  print('\n' + evaluate.brief_summary(metrics, workdir, seconds), flush=True)
+  files.atomic_write_text(os.path.join(workdir, 'eval', report.SUMMARY_FILE),
+                          report.format_summary(metrics, workdir, seconds) + '\n')
+  print('\n' + report.brief_summary(metrics, workdir, seconds), flush=True)
 
 
 if __name__ == '__main__':

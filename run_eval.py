@@ -34,7 +34,7 @@ def main(argv):
   cli.setup_logging()
   from sano_jax import distributed
   distributed.maybe_initialize(FLAGS.distributed)
-  from sano_jax import evaluate
+  from sano_jax import evaluate, report
   config = FLAGS.config  # None: evaluate() reads WORKDIR/config.json
   if config is not None:
     logging.info('config:\n%s', config)
@@ -52,7 +52,7 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if out is not None:  # None: a process other than 0 (process 0 reports)
-    print(evaluate.format_summary(out, FLAGS.workdir, out['timing']['total_seconds']))
+    print(report.format_summary(out, FLAGS.workdir, out['timing']['total_seconds']))
 
 
 if __name__ == '__main__':

@@ -97,8 +97,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 def pick_examples(masks: np.ndarray) -> list[int]:
   """Indices of the test images with the largest, median and smallest anomaly, and a healthy one."""
-  from sano_jax import evaluate  # pylint: disable=g-import-not-at-top
-  return evaluate.pick_rows(masks.reshape(len(masks), -1).sum(axis=1), 4)
+  from sano_jax import report  # pylint: disable=g-import-not-at-top
+  return report.pick_rows(masks.reshape(len(masks), -1).sum(axis=1), 4)
 
 
 def write_figure(workdirs: Sequence[str], path: str, max_images: int = 256) -> str:
@@ -107,7 +107,7 @@ def write_figure(workdirs: Sequence[str], path: str, max_images: int = 256) -> s
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from sano_jax import checkpointing, evaluate, input_pipeline, rundir  # pylint: disable=g-import-not-at-top
+  from sano_jax import checkpointing, input_pipeline, report, rundir  # pylint: disable=g-import-not-at-top
 
   config = checkpointing.load_config(workdirs[0])
   source = input_pipeline.get_source(config, config.data.test_split)
@@ -145,22 +145,25 @@ def write_figure(workdirs: Sequence[str], path: str, max_images: int = 256) -> s
                           f"{examples[i]['name']}\nhealthy", fontsize=8)
   fig.suptitle('z-maps (each in its own healthy-std units); cyan: mask at N sigma', fontsize=9)
   fig.tight_layout()
-  evaluate.save_figure(fig, path)
+  report.save_figure(fig, path)
   plt.close(fig)
   return path
 
 
-def reuse_sano_model(sano_dir: str, workdir: str, config) -> bool:
-  """AnoDDPM trains exactly SANO's model with SANO's loss: copy a trained SANO run's checkpoints
-  (not its statistics or evaluation) instead of training the same model twice."""
-  from sano_jax import checkpointing, rundir  # pylint: disable=g-import-not-at-top
-  if not files.isdir(os.path.join(sano_dir, 'best')) or files.exists(workdir):
+def reuse_model(source_dir: str, workdir: str, config) -> bool:
+  """A method that trains exactly another's model with its loss (`Method.reuses_model_of`, e.g.
+  AnoDDPM of SANO): copy that trained run's checkpoints (not its statistics or evaluation) instead
+  of training the same model twice. False (nothing copied) unless the models match."""
+  from sano_jax import checkpointing, methods, rundir  # pylint: disable=g-import-not-at-top
+  source = methods.method_class(config).reuses_model_of
+  if (source is None or not files.isdir(os.path.join(source_dir, 'best'))
+      or files.exists(workdir)):
     return False
-  if checkpointing.model_signature(checkpointing.load_config(sano_dir)) != {
-      **checkpointing.model_signature(config), 'method': 'sano'}:
+  if checkpointing.model_signature(checkpointing.load_config(source_dir)) != {
+      **checkpointing.model_signature(config), 'method': source}:
     return False
-  files.copytree(sano_dir, workdir, ignore=('eval', 'config.json', rundir.MANIFEST,
-                                            rundir.PARTS_DIR) + rundir.LEGACY)
+  files.copytree(source_dir, workdir, ignore=('eval', 'config.json', rundir.MANIFEST,
+                                              rundir.PARTS_DIR) + rundir.LEGACY)
   checkpointing.save_config(config, workdir)
   return True
 
@@ -176,9 +179,10 @@ def train_all(config, root: str, names) -> list[str] | None:
     cfg = config.copy_and_resolve_references()
     cfg.method = name
     workdir = os.path.join(root, name)
-    if name == 'anoddpm' and reuse_sano_model(os.path.join(root, 'sano'), workdir, cfg):
-      print(f'[{name}] uses the SANO model trained in {os.path.join(root, "sano")} (same model, '
-            'same loss); evaluating', flush=True)
+    source = methods.method_class(cfg).reuses_model_of
+    if source and reuse_model(os.path.join(root, source), workdir, cfg):
+      print(f'[{name}] uses the {source} model trained in {os.path.join(root, source)} (same '
+            'model, same loss); evaluating', flush=True)
       evaluate.evaluate(cfg, workdir)
     if not files.exists(os.path.join(workdir, 'eval', 'metrics.json')):
       tic, cpu = time.perf_counter(), time.process_time()

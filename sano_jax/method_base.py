@@ -69,6 +69,21 @@ class Method:
       sig['crop_size'] = self.train_shape[0]
     return sig
 
+  # The method whose trained checkpoints this one uses as they are (same model, same loss), so a
+  # comparison may copy that run instead of training the same model twice; None: its own.
+  reuses_model_of: str | None = None
+
+  @staticmethod
+  def learning_rates(config) -> dict:
+    """{config field: learning rate} of every optimizer the method trains with (each must be > 0)."""
+    return {'optim.lr': config.optim.lr}
+
+  @staticmethod
+  def downsampling(config) -> tuple[str, int]:
+    """(the config block of the network, its number of 2x downsamplings): image and crop sizes
+    must be divisible by 2^levels."""
+    raise NotImplementedError
+
   def optimizer_groups(self) -> tuple[Callable[[Any], Any], dict] | None:
     """None (one optimizer for all params, `config.optim`), or (labels_fn, {label: optim config})
     where labels_fn(params) gives each leaf's label (optax.multi_transform)."""

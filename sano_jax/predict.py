@@ -3,10 +3,13 @@ r"""Localize anomalies in your own image files with a trained, calibrated SANO r
   python -m sano_jax.predict --workdir=workdirs/demo --images='photos/*.jpg' --out=predictions
 
 Each image (any size; any format Pillow reads; gray, RGB, RGBA, palette or 16-bit) is converted to
-the model's channel count; its central square (side = the short side, as the dataset builders
-keep it: no stretching) is resized (anti-aliased) to the model's size, localized with
-`load_localizer(workdir)` in batches, and its z-map resized back into that square (bilinear), its
-mask with nearest neighbour; outside the square (non-square images) z = 0 and nothing is flagged.
+the model's channel count and scored WHOLE, at the geometry its training data was stored with:
+for the folder, MVTec and embedded datasets (which keep each image's central square) it is resized
+so that its short side is the model's size, aspect ratio kept, and covered by windows of the
+model's size at most half a window apart, each pixel taking the window whose centre is nearest;
+for 11k Hands (stored stretched to a square) it is resized to the model's size. The windows are
+localized with the run's localizer (`rundir.load`) in batches, and the z-map is resized back to the
+image (bilinear), its mask with nearest neighbour: every pixel of every input gets a score.
 Writes O/<stem>_mask.png (0/255), O/<stem>_heatmap.png (the z-map over the image) and
 O/predictions.json (per image: max z, anomalous fraction, the scored square). The run needs its
 inference bundle (sano_jax/rundir.py), written by run_eval.py.
@@ -85,6 +88,41 @@ def _resize(x: np.ndarray, shape: tuple[int, int], order: int, anti_aliasing: bo
                           mode='edge').astype(np.float32)
 
 
+def _at_model_scale(image: np.ndarray, size: int, geometry: str) -> np.ndarray:
+  """The whole image at the scale its training data was stored at (anti-aliased, in [0, 1]):
+  'stretch': resized to size x size; 'square': its short side resized to `size`, aspect ratio kept
+  (the dataset stored the central square at that scale)."""
+  h, w = image.shape[:2]
+  if geometry == 'stretch':
+    shape = (size, size)
+  else:
+    shape = (max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w))))
+  return np.clip(_resize(image, shape, order=1, anti_aliasing=True), 0.0, 1.0)
+
+
+def window_offsets(height: int, width: int, size: int) -> list[tuple[int, int]]:
+  """(top, left) of size x size windows covering a height x width image, at most size / 2 apart
+  along each axis (one window per axis of length `size`)."""
+  def starts(n):
+    k = 1 if n <= size else -(-2 * (n - size) // size) + 1
+    return np.unique(np.linspace(0, n - size, k).round().astype(int)).tolist()
+  return [(t, l) for t in starts(height) for l in starts(width)]
+
+
+def assemble(zs: np.ndarray, masks: np.ndarray, offsets, shape) -> tuple[np.ndarray, np.ndarray]:
+  """The z-map and mask of a whole image from its windows' (zs, masks [K, size, size]): each pixel
+  takes the window whose centre is nearest (the first on a tie), so mask = z > the threshold holds
+  everywhere as it does in each window, and no window's border decides a pixel another centres."""
+  size = zs.shape[1]
+  ys, xs = np.arange(shape[0])[:, None], np.arange(shape[1])[None, :]
+  dist = np.stack([np.maximum(np.abs(ys + 0.5 - t - size / 2), np.abs(xs + 0.5 - l - size / 2))
+                   for t, l in offsets])
+  pick = np.argmin(dist, axis=0)  # [H, W]: the window of each pixel
+  top, left = (np.asarray(o)[pick] for o in zip(*offsets))
+  rows, cols = ys - top, xs - left  # each pixel's place in its window
+  return zs[pick, rows, cols].astype(np.float32), masks[pick, rows, cols].astype(bool)
+
+
 def heatmap_overlay(image: np.ndarray, z: np.ndarray, n_sigma: float) -> np.ndarray:
   """uint8 RGB [H, W, 3]: the z-map (inferno, 0..max(2N, z_max)) blended over the image where z is
   high (opacity rising to 0.7 at z >= N), the image alone where z is low."""
@@ -137,7 +175,7 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from sano_jax import rundir
-  from sano_jax.datasets.images import center_square  # pylint: disable=g-import-not-at-top
+  from sano_jax.datasets import images as images_lib  # pylint: disable=g-import-not-at-top
 
   paths = find_images(images) if isinstance(images, str) else list(images)
   if not paths:
@@ -156,33 +194,41 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
   results = []
   import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm.tqdm(total=len(paths), unit='img', disable=not progress, dynamic_ncols=True)
+  geometry = images_lib.stored_geometry(config.data.dataset)
   try:
     for start in range(0, len(paths), batch_size):
       chunk = paths[start:start + batch_size]
       originals = [read_image(p, channels) for p in chunk]
-      batch = np.zeros((batch_size, size, size, channels), np.float32)  # fixed shape: one compile
-      boxes = [center_square(im.shape[1], im.shape[0]) for im in originals]
-      for i, (im, (left, top, side)) in enumerate(zip(originals, boxes)):
-        square = im[top:top + side, left:left + side]
-        batch[i] = np.clip(_resize(square, (size, size), order=1, anti_aliasing=True), 0.0, 1.0)
-      z, mask = localizer(batch)
-      z, mask = np.asarray(z)[:len(chunk)], np.asarray(mask)[:len(chunk)]
-      for i, (path, im, (left, top, side)) in enumerate(zip(chunk, originals, boxes)):
+      scaled = [_at_model_scale(im, size, geometry) for im in originals]
+      windows = [window_offsets(x.shape[0], x.shape[1], size) for x in scaled]
+      crops = [x[t:t + size, l:l + size] for x, offs in zip(scaled, windows) for t, l in offs]
+      zs, masks = [], []
+      for c in range(0, len(crops), batch_size):  # fixed batch shape: one compile
+        batch = np.zeros((batch_size, size, size, channels), np.float32)
+        part = crops[c:c + batch_size]
+        batch[:len(part)] = part
+        z, mask = localizer(batch)
+        zs.append(np.asarray(z)[:len(part)])
+        masks.append(np.asarray(mask)[:len(part)])
+      zs, masks = np.concatenate(zs), np.concatenate(masks)
+      first = 0
+      for i, (path, im, x, offs) in enumerate(zip(chunk, originals, scaled, windows)):
         h, w = im.shape[:2]
-        z_full, m_full = np.zeros((h, w), np.float32), np.zeros((h, w), bool)
-        box = (slice(top, top + side), slice(left, left + side))
-        z_full[box] = _resize(z[i], (side, side), order=1, anti_aliasing=False)
-        m_full[box] = _resize(mask[i].astype(np.float32), (side, side), order=0,
-                              anti_aliasing=False) > 0.5
+        k = len(offs)
+        z_s, m_s = assemble(zs[first:first + k], masks[first:first + k], offs, x.shape[:2])
+        first += k
+        z_full = _resize(z_s, (h, w), order=1, anti_aliasing=False)
+        m_full = _resize(m_s.astype(np.float32), (h, w), order=0, anti_aliasing=False) > 0.5
         stem = names[start + i]
         mask_path = os.path.join(out_dir, f'{stem}_mask.png')
         heat_path = os.path.join(out_dir, f'{stem}_heatmap.png')
         files.save_png(Image.fromarray(m_full.astype(np.uint8) * 255, 'L'), mask_path)
         files.save_png(Image.fromarray(heatmap_overlay(im, z_full, n_sigma), 'RGB'), heat_path)
         results.append({'path': path, 'mask': mask_path, 'heatmap': heat_path, 'height': h,
-                        'width': w, 'max_z': float(z[i].max()),
+                        'width': w, 'max_z': float(z_s.max()),
                         'anomalous_fraction': float(m_full.mean()),
-                        'scored_box': {'top': top, 'left': left, 'height': side, 'width': side}})
+                        'scored_at': {'height': int(x.shape[0]), 'width': int(x.shape[1]),
+                                      'windows': k, 'geometry': geometry}})
       bar.update(len(chunk))
   finally:
     bar.close()

@@ -37,6 +37,10 @@ class SANO(Method):
         'resblock_updown': m.resblock_updown, 'scale_shift_norm': m.scale_shift_norm,
         'num_groups': m.num_groups}
 
+  @staticmethod
+  def downsampling(config) -> tuple[str, int]:
+    return 'model', len(config.model.ch_mult) - 1
+
   def signature(self) -> dict:
     return {**super().signature(), **self._signature}
 

@@ -168,10 +168,8 @@ def check_config(config, num_devices: int) -> None:
     raise ValueError(f'eval.batch_size={config.eval.batch_size} is not divisible by the {num_devices} '
                      'devices; use a multiple.')
   name = methods.method_name(config)  # a clear error for an unknown method
-  rates = {'optim.lr': config.optim.lr}
-  if name == 'anovaegan':
-    rates['anovaegan.disc_lr'] = config.anovaegan.disc_lr
-  for key, lr in rates.items():
+  method_cls = methods.method_class(config)
+  for key, lr in method_cls.learning_rates(config).items():
     if not lr > 0:
       raise ValueError(f'{key}={lr}: the learning rate must be > 0')
   o = config.optim  # (None, like 0, turns warm-up and clipping off)
@@ -182,10 +180,7 @@ def check_config(config, num_devices: int) -> None:
                      'norm; 0: no clipping)')
   if not 0.0 <= float(config.training.ema_rate) < 1.0:
     raise ValueError(f'training.ema_rate={config.training.ema_rate} must lie in [0, 1)')
-  if name in ('sano', 'anoddpm'):
-    block, levels = 'model', len(config.model.ch_mult) - 1
-  else:
-    block, levels = 'autoencoder', len(config.autoencoder.ch_mult)
+  block, levels = method_cls.downsampling(config)
   crop = config.data.get('crop_size')
   sizes = {'data.image_size': config.data.image_size}
   if crop is not None:

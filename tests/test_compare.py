@@ -94,16 +94,16 @@ def test_anoddpm_reuses_a_trained_sano_model(tmp_path):
   (sano / 'inference.json').write_text('{}')
   (sano / 'inference').mkdir()
   checkpointing.save_config(tiny_config(method='sano'), str(sano))
-  assert compare.reuse_sano_model(str(sano), str(tmp_path / 'anoddpm'),
-                                  tiny_config(method='anoddpm'))
+  assert compare.reuse_model(str(sano), str(tmp_path / 'anoddpm'), tiny_config(method='anoddpm'))
   copied = tmp_path / 'anoddpm'
   assert (copied / 'best' / '10' / 'params').read_text() == 'checkpoint bytes'
   assert not any((copied / n).exists() for n in ('eval', 'score_stats.npz', 'inference.json',
                                                  'inference'))
   assert checkpointing.load_config(str(copied)).method == 'anoddpm'
-  assert not compare.reuse_sano_model(str(sano), str(tmp_path / 'other'),
-                                      tiny_config(**{'method': 'anoddpm', 'model.nf': 16}))
+  assert not compare.reuse_model(str(sano), str(tmp_path / 'other'),
+                                 tiny_config(**{'method': 'anoddpm', 'model.nf': 16}))
   assert not (tmp_path / 'other').exists()
+  assert not compare.reuse_model(str(sano), str(tmp_path / 'ae'), tiny_config(method='ae'))
 
 
 def test_a_preempted_training_is_not_evaluated(tmp_path, monkeypatch):

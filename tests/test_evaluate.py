@@ -11,7 +11,7 @@ import pytest
 import scipy.ndimage as ndi
 from sklearn import metrics as skm
 
-from sano_jax import checkpointing, evaluate, groups, input_pipeline, rundir
+from sano_jax import checkpointing, evaluate, groups, input_pipeline, report, rundir
 from sano_jax import metrics as metrics_lib
 from tests.helpers import tiny_run_config
 from tests.sklearn_oracle import whole_set_metrics
@@ -313,7 +313,7 @@ def test_run_eval_without_checkpoint(tmp_path):
 
 def test_summary_reports_the_metrics(run):
   _, workdir, out = run
-  text = evaluate.format_summary(out, workdir, 90.0)
+  text = report.format_summary(out, workdir, 90.0)
   assert f"pixel AUROC   {out['auroc']:.3f}" in text
   assert f"AUPRO@0.3     {out['aupro']:.3f} ± {out['aupro_std']:.3f}" in text
   assert f"trivial baseline {out['baseline']['auroc']:.3f}" in text
@@ -339,11 +339,11 @@ def test_compare_writes_table_and_side_by_side_figure(run, tmp_path):
 
 def test_figure_rows_span_the_anomaly_sizes_and_include_healthy_images():
   sizes = np.array([0, 50, 3, 0, 20, 7, 0, 100, 1, 12])
-  picks = evaluate.pick_rows(sizes, 6)
+  picks = report.pick_rows(sizes, 6)
   anomalous = [i for i in picks if sizes[i] > 0]
   assert anomalous[0] == 7 and anomalous[-1] == 8  # the largest and the smallest anomaly
   assert [sizes[i] for i in anomalous] == sorted((sizes[i] for i in anomalous), reverse=True)
   assert sum(sizes[i] == 0 for i in picks) == 1 and len(set(picks)) == len(picks) == 6
-  assert evaluate.pick_rows(np.zeros(5), 3) == [0, 2, 4]  # all healthy: spread over them
-  assert evaluate.pick_rows(sizes, 0) == []
-  assert sorted(evaluate.pick_rows(sizes, 50)) == list(range(10))  # fewer images than rows
+  assert report.pick_rows(np.zeros(5), 3) == [0, 2, 4]  # all healthy: spread over them
+  assert report.pick_rows(sizes, 0) == []
+  assert sorted(report.pick_rows(sizes, 50)) == list(range(10))  # fewer images than rows

@@ -231,7 +231,7 @@ def test_evaluation_files(root):
   bucket."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sano_jax import evaluate, groups, localization, rundir  # pylint: disable=g-import-not-at-top
+  from sano_jax import evaluate, groups, localization, report, rundir  # pylint: disable=g-import-not-at-top
   from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   fit = lambda: localization.fit_score_stats(lambda x: x - jnp.mean(x),
@@ -269,5 +269,5 @@ def test_evaluation_files(root):
     files.atomic_write_text(os.path.join(root, name), '')
   evaluate._check_workdir(root)  # pylint: disable=protected-access
   if not files.is_local(root):  # TensorBoard cannot reach the fake bucket: skipped, nothing written
-    assert not evaluate.write_summaries(os.path.join(root, 'eval', 'tensorboard'), 7, {'a': 1.0}, {})
+    assert not report.write_summaries(os.path.join(root, 'eval', 'tensorboard'), 7, {'a': 1.0}, {})
     assert not files.exists(os.path.join(root, 'eval'))

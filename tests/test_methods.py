@@ -193,3 +193,62 @@ def test_workdir_of_another_method_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match='num_codes: checkpoint 16 vs config 32'):
     checkpointing.check_same_model(tiny_config(**{'method': 'vqvae', 'vqvae.num_codes': 32}),
                                    str(tmp_path))
+
+
+_TOY = '''"""A toy method: field = x - b, b a learned per-channel brightness (loss: mean (x - b)^2)."""
+import jax.numpy as jnp
+from sano_jax.method_base import Method
+
+
+class Toy(Method):
+  name = 'toy'
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.weight = float(config.toy.weight)  # its own config block
+
+  @staticmethod
+  def downsampling(config):
+    return 'toy', 0
+
+  def init(self, rng):
+    return {'b': jnp.zeros((self.image_shape[-1],))}
+
+  def losses(self, params, x, ids, rng, *, train, dropout_rng=None):
+    return {'loss': self.weight * jnp.mean(jnp.square(x - params['b']), axis=(1, 2, 3))}
+
+  def field(self, params, x):
+    return x - params['b']
+
+
+METHODS = {'toy': Toy}
+'''
+
+
+def test_a_new_method_is_one_module_in_baselines_and_one_config_block(tmp_path, monkeypatch):
+  """A module with METHODS = {'toy': Toy} beside the baselines, and config.toy: the registry finds
+  it, and training, evaluation and load_localizer run it with no other change. Its field is
+  x - b with b the learned brightness, so the z-map is |x - b| smoothed over the healthy std."""
+  from sano_jax import baselines, evaluate, rundir, train  # pylint: disable=g-import-not-at-top
+  from tests.helpers import grating_source  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'toy_method.py').write_text(_TOY)
+  monkeypatch.setattr(baselines, '__path__', list(baselines.__path__) + [str(tmp_path)])
+  assert 'toy' in methods.registry() and 'toy' not in methods.METHODS
+  config = tiny_config(method='toy', **{'training.num_train_steps': 4, 'training.eval_every': 4,
+                                        'training.checkpoint_every': 4, 'training.log_every': 4,
+                                        'eval.bootstrap_runs': 2})
+  config.toy = ml_collections.ConfigDict({'weight': 1.0})
+  wd = str(tmp_path / 'run')
+  healthy = grating_source(8)
+  test = grating_source(4, seed=3)
+  train.train_and_evaluate(config, wd, train_source=healthy, val_source=healthy)
+  out = evaluate.evaluate(config, wd, train_source=healthy, val_source=healthy, test_source=test)
+  assert out['localization']['method'] == 'toy'
+  bundle = rundir.load(wd)
+  assert type(bundle.method).__name__ == 'Toy' and bundle.params['b'].shape == (1,)
+  images = np.stack([test[i]['image'] for i in range(2)]).astype(np.float32) / 255.0
+  z, _ = rundir.load_localizer(wd)(images)
+  want = np.asarray(localization.gaussian_filter2d(
+      np.abs(2.0 * images[..., 0] - 1.0 - np.asarray(bundle.params['b'])[0]),
+      float(bundle.config.localize.smoothing_sigma))) / float(bundle.stats.std)
+  np.testing.assert_allclose(z, want, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,9 @@ import jax
 import numpy as np
 import pytest
 
-from sano_jax import evaluate, groups, localization, metrics as M, train
+from sano_jax import evaluate, gather, groups, localization, metrics as M, report, train
+
+
 from tests import multihost_eval_worker as worker
 from tests.helpers import read_log, run_process_pair, subprocess_env, subprocess_timeout
 
@@ -136,7 +138,7 @@ def test_grouped_metrics_merge_equals_one_pass(binned):
 
 def test_streaming_range_and_figure_set_merge_equal_one_pass():
   s, y, _, _ = _data()
-  whole_r, whole_f = M.StreamingRange(), evaluate._FigureSet(5)  # pylint: disable=protected-access
+  whole_r, whole_f = M.StreamingRange(), report.FigureSet(5)  # pylint: disable=protected-access
   whole_r.add(s)
   whole_f.add(y, np.arange(len(s)), np.ones(len(s), bool))
   for name, parts in _splits(len(s)):
@@ -144,11 +146,11 @@ def test_streaming_range_and_figure_set_merge_equal_one_pass():
     for idx in parts:
       ranges.append(M.StreamingRange())
       ranges[-1].add(s[idx])
-      figs.append(evaluate._FigureSet(5))  # pylint: disable=protected-access
+      figs.append(report.FigureSet(5))  # pylint: disable=protected-access
       figs[-1].add(y[idx], idx, np.ones(len(idx), bool))
     for r, f in ((ranges, figs), (ranges[::-1], figs[::-1])):
       assert M.StreamingRange.merge(r).range == whole_r.range, name
-      assert evaluate._FigureSet.merge(f).picks() == whole_f.picks(), name  # pylint: disable=protected-access
+      assert report.FigureSet.merge(f).picks() == whole_f.picks(), name  # pylint: disable=protected-access
   assert len(whole_f.picks()) == 5
 
 
@@ -192,13 +194,13 @@ def test_stats_merge_equals_one_pass_and_the_device_tree_is_fixed(multi):
         else:
           np.testing.assert_allclose(x, w, rtol=2e-5, atol=1e-6, err_msg=str(path))
   devices = [fit(np.arange(i, 12, 4)) for i in range(4)]
-  pair = lambda xs: evaluate._pairwise(xs, localization.merge_stats)  # pylint: disable=protected-access
+  pair = lambda xs: gather.pairwise(xs, localization.merge_stats)  # pylint: disable=protected-access
   one_process = jax.device_get(pair(devices))
   two_processes = jax.device_get(pair([pair(devices[:2]), pair(devices[2:])]))
   for (path, x), (_, w) in zip(flat(two_processes), flat(one_process)):
     np.testing.assert_array_equal(x, w, err_msg=str(path))
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *devices)
-  for (path, x), (_, w) in zip(flat(evaluate.merge_device_stats(stacked)), flat(one_process)):
+  for (path, x), (_, w) in zip(flat(gather.merge_device_stats(stacked)), flat(one_process)):
     np.testing.assert_array_equal(x, w, err_msg=str(path))
   other = localization.init_stats((8, 8, 2) if multi else (8, 4, 2), num_bins=256)
   with pytest.raises(ValueError, match='cannot merge'):

@@ -73,13 +73,32 @@ def _nearest_candidates(n_out, n_in):
   return lo, hi
 
 
-def r_box(result):
-  b = result['scored_box']
-  return b['top'], b['left'], b['height'], b['width']
+def _model_scale_oracle(localizer, im, size=16):
+  """The image's z-map and mask at the model's scale, computed the straightforward way: the whole
+  image resized (short side = size, aspect kept), each pixel scored by the localizer on the window
+  (of predict.window_offsets) whose centre is nearest, pixel by pixel."""
+  from skimage import transform  # pylint: disable=g-import-not-at-top
+  h, w = im.shape[:2]
+  h2, w2 = max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
+  x = np.clip(transform.resize(im, (h2, w2), order=1, anti_aliasing=True, mode='edge',
+                               preserve_range=True), 0, 1).astype(np.float32)
+  offsets = predict.window_offsets(h2, w2, size)
+  assert all(0 <= t <= h2 - size and 0 <= l <= w2 - size for t, l in offsets)
+  maps = [tuple(np.asarray(a)[0] for a in localizer(x[None, t:t + size, l:l + size]))
+          for t, l in offsets]
+  z, m = np.zeros((h2, w2), np.float32), np.zeros((h2, w2), bool)
+  for r in range(h2):
+    for c in range(w2):
+      d = [max(abs(r + 0.5 - t - size / 2), abs(c + 0.5 - l - size / 2)) for t, l in offsets]
+      k = int(np.argmin(d))
+      t, l = offsets[k]
+      z[r, c], m[r, c] = maps[k][0][r - t, c - l], maps[k][1][r - t, c - l]
+  return z, m, len(offsets)
 
 
 def test_predict_writes_masks_of_original_size(workdir, tmp_path):
-  from skimage import transform  # pylint: disable=g-import-not-at-top
+  """Every pixel of every image is scored: the masks are the model-scale masks of the whole image
+  (windows where it is not square), upsampled by nearest neighbour to the image's size."""
   sizes = _write_images(tmp_path / 'in')
   out = tmp_path / 'out'
   results = predict.predict(workdir, str(tmp_path / 'in' / '*'), str(out), batch_size=3,
@@ -92,35 +111,27 @@ def test_predict_writes_masks_of_original_size(workdir, tmp_path):
   assert summary['n_sigma'] == pytest.approx(n_sigma)
   localizer = rundir.load_localizer(workdir)
   for stem, (h, w) in sizes.items():
-    # The localizer's own answer at the model's size: the image's central square (side = the
-    # short side, the aspect ratio kept as the dataset keeps it) anti-aliased down to 16 x 16.
     im = predict.read_image(str(next((tmp_path / 'in').glob(stem + '.*'))), 1)
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    small = np.clip(transform.resize(im[top:top + side, left:left + side], (16, 16), order=1,
-                                     anti_aliasing=True, mode='edge', preserve_range=True),
-                    0, 1).astype(np.float32)
-    z, small_mask = (np.asarray(a)[0] for a in localizer(small[None]))
+    z, small_mask, windows = _model_scale_oracle(localizer, im)
     assert 0 < small_mask.sum() < small_mask.size, (stem, small_mask.sum())
     with Image.open(out / f'{stem}_mask.png') as m:
       assert m.size == (w, h) and m.mode == 'L'
       got = np.asarray(m)
     assert set(np.unique(got)) <= {0, 255}
     got = got > 0
-    # Nearest-neighbour upsampling of the 16 x 16 mask into the scored square; nothing outside.
-    inside = got[top:top + side, left:left + side]
-    (ylo, yhi), (xlo, xhi) = _nearest_candidates(side, 16), _nearest_candidates(side, 16)
+    (ylo, yhi), (xlo, xhi) = _nearest_candidates(h, z.shape[0]), _nearest_candidates(w, z.shape[1])
     allowed = [small_mask[np.ix_(ys, xs)] for ys in (ylo, yhi) for xs in (xlo, xhi)]
-    wrong = ~np.any([inside == a for a in allowed], axis=0)
+    wrong = ~np.any([got == a for a in allowed], axis=0)
     assert not wrong.any(), f'{stem}: {int(wrong.sum())} of {wrong.size} pixels differ'
-    assert 0 < inside.sum() < inside.size and got.sum() == inside.sum()
-    assert r_box(by_stem[stem]) == (top, left, side, side)
     r = by_stem[stem]
+    assert r['scored_at'] == {'height': z.shape[0], 'width': z.shape[1], 'windows': windows,
+                              'geometry': 'square'}
     assert (r['height'], r['width']) == (h, w)
     assert r['anomalous_fraction'] == pytest.approx(got.mean(), abs=1e-12)
     assert r['max_z'] == pytest.approx(float(z.max()), rel=1e-5)
     with Image.open(out / f'{stem}_heatmap.png') as hm:
       assert hm.size == (w, h) and hm.mode == 'RGB'
+  assert by_stem['gray']['scored_at']['windows'] > 1  # 20 x 33: the image is wider than a window
   assert [r['path'] for r in summary['images']] == [r['path'] for r in results]
 
 
@@ -202,3 +213,20 @@ def test_read_image_conversions(tmp_path):
   np.testing.assert_array_equal(c3, np.repeat(got, 3, axis=-1))
   with pytest.raises(ValueError, match='channels'):
     predict.read_image(str(tmp_path / 'r.png'), 2)
+
+
+def test_stretched_datasets_are_scored_stretched_and_the_others_whole_at_their_scale():
+  """11k Hands stored each photo stretched to a square: predict stretches too (one window); the
+  other datasets kept the central square at scale S / short side: predict keeps the aspect ratio
+  and covers the long side with windows, at most half a window apart."""
+  from sano_jax.datasets import images as images_lib  # pylint: disable=g-import-not-at-top
+  assert images_lib.stored_geometry('hands11k/256') == 'stretch'
+  assert images_lib.stored_geometry('folder') == images_lib.stored_geometry(
+      'sano_textures/brick') == 'square'
+  im = np.random.default_rng(0).uniform(size=(20, 33, 1)).astype(np.float32)
+  assert predict._at_model_scale(im, 16, 'stretch').shape == (16, 16, 1)  # pylint: disable=protected-access
+  wide = predict._at_model_scale(im, 16, 'square')  # pylint: disable=protected-access
+  assert wide.shape == (16, 26, 1)
+  offs = predict.window_offsets(16, 26, 16)
+  lefts = [l for _, l in offs]
+  assert lefts[0] == 0 and lefts[-1] == 10 and max(np.diff(lefts)) <= 8

@@ -122,6 +122,7 @@ class AnoDDPM(SANO):
   reconstruction: field = x - x_rec, x_rec from `reconstruct` (config.anoddpm.{t_start, num_steps},
   a fixed key and one noise draw shared by the batch, so the map is deterministic per image)."""
   name = 'anoddpm'
+  reuses_model_of = 'sano'  # the same U-Net trained with the same loss
 
   def __init__(self, config):
     super().__init__(config)
@@ -139,3 +140,6 @@ class AnoDDPM(SANO):
                         t_start=self.t_start, num_steps=self.num_steps,
                         clip_denoised=self.clip_denoised, shared_noise=True)
     return x - x_rec
+
+
+METHODS = {AnoDDPM.name: AnoDDPM}  # read by sano_jax/methods.py

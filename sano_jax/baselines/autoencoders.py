@@ -77,6 +77,10 @@ class AE(Method):
   name = 'ae'
   module_cls = ae_models.AutoEncoder
 
+  @staticmethod
+  def downsampling(config) -> tuple[str, int]:
+    return 'autoencoder', len(config.autoencoder.ch_mult)
+
   def __init__(self, config):
     super().__init__(config)
     a = config.autoencoder
@@ -211,6 +215,10 @@ class AnoVAEGAN(VAE):
   disc_layers}). params = {'vae': generator, 'disc': discriminator}."""
   name = 'anovaegan'
 
+  @staticmethod
+  def learning_rates(config) -> dict:
+    return {'optim.lr': config.optim.lr, 'anovaegan.disc_lr': config.anovaegan.disc_lr}
+
   def __init__(self, config):
     super().__init__(config)
     c = config.anovaegan
@@ -258,8 +266,4 @@ class AnoVAEGAN(VAE):
     return labels, {'vae': None, 'disc': self.disc_optim}  # None: config.optim
 
 
-_METHODS = {m.name: m for m in (AE, VAE, CEVAE, VQVAE, AnoVAEGAN)}
-
-
-def create(name: str, config) -> Method:
-  return _METHODS[name](config)
+METHODS = {m.name: m for m in (AE, VAE, CEVAE, VQVAE, AnoVAEGAN)}  # read by sano_jax/methods.py

@@ -66,6 +66,17 @@ def to_8bit(im, where: str = 'image'):
   return im
 
 
+# Datasets that store each image whole, resized to a square (stretched, as the paper's 11k Hands);
+# every other dataset keeps the central square of each image, aspect ratio kept.
+STRETCHED = ('hands11k',)
+
+
+def stored_geometry(dataset: str) -> str:
+  """How `dataset` (a config.data.dataset) stored its images: 'stretch' (the whole image resized to
+  S x S) or 'square' (the central square, resized to S x S: the scale is S / the short side)."""
+  return 'stretch' if str(dataset).split('/')[0] in STRETCHED else 'square'
+
+
 def center_square(width: int, height: int) -> tuple[int, int, int]:
   """(left, top, side) of the largest centred square: side = min(width, height)."""
   side = min(int(width), int(height))
