@@ -33,6 +33,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from sano_jax import files
+from sano_jax import methods
 
 
 class DamagedCheckpointError(RuntimeError):
@@ -230,7 +231,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def model_signature(config) -> dict:
   """The method and the config values its checkpoint's shapes depend on."""
-  from sano_jax import methods  # pylint: disable=g-import-not-at-top
   return methods.create(config).signature()
 
 
@@ -238,7 +238,6 @@ def check_same_model(config, workdir: str) -> None:
   """A clear error when `workdir` holds a run of another method or model than `config` describes."""
   if not files.exists(os.path.join(workdir, 'config.json')):
     return
-  from sano_jax import methods  # pylint: disable=g-import-not-at-top
   saved = load_config(workdir)
   old_name, new_name = methods.method_name(saved), methods.method_name(config)
   if old_name != new_name:
@@ -298,7 +297,6 @@ def restore_for_inference(workdir: str, *, best: bool = True, ema: bool | None =
 
   config: the config to build the method from (default: the run's own config.json); it must
   describe the same method and model (`check_same_model`)."""
-  from sano_jax import methods  # pylint: disable=g-import-not-at-top
   if config is None:
     config = load_config(workdir)
   else:

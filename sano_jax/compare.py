@@ -20,7 +20,14 @@ from typing import Sequence
 
 import numpy as np
 
+from sano_jax import checkpointing
+from sano_jax import evaluate
 from sano_jax import files
+from sano_jax import input_pipeline
+from sano_jax import methods
+from sano_jax import report
+from sano_jax import rundir
+from sano_jax import train
 
 COLUMNS = (('auroc', 'AUROC'), ('auprc', 'AUPRC'), ('aupro', 'AUPRO'), ('op_dice', 'Dice @ OP'),
            ('op_iou', 'IoU @ OP'),
@@ -97,7 +104,6 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 def pick_examples(masks: np.ndarray) -> list[int]:
   """Indices of the test images with the largest, median and smallest anomaly, and a healthy one."""
-  from sano_jax import report  # pylint: disable=g-import-not-at-top
   return report.pick_rows(masks.reshape(len(masks), -1).sum(axis=1), 4)
 
 
@@ -107,7 +113,6 @@ def write_figure(workdirs: Sequence[str], path: str, max_images: int = 256) -> s
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from sano_jax import checkpointing, input_pipeline, report, rundir  # pylint: disable=g-import-not-at-top
 
   config = checkpointing.load_config(workdirs[0])
   source = input_pipeline.get_source(config, config.data.test_split)
@@ -154,7 +159,6 @@ def reuse_model(source_dir: str, workdir: str, config) -> bool:
   """A method that trains exactly another's model with its loss (`Method.reuses_model_of`, e.g.
   AnoDDPM of SANO): copy that trained run's checkpoints (not its statistics or evaluation) instead
   of training the same model twice. False (nothing copied) unless the models match."""
-  from sano_jax import checkpointing, methods, rundir  # pylint: disable=g-import-not-at-top
   source = methods.method_class(config).reuses_model_of
   if (source is None or not files.isdir(os.path.join(source_dir, 'best'))
       or files.exists(workdir)):
@@ -172,7 +176,6 @@ def train_all(config, root: str, names) -> list[str] | None:
   """Trains and evaluates each method (same data, steps and batch) into ROOT/<method>; None when a
   training was preempted (SIGTERM): it saved its checkpoint, nothing half-trained is evaluated,
   and the same call resumes it."""
-  from sano_jax import evaluate, methods, train  # pylint: disable=g-import-not-at-top
   workdirs = []
   for name in names:
     methods.check_name(name)

@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from sano_jax import curves
 from sano_jax import files
 from sano_jax import metrics as metrics_lib
 
@@ -327,7 +328,6 @@ def format_table(attribute: str, section: dict) -> str:
 def write_figure(attribute: str, section: dict, path: str) -> str:
   """One bar chart per metric (AUROC, AUPRC, AUPRO, Dice/IoU at OP and at N sigma) over the values of
   `attribute`, error bars = bootstrap std, 'n/a' where undefined; written to `path` (PNG)."""
-  from sano_jax import curves  # pylint: disable=g-import-not-at-top
   plt = curves.pyplot()
   values = list(section['values'])
   rows = math.ceil(len(METRICS) / 2)

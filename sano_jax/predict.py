@@ -24,7 +24,10 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from sano_jax import cli
 from sano_jax import files
+from sano_jax import rundir
+from sano_jax.datasets import images as images_lib
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
                     '.pgm')
@@ -52,7 +55,6 @@ def read_image(path: str, channels: int) -> np.ndarray:
   float by its range, CMYK converted to RGB. Raises ValueError naming the file when it cannot be
   read as an image (corrupt, truncated, or over Pillow's decompression-bomb limit).
   """
-  from sano_jax.datasets import images as images_lib  # pylint: disable=g-import-not-at-top
   if channels not in (1, 3):
     raise ValueError(f'the model has {channels} channels; predict supports 1 (gray) or 3 (RGB)')
   try:
@@ -174,8 +176,6 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
   Returns per image {path, mask, heatmap, height, width, max_z, anomalous_fraction}.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from sano_jax import rundir
-  from sano_jax.datasets import images as images_lib  # pylint: disable=g-import-not-at-top
 
   paths = find_images(images) if isinstance(images, str) else list(images)
   if not paths:
@@ -250,7 +250,6 @@ flags.mark_flags_as_required(['workdir', 'images', 'out'], flag_values=_FLAGS)
 
 def main(argv: Sequence[str]) -> int:
   """Anomaly masks and heatmaps for image files with a trained run (flags: module docstring)."""
-  from sano_jax import cli  # pylint: disable=g-import-not-at-top
   cli.parse_args(_FLAGS, argv, 'python -m sano_jax.predict')
   args = _FLAGS
   try:
