@@ -36,7 +36,7 @@ import functools
 import math
 import os
 import time
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple
 
 from absl import logging
 import jax
@@ -248,6 +248,108 @@ def _make_accumulators(config, n_pixels: int, thresholds, score_range, baseline:
   return make, base
 
 
+class _Scored(NamedTuple):
+  """The test split's pass, merged over the processes: the accumulators and the counts."""
+  acc: Any
+  base_acc: Any
+  grouped: Any
+  fig_set: Any
+  device_s: float
+  timed_images: int
+  n_anomalous: int
+  n_valid: int
+  pass_s: float
+  passes: int
+
+
+def calibrated(config, params, val_source):
+  """(config with the label-free choice applied, the choice), or (config, None) without
+  localize.calibrate. Every process calibrates; all use process 0's choice."""
+  if not config.localize.get('calibrate', False):
+    return config, None
+  choice = calibration.calibrate(config, methods_lib.create_at(config, calibration.T_GRID),
+                                 params, val_source, seed=int(config.get('seed', 0)))
+  choice = gather.gather_from_processes(choice, 'calibration')[0]  # all use process 0's
+  config = calibration.apply(config, choice)
+  logging.info('calibrated on %d synthetic anomalies in %.1f s: t=%s rule=%s sigma=%g N=%.3g',
+               choice['synthetic']['num_synthetic_images'], choice['seconds'], choice['t'],
+               choice['rule'], float(config.localize.smoothing_sigma), choice['n_sigma'])
+  return config, choice
+
+
+def score_test_split(config, test_source, mesh, zmaps_and_baseline, *, n_threshold: float,
+                     lookup, baseline: bool) -> _Scored | None:
+  """Scores the test split in batches into the metric accumulators (a first pass fixes the
+  histogram range when the split is too large for the exact path), gathers them from every
+  process and merges them; None on processes other than 0 (after the merge they have no use)."""
+  ec = config.eval
+  h = w = int(config.data.image_size)
+  n_pixels = len(test_source) * h * w
+  exact = n_pixels <= int(ec.get('exact_max_pixels', 0))
+  n_batches = _num_batches(test_source, config)
+
+  def scored(desc):
+    """Yields (host batch, z [N,H,W], baseline [N,H,W] or None, device seconds) per batch."""
+    carried = lookup.carried if lookup is not None else ()
+    for batch in _progress(_batches(test_source, config, mesh, carried), n_batches, desc):
+      images = sharding.shard_batch({'image': _unit_images(batch)}, mesh)['image']
+      tic = time.perf_counter()
+      z, base = zmaps_and_baseline(images)
+      z = np.asarray(z)
+      base = None if base is None else np.asarray(base)
+      yield batch, z, base, time.perf_counter() - tic
+
+  score_range = None
+  passes = 1
+  if not exact:  # a first pass fixes the histogram range of the z-maps
+    rng = metrics_lib.StreamingRange()
+    for batch, z, _, _ in scored('test range pass'):
+      rng.add(z, _flat(batch['valid']))
+    lo, hi = metrics_lib.StreamingRange.merge(gather.gather_from_processes(rng, 'test_range')).range
+    score_range = (min(lo, 0.0), max(hi, n_threshold * 1.01))
+    passes = 2
+  make_acc, base_acc = _make_accumulators(config, n_pixels, (n_threshold,), score_range, baseline)
+  acc = make_acc()
+  grouped = None if lookup is None else groups_lib.GroupedMetrics(lookup.attributes, make_acc)
+  fig_set = report.FigureSet(int(ec.get('num_figures', 8)))
+  device_s, timed_images, n_anomalous, n_valid = 0.0, 0, 0, 0
+  tic_pass = time.perf_counter()
+  for b, (batch, z, base, dt) in enumerate(scored('test')):
+    valid = _flat(batch['valid'])
+    masks = _flat(batch['mask'])[..., 0]
+    subjects = _flat(batch['subject'])
+    index = _flat(batch['index'])
+    acc.add(z, masks, subjects, valid, indices=index)
+    if base_acc is not None:
+      base_acc.add(base, masks, subjects, valid, indices=index)
+    if b > 0 or n_batches == 1:  # the first call compiles: keep it out of images/s if we can
+      device_s += dt
+      timed_images += int(valid.sum())
+    n_valid += int(valid.sum())
+    n_anomalous += int((masks[valid].reshape(int(valid.sum()), -1).any(axis=1)).sum())
+    fig_set.add(masks, index, valid)
+    if grouped is not None:
+      flat = {k: _flat(batch[k]) for k in lookup.carried + ('name',)}
+      grouped.add(z, masks, subjects, valid, lookup.values(flat), indices=index)
+  pass_s = time.perf_counter() - tic_pass
+  parts = gather.gather_from_processes(
+      (acc, base_acc, grouped, fig_set, (device_s, timed_images, n_anomalous, n_valid)), 'test')
+  if jax.process_index() != 0:
+    return None
+  if len(parts) > 1:  # one accumulator of each kind over all processes' images
+    acc = metrics_lib.PixelMetricsAccumulator.merge([p[0] for p in parts])
+    if base_acc is not None:
+      base_acc = metrics_lib.PixelMetricsAccumulator.merge([p[1] for p in parts])
+    if grouped is not None:
+      grouped = groups_lib.GroupedMetrics.merge([p[2] for p in parts])
+    fig_set = report.FigureSet.merge([p[3] for p in parts])
+    counts = np.array([p[4] for p in parts])
+    device_s = float(counts[:, 0].max())  # the processes score at the same time
+    timed_images, n_anomalous, n_valid = (int(c) for c in counts[:, 1:].sum(axis=0))
+  return _Scored(acc, base_acc, grouped, fig_set, device_s, timed_images, n_anomalous, n_valid,
+                 pass_s, passes)
+
+
 def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_source=None,
              val_source=None, test_source=None) -> dict:
   """Evaluates the best checkpoint in `workdir`; returns (and writes) the metrics.json dict.
@@ -257,6 +359,10 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   `input_pipeline.get_source(config, split)`; tests may pass in-memory lists of contract dicts.
   With several processes (module docstring) every process calls it alike; process 0 writes and
   returns the dict, the others return None once it has written.
+
+  Stages: calibrate (`calibrated`) -> fit the healthy statistics and write the inference bundle ->
+  the baseline's mean -> score the test split (`score_test_split`) -> metrics -> the report
+  (`sano_jax.report`).
   """
   from sano_jax import input_pipeline
   _check_workdir(workdir)
@@ -264,14 +370,14 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   if config is None:
     config = checkpointing.load_config(workdir)
   checkpointing.check_same_model(config, workdir)
-  lc, ec = config.localize, config.eval
+  ec = config.eval
   t_start = time.perf_counter()
 
   mesh = eval_mesh(config)
   # Orbax's restore may run a cross-process collective: meet first (gloo's 30 s to join one).
   distributed.barrier('sano_eval_start')
-  _, method, params, step = checkpointing.restore_for_inference(workdir, ema=bool(lc.use_ema),
-                                                               config=config)
+  _, method, params, step = checkpointing.restore_for_inference(
+      workdir, ema=bool(config.localize.use_ema), config=config)
   val_source = val_source if val_source is not None else input_pipeline.get_source(
       config, config.data.validation_split)
   test_source = test_source if test_source is not None else input_pipeline.get_source(
@@ -281,30 +387,22 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   lookup = groups_lib.resolve(config, test_source)  # an unknown attribute fails before any work
 
   # 0. Label-free calibration of t, rule and N (healthy validation images only).
-  choice = None
-  if lc.get('calibrate', False):
-    choice = calibration.calibrate(config, methods_lib.create_at(config, calibration.T_GRID),
-                                   params, val_source, seed=int(config.get('seed', 0)))
-    choice = gather.gather_from_processes(choice, 'calibration')[0]  # all use process 0's
-    config = calibration.apply(config, choice)
-    lc = config.localize
+  config, choice = calibrated(config, params, val_source)
+  if choice is not None:
     method = methods_lib.create(config)
-    logging.info('calibrated on %d synthetic anomalies in %.1f s: t=%s rule=%s sigma=%g N=%.3g',
-                 choice['synthetic']['num_synthetic_images'], choice['seconds'], choice['t'],
-                 choice['rule'], float(lc.smoothing_sigma), choice['n_sigma'])
-  # The settings of this evaluation: the config's, or the calibration's applied to it.
-  loc = localization.settings(lc)
-  rule, n_sigma, sigma, target_fpr = loc['rule'], loc['n_sigma'], loc['smoothing_sigma'], \
-      loc['target_fpr']
+  lc = config.localize
+  loc = localization.settings(lc)  # the config's settings, or the calibration's applied to it
+  rule, n_sigma, sigma, target_fpr = (loc['rule'], loc['n_sigma'], loc['smoothing_sigma'],
+                                      loc['target_fpr'])
   num_devices = mesh.devices.size * jax.process_count()
   logging.info('evaluating %s (%s) on %d device(s) in %d process(es), rule=%s, t=%s', workdir,
                method.name, num_devices, jax.process_count(), rule, method.ts)
 
-  # 1. Healthy statistics on the validation images.
+  # 1. Healthy statistics on the validation images, saved with their settings and checkpoint step.
   tic = time.perf_counter()
   stats = fit_stats(method, params, config, val_source, mesh)
   stats_seconds = time.perf_counter() - tic
-  if chief:  # the statistics with the settings and checkpoint step they belong to, as one unit
+  if chief:
     bundle = rundir.save(workdir, config=config, stats=stats, step=step, calibration=choice)
   logging.info('healthy score std %.4g over %d validation images', float(stats.std),
                int(stats.n_images))
@@ -331,89 +429,30 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   params_d = sharding.replicate(params, mesh)
   stats_d = sharding.replicate(stats, mesh)
   mean_d = None if mean is None else jnp.asarray(mean, jnp.float32)
-  h = w = int(config.data.image_size)
-  n_pixels = len(test_source) * h * w
-  exact = n_pixels <= int(ec.get('exact_max_pixels', 0))
-  n_batches = _num_batches(test_source, config)
-
-  def scored(desc):
-    """Yields (host batch, z [N,H,W], baseline [N,H,W] or None, device seconds) per batch."""
-    carried = lookup.carried if lookup is not None else ()
-    for batch in _progress(_batches(test_source, config, mesh, carried), n_batches, desc):
-      images = sharding.shard_batch({'image': _unit_images(batch)}, mesh)['image']
-      tic = time.perf_counter()
-      z, base = score_step(params_d, stats_d, images, mean_d)
-      z = np.asarray(z)
-      base = None if base is None else np.asarray(base)
-      yield batch, z, base, time.perf_counter() - tic
-
-  score_range = None
-  passes = 1
-  if not exact:  # a first pass fixes the histogram range of the z-maps
-    rng = metrics_lib.StreamingRange()
-    for batch, z, _, _ in scored('test range pass'):
-      rng.add(z, _flat(batch['valid']))
-    lo, hi = metrics_lib.StreamingRange.merge(gather.gather_from_processes(rng, 'test_range')).range
-    score_range = (min(lo, 0.0), max(hi, n_threshold * 1.01))
-    passes = 2
-  make_acc, base_acc = _make_accumulators(config, n_pixels, (n_threshold,), score_range,
-                                          do_baseline)
-  acc = make_acc()
-  grouped = None if lookup is None else groups_lib.GroupedMetrics(lookup.attributes, make_acc)
-  fig_set = report.FigureSet(int(ec.get('num_figures', 8)))
-  device_s, timed_images, n_anomalous, n_valid = 0.0, 0, 0, 0
-  tic_pass = time.perf_counter()
-  for b, (batch, z, base, dt) in enumerate(scored('test')):
-    valid = _flat(batch['valid'])
-    masks = _flat(batch['mask'])[..., 0]
-    subjects = _flat(batch['subject'])
-    index = _flat(batch['index'])
-    acc.add(z, masks, subjects, valid, indices=index)
-    if base_acc is not None:
-      base_acc.add(base, masks, subjects, valid, indices=index)
-    if b > 0 or n_batches == 1:  # the first call compiles: keep it out of images/s if we can
-      device_s += dt
-      timed_images += int(valid.sum())
-    n_valid += int(valid.sum())
-    n_anomalous += int((masks[valid].reshape(int(valid.sum()), -1).any(axis=1)).sum())
-    fig_set.add(masks, index, valid)
-    if grouped is not None:
-      flat = {k: _flat(batch[k]) for k in lookup.carried + ('name',)}
-      grouped.add(z, masks, subjects, valid, lookup.values(flat), indices=index)
-  pass_s = time.perf_counter() - tic_pass
-  parts = gather.gather_from_processes(
-      (acc, base_acc, grouped, fig_set, (device_s, timed_images, n_anomalous, n_valid)), 'test')
+  zmaps_and_baseline = lambda x: score_step(params_d, stats_d, x, mean_d)
+  scored = score_test_split(config, test_source, mesh, zmaps_and_baseline,
+                            n_threshold=n_threshold, lookup=lookup, baseline=do_baseline)
   if not chief:  # process 0 reports; the others wait until it has written
     distributed.barrier('sano_eval_written')
     return None
-  if len(parts) > 1:  # one accumulator of each kind over all processes' images
-    acc = metrics_lib.PixelMetricsAccumulator.merge([p[0] for p in parts])
-    if base_acc is not None:
-      base_acc = metrics_lib.PixelMetricsAccumulator.merge([p[1] for p in parts])
-    if grouped is not None:
-      grouped = groups_lib.GroupedMetrics.merge([p[2] for p in parts])
-    fig_set = report.FigureSet.merge([p[3] for p in parts])
-    counts = np.array([p[4] for p in parts])
-    device_s = float(counts[:, 0].max())  # the processes score at the same time
-    timed_images, n_anomalous, n_valid = (int(c) for c in counts[:, 1:].sum(axis=0))
 
   # 4. Metrics.
-  runs = int(ec.bootstrap_runs)
-  out = acc.compute(bootstrap_runs=runs, seed=int(config.get('seed', 0)))
+  runs, seed = int(ec.bootstrap_runs), int(config.get('seed', 0))
+  out = scored.acc.compute(bootstrap_runs=runs, seed=seed)
   out['n_sigma']['n'] = n_sigma
-  if grouped is not None:
-    out['groups'] = grouped.compute(runs, int(config.get('seed', 0)), n_sigma=n_sigma)
+  if scored.grouped is not None:
+    out['groups'] = scored.grouped.compute(runs, seed, n_sigma=n_sigma)
   base_metrics = None
-  if base_acc is not None:
-    bm = base_acc.compute(bootstrap_runs=0)
+  if scored.base_acc is not None:
+    bm = scored.base_acc.compute(bootstrap_runs=0)
     base_metrics = {'auroc': bm['auroc'], 'auprc': bm['auprc'], 'aupro': bm['aupro'],
                     'dice_at_op': bm['operating_point']['dice'],
                     'mean_intensity': [float(v) for v in mean],
                     'map': 'gaussian(mean_c |x - mean training intensity|)'}
   out.update(
       baseline=base_metrics,
-      num_anomalous_images=n_anomalous,
-      num_healthy_images=n_valid - n_anomalous,
+      num_anomalous_images=scored.n_anomalous,
+      num_healthy_images=scored.n_valid - scored.n_anomalous,
       localization={'method': method.name, 't': list(method.ts), 'rule': rule, 'n_sigma': n_sigma,
                     'n_sigma_threshold': n_threshold, 'smoothing_sigma': sigma,
                     'use_ema': bool(lc.use_ema), 'target_fpr': target_fpr},
@@ -425,36 +464,23 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
             'validation_split': str(config.data.validation_split),
             'image_size': int(config.data.image_size),
             'num_channels': int(config.data.num_channels)},
-      timing={'images_per_s': timed_images / device_s if device_s > 0 else None,
-              'end_to_end_images_per_s': n_valid / pass_s if pass_s > 0 else None,
-              'score_stats_seconds': stats_seconds, 'test_passes': passes,
+      timing={'images_per_s': (scored.timed_images / scored.device_s if scored.device_s > 0
+                               else None),
+              'end_to_end_images_per_s': (scored.n_valid / scored.pass_s if scored.pass_s > 0
+                                          else None),
+              'score_stats_seconds': stats_seconds, 'test_passes': scored.passes,
               'total_seconds': None, 'num_devices': int(num_devices),
               'num_processes': int(jax.process_count()), 'batch_size': int(ec.batch_size)},
   )
 
-  # 5. Figures and metrics.json.
-  eval_dir = os.path.join(workdir, 'eval')
-  files.makedirs(eval_dir)
-  zmaps = lambda x: score_step(params_d, stats_d, x, mean_d)[0]
-  figures = report.write_figures(_figure_rows(fig_set.picks(), test_source, config, mesh, zmaps),
-                                 os.path.join(eval_dir, 'figures'),
-                                 op_threshold=float(out['operating_point']['threshold']),
-                                 n_sigma_threshold=n_threshold, n_sigma=n_sigma)
-  out['figures'] = figures
-  out['curves'] = report.write_curves(acc, out, eval_dir, n_sigma,
-                                     f"({method.name}, {config.data.dataset})")
-  for attr, section in out.get('groups', {}).items():
-    section['figure'] = groups_lib.write_figure(
-        attr, report.json_safe(section), os.path.join(eval_dir, 'figures', f'groups_{attr}.png'))
-  out = report.json_safe(out)
-  images = {f'eval/{os.path.splitext(os.path.basename(p))[0]}': p
-            for p in figures + list(out['curves'].get('figures', {}).values())
-            + [s['figure'] for s in out.get('groups', {}).values()]}
-  out['tensorboard'] = os.path.join(eval_dir, 'tensorboard')
-  if not report.write_summaries(out['tensorboard'], step, report.summary_scalars(out), images):
-    out['tensorboard'] = None
+  # 5. Figures, curves, TensorBoard and metrics.json.
+  rows = _figure_rows(scored.fig_set.picks(), test_source, config, mesh,
+                      lambda x: zmaps_and_baseline(x)[0])
+  out = report.write_report(out, rows, scored.acc, os.path.join(workdir, 'eval'), step=step,
+                            n_threshold=n_threshold,
+                            title=f'({method.name}, {config.data.dataset})')
   out['timing']['total_seconds'] = time.perf_counter() - t_start
-  path = os.path.join(eval_dir, 'metrics.json')
+  path = os.path.join(workdir, 'eval', 'metrics.json')
   files.atomic_write_json(path, out)  # local or gs://; never half written
   num = lambda v: math.nan if v is None else v  # JSON null (undefined) -> nan; 0.0 stays 0.0
   logging.info('AUROC %.4f AUPRC %.4f AUPRO %.4f | OP dice %.4f iou %.4f | N=%g dice %.4f | '
@@ -465,5 +491,3 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   logging.info('wrote %s', path)
   distributed.barrier('sano_eval_written')
   return out
-
-

@@ -226,3 +226,28 @@ def format_summary(metrics: dict, workdir: str, seconds: float) -> str:
     rows += [f'  by {attr} (± subject bootstrap std; OP = each group\'s own best-F1 threshold; '
              'gap [95% interval]):', groups_lib.format_table(attr, section)]
   return '\n'.join(rows)
+
+
+def write_report(out: dict, figure_rows: list, acc, eval_dir: str, *, step: int,
+                 n_threshold: float, title: str) -> dict:
+  """Writes the evaluation's figures (Fig. 1-style grids of `figure_rows`, the ROC / PR curves and
+  z histogram of `acc`, a bar chart per group attribute) and its TensorBoard summaries at `step`
+  into `eval_dir`; returns `out` (the metrics dict) with their paths, JSON-safe."""
+  files.makedirs(eval_dir)
+  n_sigma = out['n_sigma']['n']
+  figures = write_figures(figure_rows, os.path.join(eval_dir, 'figures'),
+                          op_threshold=float(out['operating_point']['threshold']),
+                          n_sigma_threshold=n_threshold, n_sigma=n_sigma)
+  out['figures'] = figures
+  out['curves'] = write_curves(acc, out, eval_dir, n_sigma, title)
+  for attr, section in out.get('groups', {}).items():
+    section['figure'] = groups_lib.write_figure(
+        attr, json_safe(section), os.path.join(eval_dir, 'figures', f'groups_{attr}.png'))
+  out = json_safe(out)
+  images = {f'eval/{os.path.splitext(os.path.basename(p))[0]}': p
+            for p in figures + list(out['curves'].get('figures', {}).values())
+            + [s['figure'] for s in out.get('groups', {}).values()]}
+  out['tensorboard'] = os.path.join(eval_dir, 'tensorboard')
+  if not write_summaries(out['tensorboard'], step, summary_scalars(out), images):
+    out['tensorboard'] = None
+  return out
