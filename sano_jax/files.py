@@ -164,23 +164,34 @@ def atomic_write_json(p: epath.PathLike, obj: Any, indent: int | None = 2) -> No
   atomic_write_text(p, json.dumps(obj, indent=indent))
 
 
-def save_npz(p: epath.PathLike, **arrays) -> None:
-  """`np.savez` (uncompressed) into memory, then written atomically."""
+def npz_bytes(**arrays) -> bytes:
+  """The bytes of `np.savez` (uncompressed) of `arrays`."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   np.savez(buf, **arrays)
-  atomic_write_bytes(p, buf.getvalue())
+  return buf.getvalue()
 
 
-def load_npz(p: epath.PathLike, hint: str = '') -> dict:
-  """{name: array} of an .npz (no pickles); FileNotFoundError / ValueError naming the file."""
+def npz_arrays(data: bytes, where: str, fix: str = '') -> dict:
+  """{name: array} of .npz bytes (no pickles); ValueError naming `where` (and `fix`, what to do)
+  when unreadable."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  data = read_bytes(p, hint)
   try:
     with np.load(io.BytesIO(data), allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
   except Exception as e:  # pylint: disable=broad-except  # zipfile, pickle and format errors
-    raise ValueError(f'{p} is not a readable .npz file ({type(e).__name__}: {e})') from e
+    raise ValueError(f'{where} is not a readable .npz file ({type(e).__name__}: {e})'
+                     + (f'; {fix}' if fix else '')) from e
+
+
+def save_npz(p: epath.PathLike, **arrays) -> None:
+  """`np.savez` (uncompressed) into memory, then written atomically."""
+  atomic_write_bytes(p, npz_bytes(**arrays))
+
+
+def load_npz(p: epath.PathLike, hint: str = '') -> dict:
+  """{name: array} of an .npz (no pickles); FileNotFoundError / ValueError naming the file."""
+  return npz_arrays(read_bytes(p, hint), str(p))
 
 
 def save_figure(fig, p: epath.PathLike, dpi: int = 100) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import io
 import json
 import math
 import os
@@ -32,7 +31,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections
-import numpy as np
 
 from sano_jax import checkpointing
 from sano_jax import files
@@ -65,19 +63,13 @@ def _hash(data: bytes) -> str:
 
 
 def stats_bytes(stats) -> bytes:
-  buf = io.BytesIO()
-  np.savez(buf, **localization.stats_to_arrays(stats))
-  return buf.getvalue()
+  """The statistics as the bytes of an .npz (the part `save` writes and hashes)."""
+  return files.npz_bytes(**localization.stats_to_arrays(stats))
 
 
 def stats_from_bytes(data: bytes, where: str):
-  try:
-    with np.load(io.BytesIO(data), allow_pickle=False) as f:
-      arrays = {k: f[k] for k in f.files}
-  except Exception as e:  # pylint: disable=broad-except  # zipfile, pickle and format errors
-    raise ValueError(f'{where} is not a readable .npz file ({type(e).__name__}: {e}); '
-                     'rerun run_eval.py') from e
-  return localization.stats_from_arrays(arrays, where)
+  """The statistics of `stats_bytes`' bytes; a ValueError naming `where` when unreadable."""
+  return localization.stats_from_arrays(files.npz_arrays(data, where, 'rerun run_eval.py'), where)
 
 
 def save(workdir: str, *, config, stats, step: int, calibration: dict | None = None) -> dict:
