@@ -30,7 +30,7 @@ from ml_collections import config_flags
 
 from benchmarks import bench_train
 from benchmarks import common
-from sano_jax import localization, models, score, sde as sde_lib
+from sano_jax import localization, score_stats, models, score, sde as sde_lib
 from sano_jax import multiscale
 from sano_jax.baselines import anoddpm
 
@@ -46,7 +46,7 @@ def build_localize(model, sde, lc):
 
 
 def fake_stats(image_shape, smoothing_sigma):
-  s = localization.init_stats(image_shape, smoothing_sigma=smoothing_sigma)
+  s = score_stats.init_stats(image_shape, smoothing_sigma=smoothing_sigma)
   one = jnp.float32(1.0)
   return s.replace(count=one, m2=one, n_images=one, pixel_m2=jnp.ones_like(s.pixel_m2),
                    map_count=one, map_m2=one)

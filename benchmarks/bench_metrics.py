@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from sano_jax import metrics
+from sano_jax import accumulator
 
 
 def _peak_rss_mib() -> float:
@@ -34,7 +34,7 @@ def main():
 
   rng = np.random.default_rng(args.seed)
   subject_of = np.sort(rng.integers(0, args.subjects, args.images))  # images grouped by subject
-  acc = metrics.PixelMetricsAccumulator(args.num_bins, (0.0, 20.0), thresholds=(3.0,))
+  acc = accumulator.PixelMetricsAccumulator(args.num_bins, (0.0, 20.0), thresholds=(3.0,))
   yy, xx = np.mgrid[:args.size, :args.size]
   t_gen = t_add = 0.0
   rss_start = _peak_rss_mib()

@@ -25,7 +25,7 @@ from scipy import stats as scipy_stats
 from sano_jax import calibration
 from sano_jax import checkpointing
 from sano_jax import input_pipeline
-from sano_jax import localization
+from sano_jax import anomaly_maps
 from sano_jax import methods
 from sano_jax import metrics
 
@@ -65,7 +65,7 @@ def main(argv):
   cands = calibration.candidates(ts)
   bs = int(config.eval.batch_size)
   val_x = calibration.read_images(val_source, range(len(val_source)))
-  fields_fn = jax.jit(lambda x: localization._as_fields(field_fn(2.0 * x - 1.0)))  # pylint: disable=protected-access
+  fields_fn = jax.jit(lambda x: anomaly_maps.as_fields(field_fn(2.0 * x - 1.0)))  # pylint: disable=protected-access
   zfn = jax.jit(lambda st, fields: calibration.candidate_zmaps(st, fields, cands))
   sigmas = list(dict.fromkeys(r['smoothing_sigma'] for r in choice['candidates']))  # choose's order
   zs = [np.concatenate([np.asarray(zfn(stats, fields_fn(chunk)))[:, valid]

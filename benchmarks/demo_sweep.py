@@ -3,7 +3,7 @@ r"""Sweep the localization time t and rule of a trained run (no retraining), aga
   PYTHONPATH=. python benchmarks/demo_sweep.py --workdir=workdirs/demo \
       [--ts=0.001,0.003,0.01,0.02,0.05,0.1] [--rules=global,two_sided]
 
-For each t: healthy statistics are fitted on the validation split (``localization.fit_score_stats``,
+For each t: healthy statistics are fitted on the validation split (``score_stats.fit_score_stats``,
 one forward pass per image), then the test split is scored once; for each rule the z-map is formed
 as ``localization.localize`` does and the test pixels give AUROC, AUPRC (exact, ``sano_jax.metrics``),
 Dice at z > n_sigma (threshold from healthy validation statistics only) and Dice at the best-F1
@@ -24,7 +24,8 @@ import numpy as np
 
 from sano_jax import checkpointing
 from sano_jax import input_pipeline
-from sano_jax import localization
+from sano_jax import anomaly_maps
+from sano_jax import score_stats
 from sano_jax import metrics
 
 flags.DEFINE_string('workdir', None, 'A trained run directory (best/ or checkpoints/).')
@@ -88,14 +89,14 @@ def main(argv):
     t_vec = jnp.full((x.shape[0],), t, jnp.float32)
     return -model.apply({'params': params}, x, t_vec, train=False) / sde.marginal_std(t)
 
-  amap = jax.jit(lambda s: localization.anomaly_map(s, sig))
+  amap = jax.jit(lambda s: anomaly_maps.anomaly_map(s, sig))
   for t_str in FLAGS.ts:
     t0 = time.perf_counter()
     t = jnp.float32(float(t_str))
     score_fn = lambda x: score(x, t)
     # Healthy statistics on validation, through the library's streaming fit (images in [0, 1]).
     val01 = (val_x + 1.0) / 2.0
-    stats = localization.fit_score_stats(
+    stats = score_stats.fit_score_stats(
         score_fn, ((val01[i:i + bs], np.ones(len(val01[i:i + bs]), bool))
                    for i in range(0, len(val01), bs)), smoothing_sigma=sig)
     a = batched(lambda x: amap(score_fn(x)), test_x, bs)

@@ -43,9 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
+from sano_jax import anomaly_maps
+from sano_jax import image_checks
 from sano_jax import localization
 from sano_jax import metrics as metrics_lib
 from sano_jax import multiscale
+from sano_jax import score_stats
 
 T_GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 DENSITY_SETS = ((0.005, 0.01, 0.02, 0.05), (0.02, 0.05, 0.1, 0.2, 0.4), T_GRID)
@@ -180,10 +183,10 @@ def candidates(ts: tuple) -> list[tuple[str, tuple[int, ...]]]:
   return out
 
 
-def candidate_zmaps(stats: localization.MultiStats, fields, cands) -> jax.Array:
+def candidate_zmaps(stats: score_stats.MultiStats, fields, cands) -> jax.Array:
   """z-maps [num_candidates, B, H, W] of all candidates from the K fields (jit-able), smoothed
   with the stats' sigma."""
-  fields = localization._as_fields(fields)  # pylint: disable=protected-access
+  fields = anomaly_maps.as_fields(fields)  # pylint: disable=protected-access
   return jnp.stack([localization.combine(stats.select(idx), [fields[i] for i in idx], rule)
                     for rule, idx in cands])
 
@@ -195,12 +198,12 @@ def _jitted_zmaps(cands: tuple):
   return jax.jit(lambda stats, fields: candidate_zmaps(stats, fields, cands))
 
 
-_update_multi_stats = jax.jit(localization.update_multi_stats)  # one jit for every calibration
+_update_multi_stats = jax.jit(score_stats.update_multi_stats)  # one jit for every calibration
 
 
 def read_images(source, indices) -> np.ndarray:
   """Images [N,H,W,C] float32 in [0, 1] of `source` at `indices`."""
-  return np.stack([np.asarray(source[int(i)]['image'], np.float32) / 255.0 for i in indices])
+  return image_checks.to_unit(np.stack([source[int(i)]['image'] for i in indices]))
 
 
 def _batched(images: np.ndarray, batch_size: int):
@@ -248,11 +251,11 @@ def fit_stats_at(fields_fn, images: np.ndarray, ts: tuple, sigmas, batch_size: i
   """MultiStats of healthy `images` [N,H,W,C] in [0,1] at each smoothing sigma, one forward pass
   (`fields_fn`, jitted: [0,1] images -> list of K fields) per batch for all of them."""
   update = _update_multi_stats
-  stats = [localization.init_multi_stats(images.shape[1:], ts, smoothing_sigma=s) for s in sigmas]
+  stats = [score_stats.init_multi_stats(images.shape[1:], ts, smoothing_sigma=s) for s in sigmas]
   for chunk, valid in _batched(images, batch_size):
     fields = fields_fn(chunk)
     stats = [update(st, fields, valid) for st in stats]
-  return [localization.finalize(jax.device_get(st)) for st in stats]
+  return [score_stats.finalize(jax.device_get(st)) for st in stats]
 
 
 def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
@@ -266,7 +269,7 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   tic = time.perf_counter()
   sigmas = tuple(float(f) * float(smoothing_sigma) for f in sigma_factors)
   cands = candidates(ts)
-  fields_fn = jax.jit(lambda x: localization._as_fields(field_fn(2.0 * x - 1.0)))  # pylint: disable=protected-access
+  fields_fn = jax.jit(lambda x: anomaly_maps.as_fields(field_fn(2.0 * x - 1.0)))  # pylint: disable=protected-access
   zfn = _jitted_zmaps(tuple(cands))
   n, h, w = images.shape[:3]
   keep_fraction = min(1.0, MAX_PIXELS / float(n * h * w))  # pixels kept: a fixed random share

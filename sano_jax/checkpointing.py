@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sys
 import time
 from typing import Any, NamedTuple
@@ -40,49 +39,13 @@ class DamagedCheckpointError(RuntimeError):
   """Every checkpoint of a run directory is damaged (unreadable, truncated or incomplete)."""
 
 
-# A read that fails with one of these (or a message naming one) says nothing about the checkpoint:
-# it is retried RETRIES times with exponential backoff, then raised; never taken for damage.
-_TRANSIENT_TYPES = (ConnectionError, TimeoutError, InterruptedError, BlockingIOError)
-_TRANSIENT_MESSAGE = re.compile(
-    r'timed out|timeout|deadline exceeded|unavailable|temporarily|connection (reset|aborted|refused)'
-    r'|too many requests|rate limit|try again|\b(http|status|code)\W{0,3}(429|50[0234])\b')
-RETRIES = 3
-BACKOFF_S = 1.0
-
-
-def is_transient(e: BaseException) -> bool:
-  """True for errors of the storage or the network, not of the checkpoint's bytes."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, _TRANSIENT_TYPES) or _TRANSIENT_MESSAGE.search(str(e).lower()):
-      return True
-    e = e.__cause__ or e.__context__
-  return False
-
-
 def _read(restore, where: str):
-  """restore(), retried on transient errors (`is_transient`): RETRIES more tries, BACKOFF_S * 2^k
-  apart, then the transient error is raised. Any other error is raised at once (damage)."""
-  for attempt in range(RETRIES + 1):
-    try:
-      with _quiet_abandoned_reads():
-        return restore()
-    except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds
-      if not is_transient(e):
-        raise
-      if attempt == RETRIES:
-        raise TransientReadError(f'reading {where} failed {RETRIES + 1} times with a storage error '
-                                 f'({type(e).__name__}: {_first_line(e)}); nothing was moved or '
-                                 'deleted: try again when the storage answers') from e
-      logging.warning('reading %s failed (%s: %s): retry %d of %d in %.0f s', where,
-                      type(e).__name__, _first_line(e), attempt + 1, RETRIES,
-                      BACKOFF_S * 2**attempt)
-      time.sleep(BACKOFF_S * 2**attempt)
-
-
-class TransientReadError(OSError):
-  """A checkpoint could not be read because the storage failed repeatedly (not damage)."""
+  """restore() under `files.retrying`: transient storage errors are retried, then raised as
+  files.TransientReadError; any other error is raised at once (damage)."""
+  def quiet_restore():
+    with _quiet_abandoned_reads():
+      return restore()
+  return files.retrying(quiet_restore, where)
 
 
 # Orbax deletes a checkpoint it drops file by file, in place: a run killed meanwhile left a step
@@ -114,7 +77,7 @@ def _empty_trash(mngr: ocp.CheckpointManager) -> None:
   except FileNotFoundError:
     pass
   except Exception as e:  # pylint: disable=broad-except  # never fail a run over deleted checkpoints
-    logging.warning('cannot delete %s (%s)', trash, _first_line(e))
+    logging.warning('cannot delete %s (%s)', trash, files.first_line(e))
 
 
 class CheckpointStore:
@@ -154,8 +117,8 @@ class CheckpointStore:
   def restore_latest(self, target: Any) -> Any:
     """The newest intact checkpoint, restored into `target`'s structure.
 
-    Steps are tried newest first. A storage error (`is_transient`: a timeout, a refused connection,
-    HTTP 429/5xx) is retried, then raised as TransientReadError: nothing is moved. One that Orbax
+    Steps are tried newest first. A storage error (`files.is_transient`: a timeout, a refused connection,
+    HTTP 429/5xx) is retried, then raised as files.TransientReadError: nothing is moved. One that Orbax
     cannot read otherwise (a truncated or missing file, whatever exception that raises) is logged
     as damaged and the previous one is tried; once one restores,
     the damaged newer ones are moved aside to damaged_checkpoints/ (so that the run can write those
@@ -167,14 +130,14 @@ class CheckpointStore:
       try:
         restored = _read(lambda: self.latest.restore(step, args=ocp.args.StandardRestore(target)),
                          os.path.join(str(self.latest.directory), str(step)))
-      except TransientReadError:
+      except files.TransientReadError:
         raise
       except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds on damage
         saved = _saved_shapes(self.latest, step)
         if saved is not None and saved != want:
           raise _mismatch(self.workdir, step, saved, want) from e
         logging.warning('the checkpoint at step %d in %s is damaged (%s: %s); trying the previous '
-                        'one', step, self.latest.directory, type(e).__name__, _first_line(e))
+                        'one', step, self.latest.directory, type(e).__name__, files.first_line(e))
         damaged.append((step, e))
         continue
       got = _leaf_shapes(restored)
@@ -189,7 +152,7 @@ class CheckpointStore:
       return restored
     raise DamagedCheckpointError(
         f'every checkpoint in {os.path.join(self.workdir, "checkpoints")!r} is damaged: steps '
-        f'{[d for d, _ in damaged]} ({"; ".join(f"{d}: {_first_line(e)}" for d, e in damaged)}). '
+        f'{[d for d, _ in damaged]} ({"; ".join(f"{d}: {files.first_line(e)}" for d, e in damaged)}). '
         'Nothing was overwritten. To start this run from scratch, move the checkpoints/ folder '
         'away; or use a fresh --workdir.')
 
@@ -206,7 +169,7 @@ class CheckpointStore:
         dst.parent.mkdir(parents=True, exist_ok=True)
         src.rename(dst)
       except Exception as e:  # pylint: disable=broad-except  # a store that cannot rename folders
-        logging.warning('cannot move %s aside (%s): deleting it', src, _first_line(e))
+        logging.warning('cannot move %s aside (%s): deleting it', src, files.first_line(e))
         src.rmtree()
     if jax.process_count() > 1:
       ocp.multihost.sync_global_processes(f'sano_set_aside_{step}')
@@ -301,7 +264,16 @@ def restore_for_inference(workdir: str, *, best: bool = True, ema: bool | None =
     config = load_config(workdir)
   else:
     check_same_model(config, workdir)
-  ema = config.localize.use_ema if ema is None else ema
+  method = methods.create(config)
+  params, step = restore_params(workdir, method, best=best,
+                                ema=config.localize.use_ema if ema is None else ema)
+  return Restored(config, method, params, step)
+
+
+def restore_params(workdir: str, method, *, best: bool = True, ema: bool = True):
+  """(params, step): the best-by-validation (else latest intact) checkpoint's EMA (or raw) params
+  of `method`'s run in `workdir`, checked against the method's shapes. The caller vouches that
+  `method` is the run's (`restore_for_inference` checks config.json)."""
   key = 'ema_params' if ema else 'params'
   restored, damaged = None, []
   if best and files.isdir(os.path.join(workdir, 'best')):
@@ -324,12 +296,11 @@ def restore_for_inference(workdir: str, *, best: bool = True, ema: bool | None =
     if restored is None:
       raise DamagedCheckpointError(
           f'every checkpoint in {workdir!r} is damaged: '
-          f'{"; ".join(f"{where}: {_first_line(e)}" for where, e in damaged)}. Train again, or '
+          f'{"; ".join(f"{where}: {files.first_line(e)}" for where, e in damaged)}. Train again, or '
           'restore the run directory from a copy.')
   restored = restored[key]
-  method = methods.create(config)
   _check_params_fit(method, restored, workdir)
-  return Restored(config, method, restored, int(step))
+  return restored, int(step)
 
 
 def _restore_intact(mngr: ocp.CheckpointManager, steps, damaged: list):
@@ -340,11 +311,11 @@ def _restore_intact(mngr: ocp.CheckpointManager, steps, damaged: list):
     where = os.path.join(str(mngr.directory), str(step))
     try:
       return _read(lambda: mngr.restore(step, args=ocp.args.StandardRestore()), where), step
-    except TransientReadError:
+    except files.TransientReadError:
       raise
     except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds on damage
       logging.warning('the checkpoint %s is damaged (%s: %s)', where, type(e).__name__,
-                      _first_line(e))
+                      files.first_line(e))
       damaged.append((where, e))
   return None, None
 
@@ -378,11 +349,6 @@ def _quiet_abandoned_reads(settle_s: float = 0.2, max_wait_s: float = 2.0):
     raise
   finally:
     sys.unraisablehook = previous
-
-
-def _first_line(e: BaseException, limit: int = 300) -> str:
-  text = str(e).strip().splitlines()
-  return (text[0] if text else type(e).__name__)[:limit]
 
 
 def _leaf_shapes(tree) -> dict:

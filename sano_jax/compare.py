@@ -23,6 +23,7 @@ import numpy as np
 from sano_jax import checkpointing
 from sano_jax import evaluate
 from sano_jax import files
+from sano_jax import image_checks
 from sano_jax import input_pipeline
 from sano_jax import methods
 from sano_jax import report
@@ -120,7 +121,7 @@ def write_figure(workdirs: Sequence[str], path: str, max_images: int = 256) -> s
   examples = [source[i] for i in range(n)]
   masks = np.stack([ex['mask'][..., 0] for ex in examples])
   picks = pick_examples(masks)
-  images = np.stack([examples[i]['image'] for i in picks]).astype(np.float32) / 255.0
+  images = image_checks.to_unit(np.stack([examples[i]['image'] for i in picks]))
   maps = []
   for wd in workdirs:
     cfg = checkpointing.load_config(wd)

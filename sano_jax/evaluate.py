@@ -36,30 +36,30 @@ import functools
 import math
 import os
 import time
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sano_jax import accumulator
 from sano_jax import calibration
 from sano_jax import checkpointing
 from sano_jax import distributed
-from sano_jax import gather
+from sano_jax import eval_batches
 from sano_jax import files
+from sano_jax import gather
 from sano_jax import groups as groups_lib
+from sano_jax import healthy
+from sano_jax import image_checks
 from sano_jax import localization
-from sano_jax import metrics as metrics_lib
 from sano_jax import methods as methods_lib
+from sano_jax import metrics as metrics_lib
 from sano_jax import report
 from sano_jax import rundir
 from sano_jax import sharding
-
-MIN_IMAGES_PER_PIXEL = 2  # validation images the per_pixel rule needs (a std per pixel)
-
 
 # ---------------------------------------------------------------------------------------------
 # Set-up.
@@ -70,137 +70,6 @@ def _check_workdir(workdir: str) -> None:
     raise FileNotFoundError(f'workdir {workdir!r} does not exist: train first with '
                             f'run_train.py --config=... --workdir={workdir}')
   checkpointing.require_checkpoint(workdir)
-
-
-def eval_mesh(config):
-  """The mesh of this process's devices that score its share of each evaluation batch: as many
-  local devices as divide eval.batch_size / the number of processes."""
-  bs, n = int(config.eval.batch_size), jax.process_count()
-  if bs % n:
-    raise ValueError(f'eval.batch_size={bs} is not divisible by the {n} processes: set '
-                     f'--config.eval.batch_size to a multiple of {n}')
-  return sharding.local_mesh_for(bs // n)
-
-
-def _batches(source, config, mesh, extra_keys=()) -> Iterator[dict]:
-  """This process's share of each global evaluation batch (`input_pipeline.eval_iterator`)."""
-  from sano_jax import input_pipeline
-  return input_pipeline.eval_iterator(source, global_batch_size=int(config.eval.batch_size),
-                                      num_local_devices=mesh.devices.size,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count(), dtype=np.float32,
-                                      extra_keys=extra_keys)
-
-
-def _unit_images(batch) -> np.ndarray:
-  """eval_iterator's [-1, 1] images [ndev, b, H, W, C] -> [0, 1] images [ndev, b, H, W, C]."""
-  return np.clip((batch['image'] + np.float32(1.0)) * np.float32(0.5), 0.0, 1.0)
-
-
-def _flat(x) -> np.ndarray:
-  x = np.asarray(x)
-  return x.reshape((-1,) + x.shape[2:])
-
-
-def _progress(iterable, total: int, desc: str):
-  import tqdm
-  return tqdm.tqdm(iterable, total=total, desc=desc, unit='batch', dynamic_ncols=True,
-                   mininterval=1.0, disable=jax.process_index() != 0)
-
-
-def _num_batches(source, config) -> int:
-  return -(-len(source) // int(config.eval.batch_size))
-
-
-# ---------------------------------------------------------------------------------------------
-# Calibration: the healthy score statistics.
-
-
-def needs_multi_stats(method: methods_lib.Method, config) -> bool:
-  """A t-set, or the density rule: MultiStats; else the paper's ScoreStats."""
-  rule = localization.rule_from_config(config.localize)
-  return len(method.ts) > 1 or rule in localization.DENSITY_RULES
-
-
-def fit_stats(method: methods_lib.Method, params, config, source, mesh):
-  """Streams the healthy `source` through a jitted update of `ScoreStats` (the statistics of the
-  method's field: SANO's score, a baseline's residual). Each device keeps the stats of its own rows
-  of every batch (no collective); `gather.merge_device_stats` then merges all devices of all
-  processes in a
-  fixed order, so the result depends on the devices and the per-device batch, not on the hosts."""
-  lc = config.localize
-  sigma = float(lc.smoothing_sigma)
-  if len(source) == 0:
-    raise ValueError('cannot fit the score statistics: the healthy validation split '
-                     f'({config.data.validation_split!r} of {config.data.dataset!r}) is empty')
-  rule = localization.rule_from_config(lc)
-  if rule == 'per_pixel' and len(source) < MIN_IMAGES_PER_PIXEL:
-    raise ValueError(f'the per_pixel rule estimates a healthy std at every pixel, from the '
-                     f'validation images: {config.data.validation_split!r} of '
-                     f'{config.data.dataset!r} holds {len(source)}, it needs at least '
-                     f'{MIN_IMAGES_PER_PIXEL} (one image gives a std of 0, floored at 1e-12: '
-                     "every pixel flagged). Add healthy images or use --config.localize.stats=global.")
-
-  def local(stats, params, images, valid):  # one device: its stats [1, ...] and rows [b, ...]
-    one = jax.tree.map(lambda x: x[0], stats)
-    one = localization.make_stats_step(method.field_fn(params), sigma)(one, images, valid)
-    return jax.tree.map(lambda x: x[None], one)
-
-  axis = P(sharding.AXIS)
-  step = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(axis, P(), axis, axis), out_specs=axis))
-  h = w = int(config.data.image_size)
-  shape = (h, w, int(config.data.num_channels))
-  if needs_multi_stats(method, config):
-    stats = localization.init_multi_stats(shape, method.ts, smoothing_sigma=sigma)
-  else:
-    stats = localization.init_stats(shape, smoothing_sigma=sigma)
-  ndev = mesh.devices.size
-  stats = jax.device_put(jax.tree.map(lambda x: np.stack([np.asarray(x)] * ndev), stats),
-                         NamedSharding(mesh, axis))
-  params = sharding.replicate(params, mesh)
-  for batch in _progress(_batches(source, config, mesh), _num_batches(source, config),
-                         'score stats (validation)'):
-    arrays = sharding.shard_batch({'image': _unit_images(batch), 'valid': batch['valid']}, mesh)
-    stats = step(stats, params, arrays['image'], arrays['valid'])
-  stats = gather.merge_device_stats(jax.device_get(stats))
-  try:
-    stats = localization.finalize(stats)
-  except ValueError as e:
-    raise ValueError(f'cannot fit the score statistics on the validation split: {e}') from e
-  std = float(stats.std)
-  if not (math.isfinite(std) and std > 0):
-    raise ValueError(f'the healthy std of the {method.name!r} field is {std}: the model is constant '
-                     '(untrained? a perfect reconstruction?) or produced NaN; cannot normalise the '
-                     'anomaly maps')
-  return stats
-
-
-# ---------------------------------------------------------------------------------------------
-# The trivial baseline.
-
-
-def mean_intensity(config, source, mesh) -> np.ndarray:
-  """Per-channel mean intensity in [0, 1] of the (healthy) training split: each image's channel
-  sums (float64, on the host) of every process, added in image-index order, / the pixel count."""
-  index, sums, pixels = [], [], 0
-  for batch in _progress(_batches(source, config, mesh), _num_batches(source, config),
-                         'baseline mean (train)'):
-    valid = _flat(batch['valid'])
-    x = _flat(_unit_images(batch))[valid]
-    sums.append(x.reshape(x.shape[0], -1, x.shape[-1]).sum(axis=1, dtype=np.float64))
-    index.append(_flat(batch['index'])[valid])
-    pixels = x.shape[1] * x.shape[2]
-  parts = gather.gather_from_processes((np.concatenate(index), np.concatenate(sums)), 'train_mean')
-  index, sums = (np.concatenate(a) for a in zip(*parts))
-  if index.size == 0:
-    raise ValueError('the training split is empty: cannot compute the baseline mean intensity')
-  return sums[np.argsort(index, kind='stable')].sum(axis=0) / (index.size * pixels)
-
-
-def baseline_map(images, mean, smoothing_sigma: float):
-  """G_sigma * mean_c |x - mean| for images [B, H, W, C] in [0, 1] (the trivial baseline)."""
-  a = jnp.mean(jnp.abs(images - mean), axis=-1)
-  return localization.gaussian_filter2d(a, smoothing_sigma)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +87,7 @@ def _figure_rows(picks, source, config, mesh, zmaps) -> list[tuple]:
   for start in range(0, len(picks), bs):
     exs = [source[i] for i in picks[start:start + bs]]
     images = np.zeros((bs,) + exs[0]['image'].shape, np.float32)
-    images[:len(exs)] = np.stack([ex['image'] for ex in exs]).astype(np.float32) / 255.0
+    images[:len(exs)] = image_checks.to_unit(np.stack([ex['image'] for ex in exs]))
     x = sharding.shard_batch({'image': images.reshape((ndev, bs // ndev) + images.shape[1:])},
                              mesh)['image']
     z = np.asarray(zmaps(x)).reshape((bs,) + images.shape[1:3])
@@ -240,11 +109,11 @@ def _make_accumulators(config, n_pixels: int, thresholds, score_range, baseline:
   exact = n_pixels <= exact_max
   num_bins = int(config.eval.num_bins)
   kw = dict(exact_max_pixels=exact_max) if exact else {}
-  make = functools.partial(metrics_lib.PixelMetricsAccumulator, num_bins,
+  make = functools.partial(accumulator.PixelMetricsAccumulator, num_bins,
                            score_range if score_range else (0.0, 1.0), thresholds, **kw)
   base = None
   if baseline:  # |x - mean| lies in [0, 1]; the baseline needs no range pass.
-    base = metrics_lib.PixelMetricsAccumulator(num_bins, (0.0, 1.0 + 1e-6), (), **kw)
+    base = accumulator.PixelMetricsAccumulator(num_bins, (0.0, 1.0 + 1e-6), (), **kw)
   return make, base
 
 
@@ -286,13 +155,13 @@ def score_test_split(config, test_source, mesh, zmaps_and_baseline, *, n_thresho
   h = w = int(config.data.image_size)
   n_pixels = len(test_source) * h * w
   exact = n_pixels <= int(ec.get('exact_max_pixels', 0))
-  n_batches = _num_batches(test_source, config)
+  n_batches = eval_batches.num_batches(test_source, config)
 
   def scored(desc):
     """Yields (host batch, z [N,H,W], baseline [N,H,W] or None, device seconds) per batch."""
     carried = lookup.carried if lookup is not None else ()
-    for batch in _progress(_batches(test_source, config, mesh, carried), n_batches, desc):
-      images = sharding.shard_batch({'image': _unit_images(batch)}, mesh)['image']
+    for batch in eval_batches.progress(eval_batches.batches(test_source, config, mesh, carried), n_batches, desc):
+      images = sharding.shard_batch({'image': eval_batches.unit_images(batch)}, mesh)['image']
       tic = time.perf_counter()
       z, base = zmaps_and_baseline(images)
       z = np.asarray(z)
@@ -304,7 +173,7 @@ def score_test_split(config, test_source, mesh, zmaps_and_baseline, *, n_thresho
   if not exact:  # a first pass fixes the histogram range of the z-maps
     rng = metrics_lib.StreamingRange()
     for batch, z, _, _ in scored('test range pass'):
-      rng.add(z, _flat(batch['valid']))
+      rng.add(z, eval_batches.flat(batch['valid']))
     lo, hi = metrics_lib.StreamingRange.merge(gather.gather_from_processes(rng, 'test_range')).range
     score_range = (min(lo, 0.0), max(hi, n_threshold * 1.01))
     passes = 2
@@ -315,10 +184,10 @@ def score_test_split(config, test_source, mesh, zmaps_and_baseline, *, n_thresho
   device_s, timed_images, n_anomalous, n_valid = 0.0, 0, 0, 0
   tic_pass = time.perf_counter()
   for b, (batch, z, base, dt) in enumerate(scored('test')):
-    valid = _flat(batch['valid'])
-    masks = _flat(batch['mask'])[..., 0]
-    subjects = _flat(batch['subject'])
-    index = _flat(batch['index'])
+    valid = eval_batches.flat(batch['valid'])
+    masks = eval_batches.flat(batch['mask'])[..., 0]
+    subjects = eval_batches.flat(batch['subject'])
+    index = eval_batches.flat(batch['index'])
     acc.add(z, masks, subjects, valid, indices=index)
     if base_acc is not None:
       base_acc.add(base, masks, subjects, valid, indices=index)
@@ -329,7 +198,7 @@ def score_test_split(config, test_source, mesh, zmaps_and_baseline, *, n_thresho
     n_anomalous += int((masks[valid].reshape(int(valid.sum()), -1).any(axis=1)).sum())
     fig_set.add(masks, index, valid)
     if grouped is not None:
-      flat = {k: _flat(batch[k]) for k in lookup.carried + ('name',)}
+      flat = {k: eval_batches.flat(batch[k]) for k in lookup.carried + ('name',)}
       grouped.add(z, masks, subjects, valid, lookup.values(flat), indices=index)
   pass_s = time.perf_counter() - tic_pass
   parts = gather.gather_from_processes(
@@ -337,9 +206,9 @@ def score_test_split(config, test_source, mesh, zmaps_and_baseline, *, n_thresho
   if jax.process_index() != 0:
     return None
   if len(parts) > 1:  # one accumulator of each kind over all processes' images
-    acc = metrics_lib.PixelMetricsAccumulator.merge([p[0] for p in parts])
+    acc = accumulator.PixelMetricsAccumulator.merge([p[0] for p in parts])
     if base_acc is not None:
-      base_acc = metrics_lib.PixelMetricsAccumulator.merge([p[1] for p in parts])
+      base_acc = accumulator.PixelMetricsAccumulator.merge([p[1] for p in parts])
     if grouped is not None:
       grouped = groups_lib.GroupedMetrics.merge([p[2] for p in parts])
     fig_set = report.FigureSet.merge([p[3] for p in parts])
@@ -373,7 +242,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   ec = config.eval
   t_start = time.perf_counter()
 
-  mesh = eval_mesh(config)
+  mesh = eval_batches.eval_mesh(config)
   # Orbax's restore may run a cross-process collective: meet first (gloo's 30 s to join one).
   distributed.barrier('sano_eval_start')
   _, method, params, step = checkpointing.restore_for_inference(
@@ -400,7 +269,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
 
   # 1. Healthy statistics on the validation images, saved with their settings and checkpoint step.
   tic = time.perf_counter()
-  stats = fit_stats(method, params, config, val_source, mesh)
+  stats = healthy.fit_stats(method, params, config, val_source, mesh)
   stats_seconds = time.perf_counter() - tic
   if chief:
     bundle = rundir.save(workdir, config=config, stats=stats, step=step, calibration=choice)
@@ -413,7 +282,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   if do_baseline:
     train_source = train_source if train_source is not None else input_pipeline.get_source(
         config, config.data.train_split)
-    mean = mean_intensity(config, train_source, mesh)
+    mean = healthy.mean_intensity(config, train_source, mesh)
 
   # 3. Scoring the test split.
   n_threshold = n_sigma
@@ -423,7 +292,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
   @jax.jit
   def score_step(params, stats, images, mean):
     z, _ = localization.localize(method.field_fn(params), images, stats, **loc)
-    base = baseline_map(images, mean, sigma) if mean is not None else None
+    base = healthy.baseline_map(images, mean, sigma) if mean is not None else None
     return z, base
 
   params_d = sharding.replicate(params, mesh)

@@ -18,8 +18,11 @@ import glob as glob_lib
 import io
 import json
 import os
+import re
+import time
 from typing import Any
 
+from absl import logging
 from etils import epath
 
 # The URI prefixes that etils.epath sends to a remote backend; anything else is a local path.
@@ -113,11 +116,63 @@ def stat(p: epath.PathLike) -> tuple[int, int]:
   return int(st.length), int(st.mtime) * 10**9
 
 
+# A read that fails with one of these (or a message naming one) says nothing about the file:
+# it is retried RETRIES times with exponential backoff, then raised: never taken for damage
+# (checkpointing moves aside only a checkpoint that fails with another error).
+_TRANSIENT_TYPES = (ConnectionError, TimeoutError, InterruptedError, BlockingIOError)
+_TRANSIENT_MESSAGE = re.compile(
+    r'timed out|timeout|deadline exceeded|unavailable|temporarily|connection (reset|aborted|refused)'
+    r'|too many requests|rate limit|try again|\b(http|status|code)\W{0,3}(429|50[0234])\b')
+RETRIES = 3
+BACKOFF_S = 1.0
+
+
+def is_transient(e: BaseException) -> bool:
+  """True for errors of the storage or the network, not of the file's bytes."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, _TRANSIENT_TYPES) or _TRANSIENT_MESSAGE.search(str(e).lower()):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+class TransientReadError(OSError):
+  """A file could not be read because the storage failed repeatedly (not damage)."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+  """The first line of an error's message (its type's name when empty), at most `limit` chars."""
+  text = str(e).strip().splitlines()
+  return (text[0] if text else type(e).__name__)[:limit]
+
+
+def retrying(read, where: str):
+  """read(), retried on transient errors (`is_transient`): RETRIES more tries, BACKOFF_S * 2^k
+  apart, then raised as TransientReadError naming `where`. Any other error is raised at once."""
+  for attempt in range(RETRIES + 1):
+    try:
+      return read()
+    except Exception as e:  # pylint: disable=broad-except  # storage clients raise many kinds
+      if not is_transient(e):
+        raise
+      if attempt == RETRIES:
+        raise TransientReadError(f'reading {where} failed {RETRIES + 1} times with a storage error '
+                                 f'({type(e).__name__}: {first_line(e)}); nothing was moved or '
+                                 'deleted: try again when the storage answers') from e
+      logging.warning('reading %s failed (%s: %s): retry %d of %d in %.0f s', where,
+                      type(e).__name__, first_line(e), attempt + 1, RETRIES,
+                      BACKOFF_S * 2**attempt)
+      time.sleep(BACKOFF_S * 2**attempt)
+
+
 def read_bytes(p: epath.PathLike, hint: str = '') -> bytes:
-  """The file's bytes; FileNotFoundError naming it (and `hint`, what to do) when missing."""
+  """The file's bytes; FileNotFoundError naming it (and `hint`, what to do) when missing;
+  transient storage errors retried (`retrying`)."""
   f = epath.Path(p)
   try:
-    return f.read_bytes()
+    return retrying(f.read_bytes, str(f))
   except FileNotFoundError as e:
     raise FileNotFoundError(f'{f} not found' + (f': {hint}' if hint else '')) from e
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from sano_jax import distributed
-from sano_jax import localization
+from sano_jax import score_stats
 
 
 def gather_from_processes(obj, name: str) -> list:
@@ -48,11 +48,11 @@ def pairwise(items: list, merge):
 
 def merge_device_stats(per_device, name: str = 'score_stats'):
   """This process's per-device stats (leaves [local devices, ...]) -> the stats of every device of
-  every process, merged (`localization.merge_stats`) by `pairwise` over the global device order;
+  every process, merged (`score_stats.merge_stats`) by `pairwise` over the global device order;
   a power-of-two number of local devices merges its own subtree before the gather."""
   n = jax.tree.leaves(per_device)[0].shape[0]
   devices = [jax.tree.map(lambda x, i=i: x[i], per_device) for i in range(n)]
   if n & (n - 1) == 0:
-    devices = [pairwise(devices, localization.merge_stats)]
+    devices = [pairwise(devices, score_stats.merge_stats)]
   parts = gather_from_processes(devices, name)
-  return jax.device_get(pairwise([d for part in parts for d in part], localization.merge_stats))
+  return jax.device_get(pairwise([d for part in parts for d in part], score_stats.merge_stats))

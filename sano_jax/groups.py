@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from sano_jax import accumulator
 from sano_jax import curves
 from sano_jax import files
 from sano_jax import metrics as metrics_lib
@@ -149,10 +150,10 @@ class GroupedMetrics:
   settings), fed the images of that value; `compute` -> metrics.json's `groups` section."""
 
   def __init__(self, attributes: Sequence[str],
-               make_accumulator: Callable[[], metrics_lib.PixelMetricsAccumulator]):
+               make_accumulator: Callable[[], accumulator.PixelMetricsAccumulator]):
     self.attributes = tuple(attributes)
     self.make_accumulator = make_accumulator
-    self.accumulators: dict[str, dict[str, metrics_lib.PixelMetricsAccumulator]] = {
+    self.accumulators: dict[str, dict[str, accumulator.PixelMetricsAccumulator]] = {
         a: {} for a in self.attributes}
     # All subjects -> their first image index, in order of first appearance (the whole set's order).
     self._subjects: dict = {}
@@ -201,7 +202,7 @@ class GroupedMetrics:
     out._subjects = {k: first[k] for k in sorted(first, key=first.__getitem__)}
     for a in out.attributes:
       values = sorted({v for g in parts for v in g.accumulators[a]})
-      out.accumulators[a] = {v: metrics_lib.PixelMetricsAccumulator.merge(
+      out.accumulators[a] = {v: accumulator.PixelMetricsAccumulator.merge(
           [g.accumulators[a][v] for g in parts if v in g.accumulators[a]]) for v in values}
     return out
 

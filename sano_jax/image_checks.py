@@ -21,3 +21,12 @@ def check_images(images) -> None:
     raise ValueError(f'images contain {bad} non-finite values (NaN or inf)')
   if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
     raise ValueError(f'float images must lie in [0, 1], got range [{arr.min()}, {arr.max()}]')
+
+
+def to_unit(images) -> np.ndarray:
+  """uint8 images in [0, 255] (the data contract's examples, decoded files) -> float32 in [0, 1]:
+  the one host-side scaling (`sano_jax.score_stats.to_float_images` is the one inside jit)."""
+  arr = np.asarray(images)
+  if arr.dtype != np.uint8:
+    raise ValueError(f'expected uint8 images in [0, 255], got dtype {arr.dtype}')
+  return arr.astype(np.float32) / np.float32(255.0)

@@ -26,7 +26,9 @@ import numpy as np
 
 from sano_jax import cli
 from sano_jax import files
+from sano_jax import image_checks
 from sano_jax import rundir
+from sano_jax import summaries
 from sano_jax.datasets import images as images_lib
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
@@ -64,7 +66,7 @@ def read_image(path: str, channels: int) -> np.ndarray:
   try:
     im = images_lib.flatten_alpha(images_lib.to_8bit(im, repr(path)))
     im = im.convert('L' if channels == 1 else 'RGB')
-    arr = np.asarray(im, np.float32) / 255.0
+    arr = image_checks.to_unit(np.asarray(im))
   except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f'cannot read {path!r} as an image: {e}') from e
   if arr.ndim == 2:
@@ -192,8 +194,7 @@ def predict(workdir: str, images: str | Sequence[str], out_dir: str, *, batch_si
   files.makedirs(out_dir)
   batch_size = max(1, int(batch_size))
   results = []
-  import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm.tqdm(total=len(paths), unit='img', disable=not progress, dynamic_ncols=True)
+  bar = summaries.progress(total=len(paths), unit='img', enabled=progress)
   geometry = images_lib.stored_geometry(config.data.dataset)
   try:
     for start in range(0, len(paths), batch_size):

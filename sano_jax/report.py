@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import os
 
-from absl import logging
 import numpy as np
+from PIL import Image
 
 from sano_jax import curves
 from sano_jax import files
 from sano_jax import groups as groups_lib
 from sano_jax import metrics as metrics_lib
+from sano_jax import summaries
 
 
 def json_safe(x):
@@ -124,16 +125,10 @@ def write_summaries(log_dir: str, step: int, scalars: dict, images: dict[str, st
   """TensorBoard scalars (None skipped) and PNG images (tag -> path) in `log_dir`, replacing an
   earlier evaluation's, with flax.metrics.tensorboard (training's writer); False without
   TensorFlow."""
-  try:
-    from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.warning('TensorFlow not installed: no TensorBoard summaries of the evaluation.')
-    return False
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from sano_jax import datasets  # pylint: disable=g-import-not-at-top
-  datasets.hide_gpus_from_tf()  # the writer starts TensorFlow: it must not take JAX's GPU memory
   files.rmtree(log_dir)  # the writer itself goes through TensorFlow's gfile, which speaks gs://
-  writer = tensorboard.SummaryWriter(log_dir, auto_flush=False)
+  writer = summaries.tensorboard_writer(log_dir, auto_flush=False)
+  if writer is None:
+    return False
   for tag, value in scalars.items():
     if value is not None:
       writer.scalar(tag, float(value), step)
@@ -177,17 +172,20 @@ def _finite(x):
   return x if x is not None and math.isfinite(x) else None
 
 
+def _num(v) -> str:
+  return 'n/a' if v is None else f'{v:.3f}'  # NaN is written as null
+
+
 def brief_summary(metrics: dict, workdir: str, seconds: float) -> str:
   """Five lines for the end of `make demo`: the metrics, where the figures are, how to look."""
   ns, op, base = metrics['n_sigma'], metrics['operating_point'], metrics.get('baseline') or {}
-  num = lambda v: 'n/a' if v is None else f'{v:.3f}'
   loc = metrics['localization']
   return '\n'.join([
       f"done in {seconds / 60:.1f} min: {metrics['data']['dataset']}, {metrics['num_images']} test "
-      f"images; pixel AUROC {num(metrics.get('auroc'))} ± {num(metrics.get('auroc_std'))} (trivial "
-      f"baseline {num(base.get('auroc'))}), AUPRO {num(metrics.get('aupro'))}",
-      f"Dice at the label-free threshold ({loc['rule']}, N = {ns['n']:.3g}): {num(ns.get('dice'))}; "
-      f"at the best-F1 threshold (uses test labels): {num(op.get('dice'))}",
+      f"images; pixel AUROC {_num(metrics.get('auroc'))} ± {_num(metrics.get('auroc_std'))} (trivial "
+      f"baseline {_num(base.get('auroc'))}), AUPRO {_num(metrics.get('aupro'))}",
+      f"Dice at the label-free threshold ({loc['rule']}, N = {ns['n']:.3g}): {_num(ns.get('dice'))}; "
+      f"at the best-F1 threshold (uses test labels): {_num(op.get('dice'))}",
       f"figures: {os.path.join(workdir, 'eval', 'figures')}/ (test_grid_*.png, roc.png, pr.png, "
       'z_histogram.png, groups_*.png)',
       f"all metrics: {os.path.join(workdir, 'eval', 'metrics.json')} (the full summary: "
@@ -201,8 +199,7 @@ SUMMARY_FILE = 'summary.txt'
 def format_summary(metrics: dict, workdir: str, seconds: float) -> str:
   """A short table of `metrics` (as written to metrics.json) for the end of a run."""
   op, ns, base = metrics['operating_point'], metrics['n_sigma'], metrics.get('baseline') or {}
-  num = lambda v: 'n/a' if v is None else f'{v:.3f}'  # NaN is written as null
-  pm = lambda key, d=metrics: f"{num(d.get(key))} ± {num(d.get(key + '_std'))}"
+  pm = lambda key, d=metrics: f"{_num(d.get(key))} ± {_num(d.get(key + '_std'))}"
   name = metrics['localization'].get('method', 'sano')
   rows = [
       f"{name} on {metrics['data']['dataset']}: {metrics['num_images']} test images, "
@@ -210,10 +207,10 @@ def format_summary(metrics: dict, workdir: str, seconds: float) -> str:
       + (f"t={','.join(f'{t:g}' for t in metrics['localization']['t'])}, "
          if None not in metrics['localization']['t'] else '')
       + f"{metrics['localization']['rule']} healthy statistics",
-      f"  pixel AUROC   {pm('auroc')}     trivial baseline {num(base.get('auroc'))}",
-      f"  pixel AUPRC   {pm('auprc')}     trivial baseline {num(base.get('auprc'))}",
+      f"  pixel AUROC   {pm('auroc')}     trivial baseline {_num(base.get('auroc'))}",
+      f"  pixel AUPRC   {pm('auprc')}     trivial baseline {_num(base.get('auprc'))}",
       f"  AUPRO@{metrics.get('aupro_max_fpr', 0.3):g}     {pm('aupro')}     trivial baseline "
-      f"{num(base.get('aupro'))}",
+      f"{_num(base.get('aupro'))}",
       f"  operating point (best F1, uses test labels): Dice {pm('dice', op)}  IoU {pm('iou', op)}",
       f"  N = {ns['n']:g} sigma (healthy data only):       Dice {pm('dice', ns)}  IoU {pm('iou', ns)}",
       f"  metrics: {os.path.join(workdir, 'eval', 'metrics.json')}",

@@ -35,6 +35,7 @@ import ml_collections
 from sano_jax import checkpointing
 from sano_jax import files
 from sano_jax import localization
+from sano_jax import score_stats
 from sano_jax import methods
 
 MANIFEST = 'inference.json'
@@ -64,12 +65,12 @@ def _hash(data: bytes) -> str:
 
 def stats_bytes(stats) -> bytes:
   """The statistics as the bytes of an .npz (the part `save` writes and hashes)."""
-  return files.npz_bytes(**localization.stats_to_arrays(stats))
+  return files.npz_bytes(**score_stats.stats_to_arrays(stats))
 
 
 def stats_from_bytes(data: bytes, where: str):
   """The statistics of `stats_bytes`' bytes; a ValueError naming `where` when unreadable."""
-  return localization.stats_from_arrays(files.npz_arrays(data, where, 'rerun run_eval.py'), where)
+  return score_stats.stats_from_arrays(files.npz_arrays(data, where, 'rerun run_eval.py'), where)
 
 
 def save(workdir: str, *, config, stats, step: int, calibration: dict | None = None) -> dict:
@@ -78,7 +79,8 @@ def save(workdir: str, *, config, stats, step: int, calibration: dict | None = N
   config: the evaluation's config (its localize block, after calibration, is what `load` uses);
   stats: the healthy statistics fitted with it; step: the checkpoint's step they were fitted with;
   calibration: the label-free choice that set the localize block (None when not calibrated)."""
-  _check_ts(stats, methods.create(config).ts, 'the statistics to save', 'the config')
+  method = methods.create(config)
+  _check_ts(stats, method.ts, 'the statistics to save', 'the config')
   data = stats_bytes(stats)
   digest = _hash(data)
   part = f'{PARTS_DIR}/stats-{digest[:16]}.npz'
@@ -89,7 +91,7 @@ def save(workdir: str, *, config, stats, step: int, calibration: dict | None = N
       'format': FORMAT, 'version': VERSION,
       'written': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'step': int(step),
-      'model': checkpointing.model_signature(config),
+      'model': method.signature(),
       'data': checkpointing.data_identity(config),
       'num_validation_images': int(stats.n_images),
       'image_shape': [int(s) for s in stats.image_shape],
@@ -192,17 +194,18 @@ def load(workdir: str, *, method: str | None = None) -> Bundle:
   checkpointing.require_checkpoint(workdir)
   manifest = read_manifest(workdir)
   path = os.path.join(workdir, MANIFEST)
-  signature = checkpointing.model_signature(config)
+  config = with_localize(config, manifest['localize'])
+  model = methods.create(config)
+  signature = model.signature()
   if json.dumps(manifest['model'], sort_keys=True) != json.dumps(signature, sort_keys=True):
     raise ValueError(f'{path} was written for another model ({manifest["model"]}) than '
                      f'{os.path.join(workdir, "config.json")} describes ({signature}): '
                      f'{_fix(workdir)}')
-  config = with_localize(config, manifest['localize'])
-  restored = checkpointing.restore_for_inference(workdir, config=config)
-  if restored.step != manifest['step']:
+  params, step = checkpointing.restore_params(workdir, model, ema=config.localize.use_ema)
+  if step != manifest['step']:
     raise ValueError(f'the statistics in {path} were fitted with the checkpoint of step '
                      f'{manifest["step"]}, but the checkpoint of {workdir!r} is now step '
-                     f'{restored.step} (training went on after the evaluation, or a checkpoint '
+                     f'{step} (training went on after the evaluation, or a checkpoint '
                      f'was replaced): {_fix(workdir)}')
   part = manifest['parts']['stats']
   part_path = os.path.join(workdir, part['file'])
@@ -216,13 +219,13 @@ def load(workdir: str, *, method: str | None = None) -> Bundle:
     h, w, c = stats.image_shape
     raise ValueError(f'{part_path} was fitted on {h}x{w}x{c} images, but the run in {workdir!r} '
                      f'is {size}x{size}x{channels}: {_fix(workdir)}')
-  _check_ts(stats, restored.method.ts, part_path, path, f': {_fix(workdir)}')
-  return Bundle(config, restored.method, restored.params, stats, restored.step, manifest)
+  _check_ts(stats, model.ts, part_path, path, f': {_fix(workdir)}')
+  return Bundle(config, model, params, stats, step, manifest)
 
 
 def _check_ts(stats, ts: tuple, stats_name: str, settings_name: str, fix: str = '') -> None:
   """Statistics of a t-set (MultiStats) must be those of the t the settings localize at."""
-  if isinstance(stats, localization.MultiStats) and ts != (None,) and tuple(stats.ts) != ts:
+  if isinstance(stats, score_stats.MultiStats) and ts != (None,) and tuple(stats.ts) != ts:
     raise ValueError(f'{stats_name} holds statistics at t={list(stats.ts)}, but {settings_name} '
                      f'localizes at t={list(ts)}{fix}')
 

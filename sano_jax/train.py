@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import math
 import os
-import signal
-import threading
 import time
 from typing import Any, Iterator
 
@@ -31,8 +28,9 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from sano_jax import checkpointing
 from sano_jax import distributed
-from sano_jax import files
 from sano_jax import methods
+from sano_jax import preemption as preemption_lib
+from sano_jax import summaries
 from sano_jax.sharding import AXIS, make_mesh, replicate, shard_batch, to_host  # pylint: disable=unused-import
 
 
@@ -198,67 +196,6 @@ def check_config(config, num_devices: int) -> None:
                      f'localize.tile_overlap={config.localize.tile_overlap} >= 0')
 
 
-def _rows_up_to(text: str, step: int) -> str:
-  """The lines of a metrics.jsonl text whose step is <= `step`. A resumed run restarts at its
-  checkpoint's step and logs again every step after it, so the rows that a killed run wrote after
-  its last checkpoint go, and with them a half-written last line (a kill during the write)."""
-  kept = []
-  for line in text.splitlines():
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(row, dict) and isinstance(row.get('step'), int) and row['step'] <= step:
-      kept.append(line + '\n')
-  return ''.join(kept)
-
-
-class MetricsLog:
-  """metrics.jsonl, TensorBoard event files and absl log lines; only process 0 writes.
-
-  Opened at `start_step` (a resumed run's checkpoint step), it first drops the file's rows of
-  later steps (see `_rows_up_to`): after a resume every step appears once, as in a run that was
-  never killed.
-  """
-
-  def __init__(self, workdir: str, enabled: bool, start_step: int):
-    self.enabled = enabled
-    self.writer = None
-    if enabled:
-      path = os.path.join(workdir, 'metrics.jsonl')  # local or gs://
-      kept = ''
-      if files.exists(path):
-        text = files.read_text(path)
-        kept = _rows_up_to(text, start_step)
-        if kept != text:
-          files.atomic_write_text(path, kept)
-      self.jsonl = files.LineAppender(path, text=kept)  # read once, also on a bucket
-      try:
-        from flax.metrics import tensorboard
-        from sano_jax.datasets import hide_gpus_from_tf
-        hide_gpus_from_tf()  # the writer starts TensorFlow: it must not take JAX's GPU memory
-        self.writer = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      except ImportError:  # TensorFlow absent: TensorBoard summaries are skipped.
-        logging.warning('TensorFlow not installed: no TensorBoard summaries.')
-
-  def write(self, step: int, scalars: dict) -> None:
-    if not self.enabled:
-      return
-    scalars = {k: float(v) for k, v in scalars.items()}
-    self.jsonl.append(json.dumps({'step': step, **scalars}))
-    if self.writer is not None:
-      for k, v in scalars.items():
-        self.writer.scalar(k, v, step)
-      self.writer.flush()
-    logging.info('step %d: %s', step, ', '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
-
-  def close(self):
-    if self.enabled:
-      self.jsonl.close()
-      if self.writer is not None:
-        self.writer.close()
-
-
 def _stack_steps(it: Iterator[dict], k: int) -> Iterator[dict]:
   """Group k batches [ndev, b, ...] into [ndev, k, b, ...] for `train_steps`."""
   while True:
@@ -306,60 +243,6 @@ def evaluate_loss(evaluate, params, val_source, config, mesh: Mesh) -> float:
   return total / max(count, 1.0)
 
 
-class Preemption:
-  """Whether the run has been asked to stop: SIGTERM (a preempted Cloud TPU VM gets it, then a
-  short grace period) or, with several processes, JAX's preemption sync point.
-
-  With one process, a SIGTERM handler (installed by `start`, the previous one put back by `stop`)
-  sets a flag. With several, every host must stop at the same step: `jax.distributed.initialize`
-  starts JAX's preemption service, which catches SIGTERM on any host and agrees on a step with the
-  others (`multihost_utils.reached_preemption_sync_point`, asked at every step); no Python handler
-  is installed then, as it would replace the service's."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    self._installed = False
-    self._sync = None  # with several processes: whether the preemption service is on (asked once)
-
-  def start(self) -> None:
-    # Several processes: JAX's service catches SIGTERM. Python runs handlers in the main thread only.
-    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
-      return
-    self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-    self._installed = True
-
-  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
-
-  def reached(self, step: int, k: int = 1) -> bool:
-    """Whether to stop after the call that ran steps step-k+1 .. step (called after every call)."""
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    if self._sync is None:
-      try:
-        multihost_utils.reached_preemption_sync_point(step - k)
-        self._sync = True
-      except RuntimeError:  # the service is off: a local flag could stop hosts at different steps
-        self._sync = False
-        logging.warning("JAX's preemption service is off (jax_enable_preemption_service): a "
-                        'SIGTERM ends this run without a checkpoint (it resumes from the last '
-                        'periodic one).')
-    if self._sync:
-      # The agreed step is one past the furthest host's last report: report every step, in order.
-      hits = [multihost_utils.reached_preemption_sync_point(s)
-              for s in range(step - k + 1, step + 1)]
-      self.requested = self.requested or any(hits)
-    return self.requested
-
-  def stop(self) -> None:
-    """Puts the previous SIGTERM handler back (the default where it was not set from Python)."""
-    if self._installed:
-      signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
-      self._installed = False
-
-
 def finished(state: TrainState, config) -> bool:
   """Whether `state` (what `train_and_evaluate` returned) reached config's num_train_steps: False
   after a preemption, when evaluating it would report a half-trained model."""
@@ -371,10 +254,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Train `config` in `workdir`, resuming from its latest checkpoint; returns the final host state.
 
   Sources default to `input_pipeline.get_source(config, split)`; tests may pass in-memory ones.
-  Preempted (`Preemption`), it finishes the current step, saves a checkpoint at it on all hosts,
+  Preempted (`sano_jax.preemption`), it finishes the current step, saves a checkpoint at it on all hosts,
   logs that and returns that state; called again, it resumes there."""
   check_config(config, jax.device_count())
-  preemption = Preemption()
+  preemption = preemption_lib.Preemption()
   preemption.start()
   try:
     return _train(config, workdir, train_source, val_source, preemption)
@@ -382,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     preemption.stop()
 
 
-def _train(config, workdir: str, train_source, val_source, preemption: Preemption) -> TrainState:
+def _train(config, workdir: str, train_source, val_source,
+           preemption: preemption_lib.Preemption) -> TrainState:
   """The body of `train_and_evaluate`, with its `preemption` listening."""
   from sano_jax import input_pipeline
   num_devices = jax.device_count()
@@ -408,7 +292,7 @@ def _train(config, workdir: str, train_source, val_source, preemption: Preemptio
     state = store.restore_latest(jax.device_get(state))
     logging.info('resumed from %s at step %d', workdir, int(state.step))
   start_step = int(state.step)
-  log = MetricsLog(workdir, is_chief, start_step)
+  log = summaries.MetricsLog(workdir, is_chief, start_step)
   if is_chief:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info('method %s: %.2fM params; %d devices; global batch %d', method.name,
@@ -439,7 +323,8 @@ def _train(config, workdir: str, train_source, val_source, preemption: Preemptio
 
   t = config.training
   eval_params = (lambda s: s.ema_params) if config.localize.use_ema else (lambda s: s.params)
-  progress = _progress(start_step, t.num_train_steps, is_chief)
+  progress = summaries.progress(total=t.num_train_steps, unit='step', initial=start_step,
+                               enabled=is_chief, mininterval=2.0)
   last_good = store.latest_step()
   tic, step, last_logged = time.perf_counter(), start_step, start_step
   run_start = tic
@@ -524,9 +409,3 @@ def _compile_then_meet(fn, name: str):
       compiled[0] = True
     return fn(*args)
   return call
-
-
-def _progress(start: int, total: int, enabled: bool):
-  import tqdm
-  return tqdm.tqdm(initial=start, total=total, disable=not enabled, unit='step', dynamic_ncols=True,
-                   mininterval=2.0)

@@ -56,7 +56,7 @@ def random_run_dir(workdir: str, config, *, step: int = 1, stats_size: int | Non
   """A run directory as load_localizer and predict read it (config.json, best/<step> with random
   params, the inference bundle), without training or compiling the model: the statistics are
   fitted with `field(params)` (default: a stand-in score -x) on 4 random images of `stats_size`."""
-  from sano_jax import checkpointing, localization, rundir  # pylint: disable=g-import-not-at-top
+  from sano_jax import checkpointing, rundir, score_stats  # pylint: disable=g-import-not-at-top
   checkpointing.save_config(config, workdir)
   params = random_params(config)
   store = checkpointing.CheckpointStore(workdir)
@@ -64,7 +64,7 @@ def random_run_dir(workdir: str, config, *, step: int = 1, stats_size: int | Non
   store.close()
   size = stats_size or config.data.image_size
   batch = np.random.default_rng(1).uniform(size=(4, size, size, config.data.num_channels))
-  stats = localization.fit_score_stats(field(params), [batch.astype(np.float32)],
+  stats = score_stats.fit_score_stats(field(params), [batch.astype(np.float32)],
                                        smoothing_sigma=float(config.localize.smoothing_sigma))
   rundir.save(workdir, config=config, stats=stats, step=step)
   return workdir

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sano_jax import checkpointing, localization, predict, train
+from sano_jax import checkpointing, localization, score_stats, predict, train
 from sano_jax import rundir
 from sano_jax.datasets import folder
 from tests.helpers import random_run_dir, tiny_config
@@ -39,7 +39,7 @@ def _identity_score(x):
 @pytest.fixture(scope='module')
 def stats16():
   rng = np.random.default_rng(0)
-  return localization.fit_score_stats(_identity_score, [rng.uniform(size=(4, S, S, 1)).astype(np.float32)])
+  return score_stats.fit_score_stats(_identity_score, [rng.uniform(size=(4, S, S, 1)).astype(np.float32)])
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sano_jax import calibration, evaluate, localization, metrics
+from sano_jax import calibration, eval_batches, evaluate, healthy, localization, score_stats, metrics
 from sano_jax import rundir
 from tests.helpers import random_values, split_slices, tiny_run_config
 
@@ -238,7 +238,7 @@ def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp
       k: choice[k] for k in ('t', 'rule', 'n_sigma')}
   stats = bundle.stats
   multi = len(choice['t']) > 1 or choice['rule'] in localization.DENSITY_RULES
-  assert isinstance(stats, localization.MultiStats) == multi
+  assert isinstance(stats, score_stats.MultiStats) == multi
   assert stats.smoothing_sigma == choice['smoothing_sigma']  # fitted at the chosen sigma
 
 
@@ -253,8 +253,8 @@ def test_a_method_without_t_calibrates_and_evaluates_with_the_density_rule():
   method = methods.create(config)
   assert method.ts == (None,)
   params = random_values(jax.eval_shape(method.init, jax.random.PRNGKey(0)))
-  healthy = grating_source(16)
-  choice = calibration.calibrate(config, method, params, healthy)
+  source = grating_source(16)
+  choice = calibration.calibrate(config, method, params, source)
   rows = choice['candidates']
   assert choice['t'] == [None] and all(r['t'] == [None] for r in rows)
   assert len(rows) == len(calibration.SIGMA_FACTORS) * len(calibration.candidates((None,)))
@@ -267,9 +267,9 @@ def test_a_method_without_t_calibrates_and_evaluates_with_the_density_rule():
 
   config = applied
   config.localize.stats, config.localize.two_sided = 'density', False
-  assert evaluate.needs_multi_stats(method, config)
-  stats = evaluate.fit_stats(method, params, config, healthy, evaluate.eval_mesh(config))
-  assert isinstance(stats, localization.MultiStats) and len(stats.per_t) == 1
+  assert healthy.needs_multi_stats(method, config)
+  stats = healthy.fit_stats(method, params, config, source, eval_batches.eval_mesh(config))
+  assert isinstance(stats, score_stats.MultiStats) and len(stats.per_t) == 1
   assert stats.smoothing_sigma == choice['smoothing_sigma']
   images = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (6,) + method.image_shape))
   lc = config.localize

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from sano_jax import curves, metrics as M
+from sano_jax import accumulator, curves
 
 
 def _data(n=30, size=16, seed=0, ties=False):
@@ -21,8 +21,8 @@ def _data(n=30, size=16, seed=0, ties=False):
 
 
 def _accumulator(s, y, subj, binned):
-  acc = (M.PixelMetricsAccumulator(2**12, (0.0, float(s.max()) + 1e-3), (2.0,)) if binned else
-         M.PixelMetricsAccumulator(2, (0.0, 1.0), (2.0,), exact_max_pixels=s.size))
+  acc = (accumulator.PixelMetricsAccumulator(2**12, (0.0, float(s.max()) + 1e-3), (2.0,)) if binned else
+         accumulator.PixelMetricsAccumulator(2, (0.0, 1.0), (2.0,), exact_max_pixels=s.size))
   acc.add(s, y, subj)
   return acc
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from sano_jax import checkpointing, train
+from sano_jax import checkpointing, files, train
 from tests.helpers import assert_same_checkpoint, grating_source, tiny_config
 
 STEPS = {'training.num_train_steps': 30, 'training.checkpoint_every': 10,
@@ -125,7 +125,7 @@ def _flaky(monkeypatch, failures: int, error=TimeoutError('deadline exceeded whi
       raise error
     return real(self, *a, **kw)
   monkeypatch.setattr(ocp.CheckpointManager, 'restore', restore)
-  monkeypatch.setattr(checkpointing, 'BACKOFF_S', 0.0)
+  monkeypatch.setattr(files, 'BACKOFF_S', 0.0)
   return calls
 
 
@@ -147,13 +147,13 @@ def test_a_storage_error_that_persists_is_raised_and_moves_nothing(trained, tmp_
   calls = _flaky(monkeypatch, failures=100, error=OSError('HTTP 503 Service Unavailable'))
   store = checkpointing.CheckpointStore(str(wd))
   state = train.create_train_state(tiny_config(**STEPS), *_method_and_tx(), jax.random.PRNGKey(0))
-  with pytest.raises(checkpointing.TransientReadError, match=r'checkpoints/30 failed 4 times with '
+  with pytest.raises(files.TransientReadError, match=r'checkpoints/30 failed 4 times with '
                      r'a storage error \(OSError: HTTP 503.*nothing was moved'):
     store.restore_latest(state)
   store.close()
-  assert calls == [30] * (checkpointing.RETRIES + 1)
+  assert calls == [30] * (files.RETRIES + 1)
   assert _steps(wd) == [10, 20, 30] and _steps(wd, 'damaged_checkpoints') == []
-  with pytest.raises(checkpointing.TransientReadError, match=r'best/30 failed'):
+  with pytest.raises(files.TransientReadError, match=r'best/30 failed'):
     checkpointing.restore_for_inference(str(wd))  # never a silent fall-back to checkpoints/
 
 

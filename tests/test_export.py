@@ -15,7 +15,7 @@ import pytest
 
 import helpers
 import sano_jax
-from sano_jax import checkpointing, export, localization, methods
+from sano_jax import checkpointing, export, score_stats, methods
 from sano_jax import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,7 @@ def run(tmp_path_factory):
   store.save_best(1, {'params': params, 'ema_params': params}, 0.0)
   store.close()
   batches = [rng.uniform(0.3, 0.7, (8, 16, 16, 1)).astype(np.float32) for _ in range(2)]
-  stats = localization.fit_score_stats(method.field_fn(params), batches)
+  stats = score_stats.fit_score_stats(method.field_fn(params), batches)
   rundir.save(wd, config=config, stats=stats, step=1)
   # N at the median z of the test images, so that the masks are neither empty nor full.
   z, _ = rundir.load_localizer(wd)(_images(8, 8))

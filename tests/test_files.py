@@ -94,6 +94,35 @@ def test_missing_and_malformed_files_are_named(root):
     files.load_npz(os.path.join(root, 's.npz'))
 
 
+def test_every_file_read_retries_a_storage_error_and_raises_it_when_it_persists(root, monkeypatch):
+  """A timeout or an HTTP 503 on a read (a bucket, a network disk) is retried with backoff, then
+  raised as TransientReadError naming the file; a missing file is not retried. The inference
+  bundle, config.json and metrics read through here."""
+  target = os.path.join(root, 'inference.json')
+  files.atomic_write_json(target, {'step': 3})
+  real, calls, fail = epath.Path.read_bytes, [], {'n': 2, 'error': TimeoutError('read timed out')}
+
+  def flaky(self, *a, **kw):
+    calls.append(str(self))
+    if len(calls) <= fail['n']:
+      raise fail['error']
+    return real(self, *a, **kw)
+  monkeypatch.setattr(epath.Path, 'read_bytes', flaky)
+  monkeypatch.setattr(files, 'BACKOFF_S', 0.0)
+  assert files.read_json(target) == {'step': 3} and len(calls) == 3
+  calls.clear()
+  fail.update(n=100, error=OSError('HTTP 503 Service Unavailable'))
+  with pytest.raises(files.TransientReadError, match=r'inference\.json failed 4 times with a '
+                     r'storage error \(OSError: HTTP 503'):
+    files.read_json(target)
+  assert len(calls) == files.RETRIES + 1
+  calls.clear()
+  fail.update(n=0)
+  with pytest.raises(FileNotFoundError, match='not found'):
+    files.read_bytes(os.path.join(root, 'absent.npz'))
+  assert len(calls) == 1
+
+
 def test_npz_round_trip(root):
   arrays = {'mean': np.float32(0.25), 'std': np.arange(6, dtype=np.float64).reshape(2, 3),
             'hist': np.array([1, 0, 7], np.int64)}
@@ -155,7 +184,7 @@ def test_line_appender_resumes_across_writers(root):
 
 def test_training_metrics_log_on_the_bucket(fake_gcs, monkeypatch):
   import fake_gcs as fake_gcs_lib  # pylint: disable=g-import-not-at-top
-  from sano_jax import compare, train  # pylint: disable=g-import-not-at-top
+  from sano_jax import compare, summaries  # pylint: disable=g-import-not-at-top
   reads = []
   def counting_open(fs, path, mode='rb', **kwargs):
     if 'r' in mode and str(path).endswith('metrics.jsonl'):
@@ -166,7 +195,7 @@ def test_training_metrics_log_on_the_bucket(fake_gcs, monkeypatch):
   workdir = fake_gcs.url('run')
   for steps in ((1, 2), (3,)):  # a run, then its resumption
     reads.clear()
-    log = train.MetricsLog(workdir, enabled=True, start_step=steps[0] - 1)  # its checkpoint
+    log = summaries.MetricsLog(workdir, enabled=True, start_step=steps[0] - 1)  # its checkpoint
     assert len(reads) == (steps[0] > 1)  # the resumed run downloads the file once, not twice
     assert log.writer is None  # TensorBoard would go to the real GCS: the fixture turns it off
     for step in steps:
@@ -231,10 +260,10 @@ def test_evaluation_files(root):
   bucket."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sano_jax import evaluate, groups, localization, report, rundir  # pylint: disable=g-import-not-at-top
+  from sano_jax import evaluate, groups, report, rundir, score_stats  # pylint: disable=g-import-not-at-top
   from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  fit = lambda: localization.fit_score_stats(lambda x: x - jnp.mean(x),
+  fit = lambda: score_stats.fit_score_stats(lambda x: x - jnp.mean(x),
                                              [rng.uniform(size=(2, 8, 8, 1))],
                                              smoothing_sigma=1.0, num_bins=64)
   stats = fit()

@@ -14,7 +14,7 @@ import os
 import jax
 import numpy as np
 
-from sano_jax import checkpointing, evaluate, files, rundir, train
+from sano_jax import checkpointing, evaluate, files, preemption, rundir, train
 from tests import multihost_eval_worker as worker
 
 STEPS, PREEMPT_AT = 6, 4
@@ -79,7 +79,7 @@ def test_train_eval_localize_cycle_in_a_bucket_equals_a_local_one(fake_gcs, tmp_
   # In the bucket: preempted at step PREEMPT_AT (a checkpoint there), then resumed to STEPS.
   wd = fake_gcs.url('runs', 'tiny')
   with monkeypatch.context() as m:
-    m.setattr(train.Preemption, 'reached', lambda self, step, k=1: step >= PREEMPT_AT)
+    m.setattr(preemption.Preemption, 'reached', lambda self, step, k=1: step >= PREEMPT_AT)
     assert int(train.train_and_evaluate(_config(), wd, **kw).step) == PREEMPT_AT
   assert files.listdir(f'{wd}/checkpoints') == [str(PREEMPT_AT)]
   assert not files.exists(f'{wd}/best')  # validation runs at step STEPS only

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from sano_jax import accumulator
 from sano_jax import groups, metrics as M
 from tests.sklearn_oracle import whole_set_metrics
 
@@ -30,8 +31,8 @@ def _data(n=48, size=12, seed=0):
 
 
 def _grouped(s, y, subj, attrs, binned: bool, batch=5):
-  make = lambda: (M.PixelMetricsAccumulator(2**16, (0.0, float(s.max()) + 1e-3), (N_SIGMA,))
-                  if binned else M.PixelMetricsAccumulator(2, (0.0, 1.0), (N_SIGMA,),
+  make = lambda: (accumulator.PixelMetricsAccumulator(2**16, (0.0, float(s.max()) + 1e-3), (N_SIGMA,))
+                  if binned else accumulator.PixelMetricsAccumulator(2, (0.0, 1.0), (N_SIGMA,),
                                                            exact_max_pixels=s.size))
   g = groups.GroupedMetrics(tuple(attrs), make)
   whole = make()
@@ -71,7 +72,7 @@ def test_group_metrics_equal_sklearn_on_the_group_alone(binned):
       assert e['n_sigma']['iou'] == pytest.approx(ref['ns_iou'], abs=1e-9)
       assert e['n_sigma']['fpr'] == pytest.approx((s[keep] > N_SIGMA)[~y[keep]].mean(), abs=1e-12)
       # The stds are the group's own subject bootstrap: the whole-set routine on the group alone.
-      alone = M.bootstrap(s[keep], y[keep], subj[keep], runs=RUNS, seed=SEED, thresholds=(N_SIGMA,),
+      alone = accumulator.bootstrap(s[keep], y[keep], subj[keep], runs=RUNS, seed=SEED, thresholds=(N_SIGMA,),
                           num_bins=2**16 if binned else None,
                           score_range=(0.0, float(s.max()) + 1e-3) if binned else None)
       for key in ('auroc_std', 'auprc_std', 'aupro_std'):
@@ -96,7 +97,7 @@ def test_a_group_without_anomalies_is_null_with_a_reason_never_nan():
   text = json.dumps(out, allow_nan=False)  # strict JSON: raises on NaN or inf
   assert 'NaN' not in text
   # Every pixel anomalous: AUROC is undefined, AUPRC (= 1) is not.
-  entry = groups.group_entry(M.bootstrap(np.ones((2, 3)), np.ones((2, 3)), ['a', 'b'], runs=3))
+  entry = groups.group_entry(accumulator.bootstrap(np.ones((2, 3)), np.ones((2, 3)), ['a', 'b'], runs=3))
   assert entry['auroc'] is None and entry['auprc'] == 1.0
   assert 'AUROC is undefined' in entry['reason']
 

@@ -97,9 +97,9 @@ class _Rows:
 
   def __init__(self, path, resumed_from=0):
     self.path = path
-    from sano_jax import train  # pylint: disable=g-import-not-at-top
+    from sano_jax import summaries  # pylint: disable=g-import-not-at-top
     data = path.read_bytes() if path.exists() else b''
-    kept = train._rows_up_to(data.decode(), resumed_from).encode()  # pylint: disable=protected-access
+    kept = summaries._rows_up_to(data.decode(), resumed_from).encode()  # pylint: disable=protected-access
     self.offset = len(kept)
     # Something to drop: the child rewrites the file (a new inode) before it appends.
     self.stale_inode = os.stat(path).st_ino if kept != data else None

@@ -9,7 +9,7 @@ import pytest
 import scipy.ndimage as ndi
 
 import sano_jax
-from sano_jax import localization as L
+from sano_jax import localization as L, anomaly_maps as AM, score_stats as SS
 
 S2 = 0.3**2
 
@@ -24,13 +24,13 @@ def gauss_score(x):
 def test_gaussian_filter_matches_scipy(shape, sigma):
   x = np.random.default_rng(0).normal(size=(2,) + shape)
   ref = np.stack([ndi.gaussian_filter(xi, sigma) if sigma else xi for xi in x])
-  got = jax.jit(functools.partial(L.gaussian_filter2d, sigma=sigma))(jnp.asarray(x, jnp.float32))
+  got = jax.jit(functools.partial(AM.gaussian_filter2d, sigma=sigma))(jnp.asarray(x, jnp.float32))
   np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5)
 
 
 def test_gaussian_filter_rejects_negative_sigma():
   with pytest.raises(ValueError, match='sigma'):
-    L.gaussian_filter2d(jnp.zeros((4, 4)), -1.0)
+    AM.gaussian_filter2d(jnp.zeros((4, 4)), -1.0)
 
 
 def _batches(rng, n_batches=4, b=3, shape=(8, 6, 3)):
@@ -48,7 +48,7 @@ def _batches(rng, n_batches=4, b=3, shape=(8, 6, 3)):
 def test_streaming_stats_match_numpy():
   rng = np.random.default_rng(1)
   batches = _batches(rng)
-  stats = L.fit_score_stats(gauss_score, batches, smoothing_sigma=1.0)
+  stats = SS.fit_score_stats(gauss_score, batches, smoothing_sigma=1.0)
   imgs = np.concatenate([x[v] for x, v in batches]).astype(np.float64)
   scores = -(2 * imgs - 1) / S2
   maps = np.stack([ndi.gaussian_filter(np.abs(s).mean(-1), 1.0) for s in scores])
@@ -68,10 +68,10 @@ def test_streaming_stats_match_numpy():
 def test_merge_stats_equals_single_stream():
   rng = np.random.default_rng(2)
   batches = _batches(rng, n_batches=4)
-  whole = L.fit_score_stats(gauss_score, batches)
-  a = L.fit_score_stats(gauss_score, batches[:2])
-  b = L.fit_score_stats(gauss_score, batches[2:])
-  m = L.merge_stats(a, b)
+  whole = SS.fit_score_stats(gauss_score, batches)
+  a = SS.fit_score_stats(gauss_score, batches[:2])
+  b = SS.fit_score_stats(gauss_score, batches[2:])
+  m = SS.merge_stats(a, b)
   for k in ('count', 'mean', 'm2', 'n_images', 'pixel_mean', 'pixel_m2', 'map_mean', 'map_m2'):
     np.testing.assert_allclose(getattr(m, k), getattr(whole, k), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(m.hist, whole.hist)
@@ -79,7 +79,7 @@ def test_merge_stats_equals_single_stream():
 
 def test_save_load_roundtrip():
   from sano_jax import rundir  # pylint: disable=g-import-not-at-top
-  stats = L.fit_score_stats(gauss_score, _batches(np.random.default_rng(3)), smoothing_sigma=1.5)
+  stats = SS.fit_score_stats(gauss_score, _batches(np.random.default_rng(3)), smoothing_sigma=1.5)
   back = rundir.stats_from_bytes(rundir.stats_bytes(stats), 'the test')
   assert back.image_shape == stats.image_shape and back.smoothing_sigma == 1.5
   for a, b in zip(jax.tree_util.tree_leaves(stats), jax.tree_util.tree_leaves(back)):
@@ -104,7 +104,7 @@ def setup():
   score_fn = lambda x: model.apply(params, x)
   healthy = [(rng.uniform(size=(4, 12, 10, 3)).astype(np.float32), np.ones(4, bool))
              for _ in range(3)]
-  stats = L.fit_score_stats(score_fn, healthy)
+  stats = SS.fit_score_stats(score_fn, healthy)
   images = rng.uniform(size=(5, 12, 10, 3)).astype(np.float32)
   return score_fn, stats, images
 
@@ -129,8 +129,8 @@ def test_localize_definition(setup):
 def test_localize_jit_vmap_pmap(setup, rule):
   score_fn, stats, images = setup
   if rule in L.DENSITY_RULES:  # the density rules take MultiStats: the same stream, with one t
-    step = jax.jit(L.make_stats_step(score_fn))
-    multi = L.init_multi_stats(stats.image_shape, (0.01,))
+    step = jax.jit(SS.make_stats_step(score_fn))
+    multi = SS.init_multi_stats(stats.image_shape, (0.01,))
     for i in range(0, len(images), 2):
       multi = step(multi, images[i:i + 2], jnp.ones(len(images[i:i + 2]), bool))
     stats = multi
@@ -195,7 +195,7 @@ def test_localize_bad_inputs(setup):
   z, m = jax.jit(loc)(bad)  # under jit: documented NaN propagation, mask False there
   assert np.isnan(z[0, 3, 3]) and not m[0, 3, 3] and np.isfinite(z[1:]).all()
   with pytest.raises(ValueError, match='no batches'):
-    L.fit_score_stats(gauss_score, [])
+    SS.fit_score_stats(gauss_score, [])
 
 
 def test_rule_from_config():

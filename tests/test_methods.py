@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sano_jax import checkpointing, localization, methods, train
+from sano_jax import checkpointing, localization, anomaly_maps, score_stats, methods, train
 from sano_jax import rundir
 from sano_jax.baselines import autoencoders as aes
 from tests.helpers import tiny_config
@@ -162,7 +162,7 @@ def test_field_jits_and_vmaps(name):
   method = methods.create(config)
   params = method.init(KEY(0))
   images = (np.asarray(_images(3)) + 1) / 2
-  stats = localization.fit_score_stats(method.field_fn(params), [images])
+  stats = score_stats.fit_score_stats(method.field_fn(params), [images])
   loc = jax.jit(lambda p, im: localization.localize(method.field_fn(p), im, stats))
   z, mask = loc(params, images)
   assert z.shape == (3, 16, 16) and z.dtype == jnp.float32 and mask.dtype == jnp.bool_
@@ -248,7 +248,7 @@ def test_a_new_method_is_one_module_in_baselines_and_one_config_block(tmp_path, 
   assert type(bundle.method).__name__ == 'Toy' and bundle.params['b'].shape == (1,)
   images = np.stack([test[i]['image'] for i in range(2)]).astype(np.float32) / 255.0
   z, _ = rundir.load_localizer(wd)(images)
-  want = np.asarray(localization.gaussian_filter2d(
+  want = np.asarray(anomaly_maps.gaussian_filter2d(
       np.abs(2.0 * images[..., 0] - 1.0 - np.asarray(bundle.params['b'])[0]),
       float(bundle.config.localize.smoothing_sigma))) / float(bundle.stats.std)
   np.testing.assert_allclose(z, want, rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from sano_jax import accumulator
 from sano_jax import metrics as M
 
 
@@ -211,8 +212,8 @@ def _grid_data(n_subj=6, imgs=2, size=10, seed=4):
 def test_accumulator_aupro_matches_brute_force_exact_binned_merged_and_resampled():
   s, y, subj = _grid_data()
   want = _brute_aupro(s, y, 0.3)
-  exact = M.bootstrap(s, y, subj, runs=0)
-  binned = M.bootstrap(s, y, subj, runs=0, num_bins=64, score_range=(0.0, 8.0))
+  exact = accumulator.bootstrap(s, y, subj, runs=0)
+  binned = accumulator.bootstrap(s, y, subj, runs=0, num_bins=64, score_range=(0.0, 8.0))
   assert exact['aupro'] == pytest.approx(want, abs=1e-4)
   assert binned['aupro'] == pytest.approx(want, abs=1e-4)
   assert M.aupro(s, y) == pytest.approx(want, abs=1e-4)
@@ -220,14 +221,14 @@ def test_accumulator_aupro_matches_brute_force_exact_binned_merged_and_resampled
   # Two processes' shares, merged, and [B, H, W, 1] batches: the same numbers.
   halves = []
   for part in (slice(0, 5), slice(5, None)):
-    acc = M.PixelMetricsAccumulator(64, (0.0, 8.0), ())
+    acc = accumulator.PixelMetricsAccumulator(64, (0.0, 8.0), ())
     index = np.arange(len(s))[part]
     acc.add(s[part][..., None], y[part][..., None], subj[part], indices=index)
     halves.append(acc)
-  merged = M.PixelMetricsAccumulator.merge(halves).compute(bootstrap_runs=0)
+  merged = accumulator.PixelMetricsAccumulator.merge(halves).compute(bootstrap_runs=0)
   assert merged['aupro'] == pytest.approx(want, abs=1e-4)
   # A bootstrap run = the data with each subject's images repeated by its multiplicity.
-  acc = M.PixelMetricsAccumulator(2, (0.0, 1.0), (), exact_max_pixels=s.size)
+  acc = accumulator.PixelMetricsAccumulator(2, (0.0, 1.0), (), exact_max_pixels=s.size)
   acc.add(s, y, subj)
   weights = M.bootstrap_weights(len(acc.subjects), 3, seed=2)
   runs = acc.run_values(weights)['aupro']
@@ -239,17 +240,17 @@ def test_accumulator_aupro_matches_brute_force_exact_binned_merged_and_resampled
 
 def test_aupro_is_undefined_without_layout_or_regions():
   s, y, subj = _grid_data()
-  flat = M.bootstrap(s.reshape(len(s), -1), y.reshape(len(s), -1), subj, runs=2)
+  flat = accumulator.bootstrap(s.reshape(len(s), -1), y.reshape(len(s), -1), subj, runs=2)
   assert math.isnan(flat['aupro']) and flat['num_regions'] is None
-  assert flat['auroc'] == M.bootstrap(s, y, subj, runs=2)['auroc']
-  healthy = M.bootstrap(s, np.zeros_like(y), subj, runs=0, num_bins=64)
+  assert flat['auroc'] == accumulator.bootstrap(s, y, subj, runs=2)['auroc']
+  healthy = accumulator.bootstrap(s, np.zeros_like(y), subj, runs=0, num_bins=64)
   assert math.isnan(healthy['aupro']) and healthy['num_regions'] == 0
 
 
 def test_binned_agrees_with_exact():
   s, y, subj = _data()
-  ex = M.bootstrap(s, y, subj, runs=0)
-  bi = M.bootstrap(s, y, subj, runs=0, num_bins=2**16)
+  ex = accumulator.bootstrap(s, y, subj, runs=0)
+  bi = accumulator.bootstrap(s, y, subj, runs=0, num_bins=2**16)
   assert ex['method'] == 'exact' and bi['method'] == 'binned'
   assert ex['auroc'] == pytest.approx(roc_auc_score(y.ravel(), s.ravel()), abs=1e-6)
   assert ex['auprc'] == pytest.approx(average_precision_score(y.ravel(), s.ravel()), abs=1e-6)
@@ -269,7 +270,7 @@ def test_binned_agrees_with_exact():
 
 def test_accumulator_streaming_padding_and_schema():
   s, y, subj = _data()
-  acc = M.PixelMetricsAccumulator(2**16, (0.0, float(s.max()) + 1e-3), thresholds=(3.0, 2.0))
+  acc = accumulator.PixelMetricsAccumulator(2**16, (0.0, float(s.max()) + 1e-3), thresholds=(3.0, 2.0))
   for a in range(0, len(s), 5):  # uneven batches, padded to 5 with garbage marked invalid
     sb, yb, jb = s[a:a + 5], y[a:a + 5], subj[a:a + 5]
     pad = 5 - len(sb)
@@ -279,7 +280,7 @@ def test_accumulator_streaming_padding_and_schema():
     jb = np.concatenate([jb, ['pad'] * pad])
     acc.add(sb, yb, jb, valid)
   out = acc.compute(bootstrap_runs=10, seed=1)
-  ref = M.bootstrap(s, y, subj, runs=10, seed=1, thresholds=(3.0, 2.0), num_bins=2**16,
+  ref = accumulator.bootstrap(s, y, subj, runs=10, seed=1, thresholds=(3.0, 2.0), num_bins=2**16,
                     score_range=(0.0, float(s.max()) + 1e-3))
   assert out == ref
   json.dumps(out)  # JSON-serialisable
@@ -324,7 +325,7 @@ def _sklearn_bootstrap(s, y, subj, runs, seed, threshold=3.0):
 def test_bootstrap_stds_match_sklearn_resamples(num_bins):
   s, y, subj = _data()
   runs, seed = 20, 5
-  a = M.bootstrap(s, y, subj, runs=runs, seed=seed, num_bins=num_bins)
+  a = accumulator.bootstrap(s, y, subj, runs=runs, seed=seed, num_bins=num_bins)
   ref = _sklearn_bootstrap(s, y, subj, runs, seed)
   tol = 1e-9 if num_bins is None else 2e-3  # binned: thresholds at bin edges
   assert a['auroc_std'] == pytest.approx(ref['auroc'], abs=tol)
@@ -338,9 +339,9 @@ def test_bootstrap_stds_match_sklearn_resamples(num_bins):
 
 def test_bootstrap_seeded_and_positive():
   s, y, subj = _data()
-  a = M.bootstrap(s, y, subj, runs=20, seed=5)
-  b = M.bootstrap(s, y, subj, runs=20, seed=5)
-  c = M.bootstrap(s, y, subj, runs=20, seed=6)
+  a = accumulator.bootstrap(s, y, subj, runs=20, seed=5)
+  b = accumulator.bootstrap(s, y, subj, runs=20, seed=5)
+  c = accumulator.bootstrap(s, y, subj, runs=20, seed=6)
   assert a == b and a != c
   for k in ('auroc_std', 'auprc_std'):
     assert a[k] > 0
@@ -353,7 +354,7 @@ def test_bootstrap_seeded_and_positive():
 
 def test_bootstrap_one_subject_has_zero_std():
   s, y, _ = _data()
-  out = M.bootstrap(s, y, np.zeros(len(s), int), runs=20)
+  out = accumulator.bootstrap(s, y, np.zeros(len(s), int), runs=20)
   assert out['num_subjects'] == 1
   for k in ('auroc_std', 'auprc_std'):
     assert out[k] == 0.0
@@ -368,11 +369,11 @@ def test_bootstrap_resamples_subjects_not_images():
   ss, yy = np.tile(s, (k, 1, 1)), np.tile(y, (k, 1, 1))
   subj = np.repeat(np.arange(k), len(s))
   for num_bins in (None, 2**12):
-    out = M.bootstrap(ss, yy, subj, runs=20, num_bins=num_bins)
+    out = accumulator.bootstrap(ss, yy, subj, runs=20, num_bins=num_bins)
     for key in ('auroc_std', 'auprc_std'):
       assert out[key] == pytest.approx(0.0, abs=1e-12)
     assert out['operating_point']['dice_std'] == pytest.approx(0.0, abs=1e-12)
     assert out['n_sigma']['dice_std'] == pytest.approx(0.0, abs=1e-12)
   # The same images, each its own subject: now the bootstrap varies.
-  out = M.bootstrap(ss, yy, np.arange(len(ss)), runs=20)
+  out = accumulator.bootstrap(ss, yy, np.arange(len(ss)), runs=20)
   assert out['auroc_std'] > 0

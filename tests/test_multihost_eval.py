@@ -24,7 +24,8 @@ import jax
 import numpy as np
 import pytest
 
-from sano_jax import evaluate, gather, groups, localization, metrics as M, report, train
+from sano_jax import accumulator
+from sano_jax import eval_batches, gather, groups, score_stats, metrics as M, report, train
 
 
 from tests import multihost_eval_worker as worker
@@ -75,8 +76,8 @@ def _feed(add, idx, s, y, subj, attrs=None):
 
 def _make(binned, s, exact_max=None):
   if binned:
-    return M.PixelMetricsAccumulator(2**10, (0.0, float(s.max()) + 1e-3), (N_SIGMA, 2.5))
-  return M.PixelMetricsAccumulator(2**10, (0.0, float(s.max()) + 1e-3), (N_SIGMA, 2.5),
+    return accumulator.PixelMetricsAccumulator(2**10, (0.0, float(s.max()) + 1e-3), (N_SIGMA, 2.5))
+  return accumulator.PixelMetricsAccumulator(2**10, (0.0, float(s.max()) + 1e-3), (N_SIGMA, 2.5),
                                    exact_max_pixels=s.size if exact_max is None else exact_max)
 
 
@@ -101,7 +102,7 @@ def test_pixel_accumulator_merge_equals_one_pass(kind):
       accs.append(make())
       _feed(accs[-1].add, idx, s, y, subj)
     for order in (accs, accs[::-1]):
-      merged = M.PixelMetricsAccumulator.merge(order)
+      merged = accumulator.PixelMetricsAccumulator.merge(order)
       assert merged.subjects == whole.subjects, name
       np.testing.assert_equal(merged.compute(RUNS, SEED), want, err_msg=name)
       for a, b in zip(merged.curve_levels(), whole.curve_levels()):
@@ -113,9 +114,9 @@ def test_pixel_accumulator_merge_equals_one_pass(kind):
 def test_pixel_accumulator_merge_rejects_other_settings():
   s, _, _, _ = _data()
   with pytest.raises(ValueError, match='different settings'):
-    M.PixelMetricsAccumulator.merge([_make(True, s), _make(True, s + 1)])
+    accumulator.PixelMetricsAccumulator.merge([_make(True, s), _make(True, s + 1)])
   with pytest.raises(ValueError, match='at least one'):
-    M.PixelMetricsAccumulator.merge([])
+    accumulator.PixelMetricsAccumulator.merge([])
 
 
 @pytest.mark.parametrize('binned', [False, True], ids=['exact', 'binned'])
@@ -168,11 +169,11 @@ def test_stats_merge_equals_one_pass_and_the_device_tree_is_fixed(multi):
   images = rng.uniform(size=(12, 8, 8, 2)).astype(np.float32)
   if multi:
     fn = lambda x: [_field(x), 0.5 * _field(-x)]
-    init = lambda: localization.init_multi_stats((8, 8, 2), (0.1, 0.4), num_bins=256)
+    init = lambda: score_stats.init_multi_stats((8, 8, 2), (0.1, 0.4), num_bins=256)
   else:
     fn = _field
-    init = lambda: localization.init_stats((8, 8, 2), num_bins=256)
-  step = jax.jit(localization.make_stats_step(fn, 2.0))
+    init = lambda: score_stats.init_stats((8, 8, 2), num_bins=256)
+  step = jax.jit(score_stats.make_stats_step(fn, 2.0))
 
   def fit(idx):
     st = init()
@@ -186,7 +187,7 @@ def test_stats_merge_equals_one_pass_and_the_device_tree_is_fixed(multi):
   flat = lambda st: jax.tree_util.tree_flatten_with_path(st)[0]
   for cut in (3, 5, 8):
     a, b = fit(np.arange(cut)), fit(np.arange(cut, 12))
-    for merged in (localization.merge_stats(a, b), localization.merge_stats(b, a)):
+    for merged in (score_stats.merge_stats(a, b), score_stats.merge_stats(b, a)):
       for (path, x), (_, w) in zip(flat(jax.device_get(merged)), flat(whole)):
         if np.issubdtype(np.asarray(w).dtype, np.integer) or 'count' in str(path) or \
             'n_images' in str(path):
@@ -194,7 +195,7 @@ def test_stats_merge_equals_one_pass_and_the_device_tree_is_fixed(multi):
         else:
           np.testing.assert_allclose(x, w, rtol=2e-5, atol=1e-6, err_msg=str(path))
   devices = [fit(np.arange(i, 12, 4)) for i in range(4)]
-  pair = lambda xs: gather.pairwise(xs, localization.merge_stats)  # pylint: disable=protected-access
+  pair = lambda xs: gather.pairwise(xs, score_stats.merge_stats)  # pylint: disable=protected-access
   one_process = jax.device_get(pair(devices))
   two_processes = jax.device_get(pair([pair(devices[:2]), pair(devices[2:])]))
   for (path, x), (_, w) in zip(flat(two_processes), flat(one_process)):
@@ -202,13 +203,13 @@ def test_stats_merge_equals_one_pass_and_the_device_tree_is_fixed(multi):
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *devices)
   for (path, x), (_, w) in zip(flat(gather.merge_device_stats(stacked)), flat(one_process)):
     np.testing.assert_array_equal(x, w, err_msg=str(path))
-  other = localization.init_stats((8, 8, 2) if multi else (8, 4, 2), num_bins=256)
+  other = score_stats.init_stats((8, 8, 2) if multi else (8, 4, 2), num_bins=256)
   with pytest.raises(ValueError, match='cannot merge'):
-    localization.merge_stats(whole, other)
+    score_stats.merge_stats(whole, other)
   if multi:  # old statistics (no per-channel density) do not silently drop the new ones' density
     with pytest.raises(ValueError, match='per-channel densities.*format 3'):
-      localization.merge_stats(whole, whole.replace(channel_density=None))
-    old = localization.merge_stats(whole.replace(channel_density=None),
+      score_stats.merge_stats(whole, whole.replace(channel_density=None))
+    old = score_stats.merge_stats(whole.replace(channel_density=None),
                                    whole.replace(channel_density=None))
     assert old.channel_density is None
 
@@ -296,9 +297,9 @@ def test_eval_batch_not_divisible_by_processes_is_a_clear_error(monkeypatch):
   config = tiny_config(**{'eval.batch_size': 9})
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   with pytest.raises(ValueError, match=r'eval.batch_size=9 is not divisible by the 2 processes'):
-    evaluate.eval_mesh(config)
+    eval_batches.eval_mesh(config)
   config.eval.batch_size = 8
   # 4 images a process, 4 local devices: all of them (as many local devices as divide 4).
-  assert evaluate.eval_mesh(config).devices.size == 4
+  assert eval_batches.eval_mesh(config).devices.size == 4
   config.eval.batch_size = 12  # 6 images a process: 3 of the 4 devices (the most that divide 6)
-  assert evaluate.eval_mesh(config).devices.size == 3
+  assert eval_batches.eval_mesh(config).devices.size == 3

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from sano_jax import localization as L, methods, multiscale as M, score
+from sano_jax import localization as L, anomaly_maps as AM, score_stats as SS, methods, multiscale as M, score
 
 import helpers
 
@@ -106,7 +106,7 @@ def _density_oracle(fn, healthy, images, sigma, per_channel=False):
   z = Phi^-1(1 - chi2_D.sf(d^2)), then G_sigma * z."""
   from scipy import ndimage, stats as st  # pylint: disable=g-import-not-at-top
   def features(x):
-    fields = [np.abs(np.asarray(f, np.float64)) for f in L._as_fields(fn(2 * jnp.asarray(x) - 1))]  # pylint: disable=protected-access
+    fields = [np.abs(np.asarray(f, np.float64)) for f in AM.as_fields(fn(2 * jnp.asarray(x) - 1))]  # pylint: disable=protected-access
     raw = ([f[..., c] for f in fields for c in range(f.shape[-1])] if per_channel
            else [f.mean(-1) for f in fields])
     return np.stack([np.log(ndimage.gaussian_filter(a, (0, f * sigma, f * sigma)))
@@ -126,17 +126,17 @@ def test_localize_with_a_t_set_jits_and_matches_the_per_t_oracle(sano_multi, tmp
   _, method, params = sano_multi
   fn = method.field_fn(params)
   healthy = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (12,) + method.image_shape))
-  stats = L.init_multi_stats(method.image_shape, method.ts)
-  step = jax.jit(L.make_stats_step(fn))
+  stats = SS.init_multi_stats(method.image_shape, method.ts)
+  step = jax.jit(SS.make_stats_step(fn))
   for i in range(0, 12, 4):
     stats = step(stats, healthy[i:i + 4], jnp.ones(4, bool))
-  loaded = L.stats_from_arrays(L.stats_to_arrays(stats))
-  assert isinstance(loaded, L.MultiStats) and loaded.ts == method.ts
+  loaded = SS.stats_from_arrays(SS.stats_to_arrays(stats))
+  assert isinstance(loaded, SS.MultiStats) and loaded.ts == method.ts
   jax.tree.map(np.testing.assert_array_equal, loaded, stats)
 
   images = np.asarray(jax.random.uniform(jax.random.PRNGKey(4), (2,) + method.image_shape))
   fields = fn(2 * jnp.asarray(images) - 1)
-  maps = [L.anomaly_map(f) for f in fields]
+  maps = [AM.anomaly_map(f) for f in fields]
   for rule in ('global', 'per_pixel', 'two_sided', 'density'):
     z, mask = jax.jit(lambda im, st, rule=rule: L.localize(fn, im, st, rule=rule))(images, stats)
     if rule == 'density':
@@ -150,7 +150,7 @@ def test_localize_with_a_t_set_jits_and_matches_the_per_t_oracle(sano_multi, tmp
     L.localize(fn, images, stats, rule='quantile')
   with pytest.raises(ValueError, match='field'):  # one field against stats of three t
     L.localize(lambda x: fields[0], images, stats)
-  single = L.init_stats(method.image_shape)
+  single = SS.init_stats(method.image_shape)
   with pytest.raises(ValueError, match='density'):
     L.localize(lambda x: fields[0], images, single, rule='density')
 
@@ -168,9 +168,9 @@ def test_density_at_one_t_models_each_colour_channel(channels, tmp_path):
   fn = lambda x: (jnp.sin(4.0 * x) + 0.1 * x, x**2 * jnp.cos(3.0 * x) + 0.05)
   one_t = lambda x: fn(x)[1]  # the second t alone
   healthy = np.asarray(jax.random.uniform(jax.random.PRNGKey(5), (48,) + shape))
-  stats = jax.jit(L.make_stats_step(fn))(L.init_multi_stats(shape, (0.01, 0.1)),
+  stats = jax.jit(SS.make_stats_step(fn))(SS.init_multi_stats(shape, (0.01, 0.1)),
                                           healthy, jnp.ones(48, bool))
-  alone = jax.jit(L.make_stats_step(one_t))(L.init_multi_stats(shape, (0.1,)),
+  alone = jax.jit(SS.make_stats_step(one_t))(SS.init_multi_stats(shape, (0.1,)),
                                              healthy, jnp.ones(48, bool))
   selected = stats.select((1,))
   assert selected.channel_density[0].mean.shape[-1] == 3 * channels
@@ -187,17 +187,17 @@ def test_density_at_one_t_models_each_colour_channel(channels, tmp_path):
   np.testing.assert_allclose(z_mean, ref_mean, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(mask, np.asarray(z_mean) > 3.0)
   with pytest.raises(ValueError, match='density_mean.*MultiStats'):
-    L.localize(one_t, images, L.init_stats(shape), rule='density_mean')
+    L.localize(one_t, images, SS.init_stats(shape), rule='density_mean')
   mean_ref = _density_oracle(one_t, healthy, images, sigma=2.0)
   if channels > 1:  # the channels carry information their mean drops
     assert np.abs(ref - mean_ref).max() > 0.1
   else:
     np.testing.assert_allclose(ref, mean_ref)
 
-  jax.tree.map(np.testing.assert_array_equal, L.stats_from_arrays(L.stats_to_arrays(alone)), alone)
-  arrays = {k: v for k, v in L.stats_to_arrays(alone).items() if 'channel_density' not in k}
+  jax.tree.map(np.testing.assert_array_equal, SS.stats_from_arrays(SS.stats_to_arrays(alone)), alone)
+  arrays = {k: v for k, v in SS.stats_to_arrays(alone).items() if 'channel_density' not in k}
   arrays['format_version'] = np.int64(3)
-  old = L.stats_from_arrays(arrays)
+  old = SS.stats_from_arrays(arrays)
   assert old.channel_density is None
   np.testing.assert_allclose(L.localize(one_t, images, old, rule='density')[0], mean_ref,
                              rtol=1e-4, atol=1e-4)
@@ -231,18 +231,18 @@ def test_cholesky_and_lower_inverse_match_numpy_under_jit():
 def test_density_scales_round_trip_and_a_mismatch_is_a_clear_error(tmp_path):
   """The saved statistics keep the density's scales; a file whose feature count does not match
   t x scales, and one saved before the scales (read as (1.0,)), are handled explicitly."""
-  stats = L.init_multi_stats((6, 5, 1), (0.1, 0.2), smoothing_sigma=1.5)
+  stats = SS.init_multi_stats((6, 5, 1), (0.1, 0.2), smoothing_sigma=1.5)
   assert stats.density_scales == M.DENSITY_SCALES and stats.density.mean.shape[-1] == 6
-  arrays = L.stats_to_arrays(stats)
-  assert L.stats_from_arrays(arrays).density_scales == M.DENSITY_SCALES
+  arrays = SS.stats_to_arrays(stats)
+  assert SS.stats_from_arrays(arrays).density_scales == M.DENSITY_SCALES
   arrays['density_scales'] = np.asarray([1.0, 2.0])  # 2 t x 2 scales != 6 features
   with pytest.raises(ValueError, match=r'not a readable ScoreStats file.*6 features for 2 t x 2'):
-    L.stats_from_arrays(arrays)
-  rgb = L.init_multi_stats((6, 5, 3), (0.1, 0.2), smoothing_sigma=1.5)
-  arrays = L.stats_to_arrays(rgb)
+    SS.stats_from_arrays(arrays)
+  rgb = SS.init_multi_stats((6, 5, 3), (0.1, 0.2), smoothing_sigma=1.5)
+  arrays = SS.stats_to_arrays(rgb)
   arrays['t1.channel_density.mean'] = np.zeros((6, 5, 4), np.float32)  # 3 scales x 3 channels = 9
   with pytest.raises(ValueError, match=r'not a readable ScoreStats.*does not have 9 features'):
-    L.stats_from_arrays(arrays)
-  old = L.init_multi_stats((6, 5, 1), (0.1, 0.2), density_scales=(1.0,))
-  arrays = {k: v for k, v in L.stats_to_arrays(old).items() if k != 'density_scales'}
-  assert L.stats_from_arrays(arrays).density_scales == (1.0,)
+    SS.stats_from_arrays(arrays)
+  old = SS.init_multi_stats((6, 5, 1), (0.1, 0.2), density_scales=(1.0,))
+  arrays = {k: v for k, v in SS.stats_to_arrays(old).items() if k != 'density_scales'}
+  assert SS.stats_from_arrays(arrays).density_scales == (1.0,)

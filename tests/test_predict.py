@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sano_jax import checkpointing, localization, models, predict, score
+from sano_jax import checkpointing, score_stats, models, predict, score
 from sano_jax import rundir
 from sano_jax import sde as sde_lib
 from tests.helpers import random_params
@@ -39,7 +39,7 @@ def workdir(tmp_path_factory):
   score_fn = score.make_score_fn(model, params, sde_lib.from_config(config), config.localize.t[0])
   rng = np.random.default_rng(0)
   batches = [rng.uniform(0.3, 0.7, (8, 16, 16, 1)).astype(np.float32) for _ in range(2)]
-  stats = localization.fit_score_stats(score_fn, batches)
+  stats = score_stats.fit_score_stats(score_fn, batches)
   rundir.save(wd, config=config, stats=stats, step=1)
   # With N = 3 the random model flags no pixel at all (max z ~ 1), and two empty masks always
   # agree: put N at the median z of random images so that masks are neither empty nor full.

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from sano_jax import checkpointing, train
+from sano_jax import checkpointing, preemption, train
 from tests.helpers import grating_source, tiny_config
 
 
@@ -16,7 +16,7 @@ def test_handler_is_installed_only_while_training(tmp_path):
   calls = []
   previous = signal.signal(signal.SIGTERM, lambda *a: calls.append(a))
   try:
-    p = train.Preemption()
+    p = preemption.Preemption()
     p.start()
     assert signal.getsignal(signal.SIGTERM) == p._on_sigterm  # pylint: disable=protected-access
     assert not p.reached(1)

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from sano_jax import checkpointing, files, localization, methods, rundir, train
+from sano_jax import checkpointing, files, localization, score_stats, methods, rundir, train
 from tests.helpers import random_run_dir, tiny_config
 
 S = 16
@@ -66,7 +66,7 @@ def test_a_t_changed_at_evaluation_is_what_inference_uses(tmp_path):
   at = lambda t: methods.create(rundir.with_localize(bundle.config, {**bundle.manifest['localize'],
                                                                      't': [t]}))
   evaluated = tiny_config(**{'localize.t': (0.05,)})  # the evaluation's config
-  stats = localization.fit_score_stats(at(0.05).field_fn(bundle.params), [_images(4, seed=1)])
+  stats = score_stats.fit_score_stats(at(0.05).field_fn(bundle.params), [_images(4, seed=1)])
   rundir.save(wd, config=evaluated, stats=stats, step=1)
   assert tuple(checkpointing.load_config(wd).localize.t) == (0.02,)
   z, _ = rundir.load_localizer(wd)(_images())
@@ -91,9 +91,9 @@ def test_statistics_at_another_t_set_than_the_manifest_are_an_error(wd):
 
 
 def _fitted_multi():
-  stats = localization.init_multi_stats((S, S, 1), (0.02, 0.1))
-  step = localization.make_stats_step(lambda x: [-x, 0.5 * x])
-  return localization.finalize(step(stats, _images(4), np.ones(4, bool)))
+  stats = score_stats.init_multi_stats((S, S, 1), (0.02, 0.1))
+  step = score_stats.make_stats_step(lambda x: [-x, 0.5 * x])
+  return score_stats.finalize(step(stats, _images(4), np.ones(4, bool)))
 
 
 def test_a_workdir_of_other_data_does_not_resume(wd):
@@ -150,7 +150,7 @@ def test_a_kill_between_the_statistics_and_the_manifest_leaves_the_previous_bund
       raise KeyboardInterrupt('killed')
     return real(path, obj, **kw)
   monkeypatch.setattr(files, 'atomic_write_json', killed)
-  other = localization.fit_score_stats(lambda x: -2.0 * x, [_images(4, seed=3)])
+  other = score_stats.fit_score_stats(lambda x: -2.0 * x, [_images(4, seed=3)])
   with pytest.raises(KeyboardInterrupt):
     rundir.save(wd, config=tiny_config(**{'localize.n_sigma': 1.5}), stats=other, step=1)
   monkeypatch.setattr(files, 'atomic_write_json', real)

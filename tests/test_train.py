@@ -1,13 +1,11 @@
 """The training step and run: multi-device equivalence, learning, resume, and clear errors."""
-import json
-import os
 
 import jax
 import numpy as np
 import pytest
 
 from sano_jax import methods, train
-from tests.helpers import grating_source, tiny_config
+from tests.helpers import tiny_config
 
 
 def _setup(config):

@@ -26,7 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from sano_jax import localization
+from sano_jax import anomaly_maps
 from sano_jax.sano import SANO
 from sano_jax.sde import VPSDE
 
@@ -102,7 +102,7 @@ def anomaly_map(eps_fn: EpsFn, sde: VPSDE, images: jax.Array, rng: jax.Array, *,
   x = 2.0 * images.astype(jnp.float32) - 1.0
   x_rec = reconstruct(eps_fn, sde, x, rng, t_start=t_start, num_steps=num_steps,
                       clip_denoised=clip_denoised)
-  return localization.anomaly_map(x - x_rec, smoothing_sigma)
+  return anomaly_maps.anomaly_map(x - x_rec, smoothing_sigma)
 
 
 def make_localizer(model, sde: VPSDE, *, t_start: float = 0.5, num_steps: int = 50,
