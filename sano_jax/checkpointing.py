@@ -35,6 +35,11 @@ from sano_jax import files
 from sano_jax import methods
 
 
+CONFIG_FILE = 'config.json'  # the run's config (`save_config`)
+CHECKPOINTS_DIR = 'checkpoints'  # the periodic checkpoints
+BEST_DIR = 'best'  # the checkpoint of the lowest validation loss
+
+
 class DamagedCheckpointError(RuntimeError):
   """Every checkpoint of a run directory is damaged (unreadable, truncated or incomplete)."""
 
@@ -90,13 +95,13 @@ class CheckpointStore:
       raise ValueError(f'training.keep_checkpoints={keep!r} must be an integer >= 1: the newest '
                        'checkpoint is what a run resumes from')
     self.workdir = workdir
-    self.latest = _manager(os.path.join(workdir, 'checkpoints'), keep=keep, best=False)
+    self.latest = _manager(os.path.join(workdir, CHECKPOINTS_DIR), keep=keep, best=False)
     self._best = None
 
   @property
   def best(self) -> ocp.CheckpointManager:
     if self._best is None:
-      self._best = _manager(os.path.join(self.workdir, 'best'), keep=1, best=True)
+      self._best = _manager(os.path.join(self.workdir, BEST_DIR), keep=1, best=True)
     return self._best
 
   def latest_step(self) -> int | None:
@@ -182,13 +187,13 @@ class CheckpointStore:
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  files.atomic_write_text(os.path.join(workdir, 'config.json'),
+  files.atomic_write_text(os.path.join(workdir, CONFIG_FILE),
                           config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(files.read_json(
-      os.path.join(workdir, 'config.json'),
+      os.path.join(workdir, CONFIG_FILE),
       f'{workdir!r} is not a sano-jax run directory (train one with run_train.py --workdir=...)'))
 
 
@@ -199,7 +204,7 @@ def model_signature(config) -> dict:
 
 def check_same_model(config, workdir: str) -> None:
   """A clear error when `workdir` holds a run of another method or model than `config` describes."""
-  if not files.exists(os.path.join(workdir, 'config.json')):
+  if not files.exists(os.path.join(workdir, CONFIG_FILE)):
     return
   saved = load_config(workdir)
   old_name, new_name = methods.method_name(saved), methods.method_name(config)
@@ -218,7 +223,7 @@ def check_same_model(config, workdir: str) -> None:
 
 def require_checkpoint(workdir: str) -> None:
   """FileNotFoundError saying to train first when `workdir` has no checkpoint folder with a step."""
-  if not any(files.listdir(os.path.join(workdir, d)) for d in ('best', 'checkpoints')):
+  if not any(files.listdir(os.path.join(workdir, d)) for d in (BEST_DIR, CHECKPOINTS_DIR)):
     raise FileNotFoundError(f'no checkpoint in {workdir!r} (looked in best/ and checkpoints/): '
                             f'train first with run_train.py --config=... --workdir={workdir}')
 
@@ -243,7 +248,7 @@ def data_identity(config) -> dict:
 def check_same_data(config, workdir: str) -> None:
   """A clear error when `workdir` holds a run trained on other data than `config` describes
   (resuming would mix two datasets in one model, or score the old model as if trained on these)."""
-  if not files.exists(os.path.join(workdir, 'config.json')):
+  if not files.exists(os.path.join(workdir, CONFIG_FILE)):
     return
   old, new = data_identity(load_config(workdir)), data_identity(config)
   diff = {k: (old[k], new[k]) for k in new if json.dumps(old[k]) != json.dumps(new[k])}
@@ -276,17 +281,17 @@ def restore_params(workdir: str, method, *, best: bool = True, ema: bool = True)
   `method` is the run's (`restore_for_inference` checks config.json)."""
   key = 'ema_params' if ema else 'params'
   restored, damaged = None, []
-  if best and files.isdir(os.path.join(workdir, 'best')):
-    mngr = _manager(os.path.join(workdir, 'best'), keep=1, best=True)
+  if best and files.isdir(os.path.join(workdir, BEST_DIR)):
+    mngr = _manager(os.path.join(workdir, BEST_DIR), keep=1, best=True)
     step = mngr.best_step() or mngr.latest_step()
     if step is not None:
       restored, step = _restore_intact(mngr, [step], damaged)
     mngr.close()
     if restored is None and damaged:
       logging.warning('the best checkpoint in %s is damaged: using the latest intact one in %s',
-                      os.path.join(workdir, 'best'), os.path.join(workdir, 'checkpoints'))
+                      os.path.join(workdir, BEST_DIR), os.path.join(workdir, CHECKPOINTS_DIR))
   if restored is None:
-    mngr = _manager(os.path.join(workdir, 'checkpoints'), keep=1, best=False)
+    mngr = _manager(os.path.join(workdir, CHECKPOINTS_DIR), keep=1, best=False)
     steps = sorted(mngr.all_steps(), reverse=True)
     restored, step = _restore_intact(mngr, steps, damaged)
     mngr.close()
@@ -388,6 +393,6 @@ def _check_params_fit(method, params, workdir: str) -> None:
     diff = [(k, got.get(k), want.get(k)) for k in sorted(set(got) | set(want))
             if got.get(k) != want.get(k)][:3]
     raise ValueError(f'the checkpoint in {workdir!r} does not fit the {method.name!r} model that '
-                     f'{os.path.join(workdir, "config.json")} describes (first differences, as '
+                     f'{os.path.join(workdir, CONFIG_FILE)} describes (first differences, as '
                      f'(param, checkpoint shape, config shape): {diff}); was another run copied '
                      'into it?')

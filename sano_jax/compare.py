@@ -28,6 +28,7 @@ from sano_jax import input_pipeline
 from sano_jax import methods
 from sano_jax import report
 from sano_jax import rundir
+from sano_jax import summaries
 from sano_jax import train
 
 COLUMNS = (('auroc', 'AUROC'), ('auprc', 'AUPRC'), ('aupro', 'AUPRO'), ('op_dice', 'Dice @ OP'),
@@ -37,7 +38,7 @@ COLUMNS = (('auroc', 'AUROC'), ('auprc', 'AUPRC'), ('aupro', 'AUPRO'), ('op_dice
 
 def training_summary(workdir: str) -> dict:
   """Median training img/s and the wall seconds of the training steps, from WORKDIR/metrics.jsonl."""
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = os.path.join(workdir, summaries.METRICS_LOG)
   if not files.exists(path):
     return {'train_images_per_s': None, 'train_seconds': None}
   rows = [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
@@ -161,13 +162,13 @@ def reuse_model(source_dir: str, workdir: str, config) -> bool:
   AnoDDPM of SANO): copy that trained run's checkpoints (not its statistics or evaluation) instead
   of training the same model twice. False (nothing copied) unless the models match."""
   source = methods.method_class(config).reuses_model_of
-  if (source is None or not files.isdir(os.path.join(source_dir, 'best'))
+  if (source is None or not files.isdir(os.path.join(source_dir, checkpointing.BEST_DIR))
       or files.exists(workdir)):
     return False
   if checkpointing.model_signature(checkpointing.load_config(source_dir)) != {
       **checkpointing.model_signature(config), 'method': source}:
     return False
-  files.copytree(source_dir, workdir, ignore=('eval', 'config.json', rundir.MANIFEST,
+  files.copytree(source_dir, workdir, ignore=('eval', checkpointing.CONFIG_FILE, rundir.MANIFEST,
                                               rundir.PARTS_DIR) + rundir.LEGACY)
   checkpointing.save_config(config, workdir)
   return True

@@ -59,17 +59,6 @@ def pr_points(pos, neg, thresholds) -> dict[str, np.ndarray]:
             'threshold': thr[keep]}
 
 
-def area_under_roc(fpr, tpr) -> float:
-  """Trapezoidal area under the ROC points (fpr ascending)."""
-  return float(np.trapezoid(np.asarray(tpr, np.float64), np.asarray(fpr, np.float64)))
-
-
-def average_precision(recall, precision) -> float:
-  """AP = sum_k (R_k - R_{k-1}) Prec_k with R_0 = 0 (step-wise, no interpolation)."""
-  recall = np.asarray(recall, np.float64)
-  return float(np.sum(np.diff(recall, prepend=0.0) * np.asarray(precision, np.float64)))
-
-
 def point_at(pos, neg, thresholds, threshold: float) -> dict[str, float]:
   """{fpr, tpr, precision} of the mask score >= threshold, from the levels at or above it (exact
   for a threshold that is a level, as the operating point is)."""

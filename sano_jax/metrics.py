@@ -190,32 +190,6 @@ def iou(pred, labels) -> float:
   return 1.0 if union == 0 else inter / union
 
 
-def _per_image_counts(pred, labels):
-  """[N, ...] -> per-image (inter, |pred|, |label|) int64 arrays [N]."""
-  p = np.asarray(pred) > 0
-  y = np.asarray(labels) > 0
-  if p.shape != y.shape or p.ndim < 2:
-    raise ValueError(f'per-image metrics need equal shapes [N, ...], got {p.shape}, {y.shape}')
-  p = p.reshape(p.shape[0], -1)
-  y = y.reshape(y.shape[0], -1)
-  return (np.count_nonzero(p & y, axis=1), np.count_nonzero(p, axis=1),
-          np.count_nonzero(y, axis=1))
-
-
-def mean_dice_per_image(pred, labels) -> float:
-  """Mean over images with a non-empty ground truth of the per-image Dice ([N, ...] arrays)."""
-  inter, a, b = _per_image_counts(pred, labels)
-  keep = b > 0
-  return float(np.mean(2.0 * inter[keep] / (a[keep] + b[keep]))) if keep.any() else math.nan
-
-
-def mean_iou_per_image(pred, labels) -> float:
-  """Mean over images with a non-empty ground truth of the per-image IoU ([N, ...] arrays)."""
-  inter, a, b = _per_image_counts(pred, labels)
-  keep = b > 0
-  return float(np.mean(inter[keep] / (a[keep] + b[keep] - inter[keep]))) if keep.any() else math.nan
-
-
 AUPRO_MAX_FPR = 0.3  # MVTec AD's integration limit
 
 

@@ -199,7 +199,7 @@ def load(workdir: str, *, method: str | None = None) -> Bundle:
   signature = model.signature()
   if json.dumps(manifest['model'], sort_keys=True) != json.dumps(signature, sort_keys=True):
     raise ValueError(f'{path} was written for another model ({manifest["model"]}) than '
-                     f'{os.path.join(workdir, "config.json")} describes ({signature}): '
+                     f'{os.path.join(workdir, checkpointing.CONFIG_FILE)} describes ({signature}): '
                      f'{_fix(workdir)}')
   params, step = checkpointing.restore_params(workdir, model, ema=config.localize.use_ema)
   if step != manifest['step']:

@@ -54,10 +54,6 @@ class ScoreStats:
     return jnp.sqrt(self.m2 / self.count)
 
   @property
-  def score_mean(self) -> jax.Array:
-    return self.mean
-
-  @property
   def pixel_std(self) -> jax.Array:
     """Per-pixel std over images of the healthy anomaly map [H,W]."""
     return jnp.sqrt(self.pixel_m2 / self.n_images)

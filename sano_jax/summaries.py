@@ -11,6 +11,8 @@ import tqdm
 
 from sano_jax import files
 
+METRICS_LOG = 'metrics.jsonl'  # a run directory's training log (`MetricsLog`)
+
 
 def progress(iterable=None, *, total: int, unit: str, desc: str | None = None, initial: int = 0,
              enabled: bool = True, mininterval: float = 1.0) -> tqdm.tqdm:
@@ -61,7 +63,7 @@ class MetricsLog:
     self.enabled = enabled
     self.writer = None
     if enabled:
-      path = os.path.join(workdir, 'metrics.jsonl')  # local or gs://
+      path = os.path.join(workdir, METRICS_LOG)  # local or gs://
       kept = ''
       if files.exists(path):
         text = files.read_text(path)

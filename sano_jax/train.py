@@ -381,7 +381,7 @@ def _train(config, workdir: str, train_source, val_source,
           store.save(step, to_host(state))
           last_good = step
         logging.info('preempted at step %d: saved a checkpoint at step %d in %s; run the same '
-                     'command again to resume', step, step, os.path.join(workdir, 'checkpoints'))
+                     'command again to resume', step, step, os.path.join(workdir, checkpointing.CHECKPOINTS_DIR))
         stopped = True
     if in_flight is not None:
       jax.block_until_ready(in_flight)

@@ -1,5 +1,7 @@
-"""The independent oracle of the per-group tests: whole-set metrics of (filtered) arrays computed
-with scikit-learn alone."""
+"""Independent oracles of the metric tests: whole-set metrics of (filtered) arrays computed with
+scikit-learn alone, and per-image Dice / IoU written out straightforwardly."""
+import math
+
 import numpy as np
 from sklearn import metrics as skm
 
@@ -14,3 +16,29 @@ def whole_set_metrics(z, y, n_sigma: float) -> dict:
           'op_dice': f1[k], 'op_iou': skm.jaccard_score(y, z >= thr[k]),
           'ns_dice': skm.f1_score(y, z > n_sigma, zero_division=1.0),
           'ns_iou': skm.jaccard_score(y, z > n_sigma, zero_division=1.0)}
+
+
+def _per_image_counts(pred, labels):
+  """[N, ...] -> per-image (inter, |pred|, |label|) int64 arrays [N]."""
+  p = np.asarray(pred) > 0
+  y = np.asarray(labels) > 0
+  if p.shape != y.shape or p.ndim < 2:
+    raise ValueError(f'per-image metrics need equal shapes [N, ...], got {p.shape}, {y.shape}')
+  p = p.reshape(p.shape[0], -1)
+  y = y.reshape(y.shape[0], -1)
+  return (np.count_nonzero(p & y, axis=1), np.count_nonzero(p, axis=1),
+          np.count_nonzero(y, axis=1))
+
+
+def mean_dice_per_image(pred, labels) -> float:
+  """Mean over images with a non-empty ground truth of the per-image Dice ([N, ...] arrays)."""
+  inter, a, b = _per_image_counts(pred, labels)
+  keep = b > 0
+  return float(np.mean(2.0 * inter[keep] / (a[keep] + b[keep]))) if keep.any() else math.nan
+
+
+def mean_iou_per_image(pred, labels) -> float:
+  """Mean over images with a non-empty ground truth of the per-image IoU ([N, ...] arrays)."""
+  inter, a, b = _per_image_counts(pred, labels)
+  keep = b > 0
+  return float(np.mean(inter[keep] / (a[keep] + b[keep] - inter[keep]))) if keep.any() else math.nan

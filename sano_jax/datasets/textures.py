@@ -169,13 +169,6 @@ def _shape_mask(h: int, w: int, kind: str) -> np.ndarray:
   return ((yy + 0.5 - ry) / ry) ** 2 + ((xx + 0.5 - rx) / rx) ** 2 <= 1.0
 
 
-def paste_anomaly(crop: np.ndarray, rng: np.random.Generator,
-                  match_intensity: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """Pastes a patch of real content into `crop` (uint8 [S,S,C]); returns (image, mask [S,S,1])."""
-  image, mask, _ = _paste(crop, rng, match_intensity)
-  return image, mask
-
-
 def size_bucket(mask: np.ndarray) -> str:
   """The `anomaly_size` of a mask: the SIZE_BUCKETS name of its anomalous share of the pixels
   (``none`` when the mask is empty)."""
@@ -187,7 +180,8 @@ def size_bucket(mask: np.ndarray) -> str:
 
 def _paste(crop: np.ndarray, rng: np.random.Generator,
            match_intensity: bool) -> tuple[np.ndarray, np.ndarray, str]:
-  """`paste_anomaly`, and the name of the source image the patch was cut from."""
+  """Pastes a patch of real content into `crop` (uint8 [S,S,C]): (image, mask [S,S,1], the name of
+  the source image the patch was cut from)."""
   size, channels = crop.shape[0], crop.shape[-1]
   sources = _anomaly_sources(channels)
   lo, hi = max(3, size // 4), max(4, size // 2)
