@@ -2,9 +2,10 @@
 
 The public API: ``sano_jax.localize`` (from ``sano_jax.localization``; the module is not called
 ``localize`` so that the function of that name is never shadowed by a submodule),
-``sano_jax.ScoreStats`` and ``sano_jax.fit_score_stats`` (from ``sano_jax.score_stats``), ``sano_jax.load_localizer`` (from
-``sano_jax.rundir``, the run directory's reader), and ``sano_jax.load_exported`` (from
-``sano_jax.export``: it needs only jax and numpy, never flax or the model code).
+``sano_jax.ScoreStats`` and ``sano_jax.fit_score_stats`` (from ``sano_jax.score_stats``),
+``sano_jax.load_localizer`` (from ``sano_jax.rundir``, the run directory's reader), and
+``sano_jax.load_exported`` (from ``sano_jax.export``: it needs only jax and numpy, never flax or
+the model code).
 """
 
 __version__ = '0.1.0'

@@ -186,7 +186,7 @@ def candidates(ts: tuple) -> list[tuple[str, tuple[int, ...]]]:
 def candidate_zmaps(stats: score_stats.MultiStats, fields, cands) -> jax.Array:
   """z-maps [num_candidates, B, H, W] of all candidates from the K fields (jit-able), smoothed
   with the stats' sigma."""
-  fields = anomaly_maps.as_fields(fields)  # pylint: disable=protected-access
+  fields = anomaly_maps.as_fields(fields)
   return jnp.stack([localization.combine(stats.select(idx), [fields[i] for i in idx], rule)
                     for rule, idx in cands])
 
@@ -269,7 +269,7 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   tic = time.perf_counter()
   sigmas = tuple(float(f) * float(smoothing_sigma) for f in sigma_factors)
   cands = candidates(ts)
-  fields_fn = jax.jit(lambda x: anomaly_maps.as_fields(field_fn(2.0 * x - 1.0)))  # pylint: disable=protected-access
+  fields_fn = jax.jit(lambda x: anomaly_maps.as_fields(field_fn(2.0 * x - 1.0)))
   zfn = _jitted_zmaps(tuple(cands))
   n, h, w = images.shape[:3]
   keep_fraction = min(1.0, MAX_PIXELS / float(n * h * w))  # pixels kept: a fixed random share

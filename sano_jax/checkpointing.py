@@ -122,12 +122,11 @@ class CheckpointStore:
   def restore_latest(self, target: Any) -> Any:
     """The newest intact checkpoint, restored into `target`'s structure.
 
-    Steps are tried newest first. A storage error (`files.is_transient`: a timeout, a refused connection,
-    HTTP 429/5xx) is retried, then raised as files.TransientReadError: nothing is moved. One that Orbax
-    cannot read otherwise (a truncated or missing file, whatever exception that raises) is logged
-    as damaged and the previous one is tried; once one restores,
-    the damaged newer ones are moved aside to damaged_checkpoints/ (so that the run can write those
-    steps again). A checkpoint of another model (tree structure or shapes differ from `target`'s) is
+    Steps are tried newest first. A storage error (`files.is_transient`: a timeout, a refused
+    connection, HTTP 429/5xx) is retried, then raised as files.TransientReadError: nothing is moved.
+    One that Orbax cannot read otherwise (a truncated or missing file, whatever exception that
+    raises) is logged as damaged and the previous one is tried; once one restores, the damaged newer
+    ones are moved aside to damaged_checkpoints/ (so that the run can write those steps again). A checkpoint of another model (tree structure or shapes differ from `target`'s) is
     a ValueError, not damage; none intact is a DamagedCheckpointError naming the steps."""
     want = _leaf_shapes(target)
     damaged = []
@@ -156,7 +155,7 @@ class CheckpointStore:
                         os.path.join(self.workdir, 'damaged_checkpoints'))
       return restored
     raise DamagedCheckpointError(
-        f'every checkpoint in {os.path.join(self.workdir, "checkpoints")!r} is damaged: steps '
+        f'every checkpoint in {os.path.join(self.workdir, CHECKPOINTS_DIR)!r} is damaged: steps '
         f'{[d for d, _ in damaged]} ({"; ".join(f"{d}: {files.first_line(e)}" for d, e in damaged)}). '
         'Nothing was overwritten. To start this run from scratch, move the checkpoints/ folder '
         'away; or use a fresh --workdir.')

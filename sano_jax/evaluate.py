@@ -160,7 +160,8 @@ def score_test_split(config, test_source, mesh, zmaps_and_baseline, *, n_thresho
   def scored(desc):
     """Yields (host batch, z [N,H,W], baseline [N,H,W] or None, device seconds) per batch."""
     carried = lookup.carried if lookup is not None else ()
-    for batch in eval_batches.progress(eval_batches.batches(test_source, config, mesh, carried), n_batches, desc):
+    batches = eval_batches.batches(test_source, config, mesh, carried)
+    for batch in eval_batches.progress(batches, n_batches, desc):
       images = sharding.shard_batch({'image': eval_batches.unit_images(batch)}, mesh)['image']
       tic = time.perf_counter()
       z, base = zmaps_and_baseline(images)
