@@ -66,18 +66,19 @@ def main(argv):
   bs = int(config.eval.batch_size)
   val_x = calibration.read_images(val_source, range(len(val_source)))
   fields_fn = jax.jit(lambda x: anomaly_maps.as_fields(field_fn(2.0 * x - 1.0)))  # pylint: disable=protected-access
-  zfn = jax.jit(lambda st, fields: calibration.candidate_zmaps(st, fields, cands))
   sigmas = list(dict.fromkeys(r['smoothing_sigma'] for r in choice['candidates']))  # choose's order
-  zs = [np.concatenate([np.asarray(zfn(stats, fields_fn(chunk)))[:, valid]
+  variants = calibration.stats_variants(sigmas, cands)
+  zmaps = calibration._jitted_zmaps  # pylint: disable=protected-access
+  zs = [np.concatenate([np.asarray(zmaps(v[2])(stats, fields_fn(chunk)))[:, valid]
                         for chunk, valid in calibration._batched(test_x, bs)], axis=1)  # pylint: disable=protected-access
-        for stats in calibration.fit_stats_at(fields_fn, val_x, ts, sigmas, bs)]
-  zs = np.concatenate(zs)  # [sigma x candidate, N, H, W], the order of choice['candidates']
+        for v, stats in zip(variants, calibration.fit_stats_at(fields_fn, val_x, ts, variants, bs))]
+  zs = np.concatenate(zs)  # [candidate, N, H, W], the order of choice['candidates']
 
   rows = []
   for z, syn in zip(zs, choice['candidates']):
     m = metrics.exact_curve_metrics(np.nan_to_num(z, nan=-np.inf).reshape(-1), test_m.reshape(-1))
     row = {'tag': FLAGS.tag, 'rule': syn['rule'], 't': syn['t'],
-           'smoothing_sigma': syn['smoothing_sigma'],
+           'smoothing_sigma': syn['smoothing_sigma'], 'density_centred': syn['density_centred'],
            'synthetic_score': round(syn['score'], 4),
            'synthetic_auroc': round(syn['auroc_macro'], 4),
            'synthetic_by_kind': {k: round(v, 3) for k, v in syn['auroc_by_kind'].items()},
@@ -87,8 +88,8 @@ def main(argv):
            'test_dice_at_n': round(metrics.dice(z > syn['threshold'], test_m), 4)}
     rows.append(row)
     print(json.dumps(row), flush=True)
-  chosen = next(r for r in rows if (r['rule'], r['t'], r['smoothing_sigma'])
-                == (choice['rule'], choice['t'], choice['smoothing_sigma']))
+  key = ('rule', 't', 'smoothing_sigma', 'density_centred')
+  chosen = next(r for r in rows if all(r[k] == choice[k] for k in key))
   oracle = max(rows, key=lambda r: r['test_auroc'])
   rho = scipy_stats.spearmanr([r['synthetic_score'] for r in rows],
                               [r['test_auroc'] for r in rows]).statistic

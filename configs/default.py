@@ -109,6 +109,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'global' (the paper), 'per_pixel' (Genc et al.), 'quantile', 'density', 'density_mean'
   localize.stats = 'global'
   localize.two_sided = False
+  # The density rules on log maps centred per image (sano_jax/multiscale.py); the calibration
+  # chooses it.
+  localize.density_centred = False
   localize.target_fpr = 1e-3  # for stats='quantile'
   localize.use_ema = True
   # Whole-image inference: None = one fully convolutional pass; an int = blended overlapping tiles

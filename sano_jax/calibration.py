@@ -12,7 +12,8 @@ multiscale density), so `calibrate` decides from the healthy validation split al
    shift; rectangles or ellipses of side S/4..S/2, exact masks);
 4. every candidate (rule x t with the per-channel density among the rules, and over three
    t-sets the joint density and the mean of the one-t densities, each at the smoothing sigmas
-   SIGMA_FACTORS x config.localize.smoothing_sigma) scores them;
+   SIGMA_FACTORS x config.localize.smoothing_sigma; every density rule also on log maps centred
+   per image, `multiscale.log_features`) scores them;
    the halves then swap roles (cross-fitting: every image serves once each way, twice the
    synthetic anomalies of a single split); the candidate with the best `kind_score` wins (the
    synthetic pixel AUROC of each kind, combined by a geometric mean of the margins over chance:
@@ -247,11 +248,21 @@ def synthetic_kinds(config) -> tuple:
   return kinds
 
 
-def fit_stats_at(fields_fn, images: np.ndarray, ts: tuple, sigmas, batch_size: int) -> list:
-  """MultiStats of healthy `images` [N,H,W,C] in [0,1] at each smoothing sigma, one forward pass
-  (`fields_fn`, jitted: [0,1] images -> list of K fields) per batch for all of them."""
+def stats_variants(sigmas, cands) -> list[tuple[float, bool, tuple]]:
+  """(smoothing sigma, centred density, candidates) in the order of the calibration's rows: every
+  candidate at each sigma, then the density rules again on centred log maps at each sigma."""
+  density = tuple(c for c in cands if c[0] in localization.DENSITY_RULES)
+  return ([(float(s), False, tuple(cands)) for s in sigmas]
+          + ([(float(s), True, density) for s in sigmas] if density else []))
+
+
+def fit_stats_at(fields_fn, images: np.ndarray, ts: tuple, variants, batch_size: int) -> list:
+  """MultiStats of healthy `images` [N,H,W,C] in [0,1] for each (smoothing sigma, centred
+  density, ...) of `variants` (`stats_variants`), one forward pass (`fields_fn`, jitted: [0,1]
+  images -> list of K fields) per batch for all of them."""
   update = _update_multi_stats
-  stats = [score_stats.init_multi_stats(images.shape[1:], ts, smoothing_sigma=s) for s in sigmas]
+  stats = [score_stats.init_multi_stats(images.shape[1:], ts, smoothing_sigma=v[0],
+                                        centred_density=v[1]) for v in variants]
   for chunk, valid in _batched(images, batch_size):
     fields = fields_fn(chunk)
     stats = [update(st, fields, valid) for st in stats]
@@ -269,26 +280,26 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   tic = time.perf_counter()
   sigmas = tuple(float(f) * float(smoothing_sigma) for f in sigma_factors)
   cands = candidates(ts)
+  variants = stats_variants(sigmas, cands)
   fields_fn = jax.jit(lambda x: anomaly_maps.as_fields(field_fn(2.0 * x - 1.0)))
-  zfn = _jitted_zmaps(tuple(cands))
   n, h, w = images.shape[:3]
   keep_fraction = min(1.0, MAX_PIXELS / float(n * h * w))  # pixels kept: a fixed random share
   keep_rng = np.random.default_rng(seed)
   zs, labels, kind_ids, image_ids = [], [], [], []
-  logging.info('calibration: %d healthy images, %d candidates x %d smoothing sigmas, 2 folds',
-               n, len(cands), len(sigmas))
+  logging.info('calibration: %d healthy images, %d candidates, 2 folds', n,
+               sum(len(v[2]) for v in variants))
   for fold in (0, 1):  # cross-fitting: each half fits the stats once and is synthesized once
     logging.info('calibration fold %d/2 (%.0f s)', fold + 1, time.perf_counter() - tic)
     fit, held = images[fold::2], images[1 - fold::2]
-    stats = fit_stats_at(fields_fn, fit, ts, sigmas, batch_size)
+    stats = fit_stats_at(fields_fn, fit, ts, variants, batch_size)
     syn, masks, made = synthetic_set(held, seed + fold, kinds)
     kind_map = np.asarray([kinds.index(k) for k in made])[:, None, None] * np.ones((h, w), int)
     for start, (chunk, valid) in zip(range(0, len(syn), batch_size), _batched(syn, batch_size)):
       fields = fields_fn(chunk)
       m = masks[start:start + batch_size].reshape(-1)
       keep = keep_rng.random(m.size) < keep_fraction
-      zs.append(np.concatenate([np.asarray(zfn(st, fields))[:, valid].reshape(len(cands), -1)
-                                for st in stats])[:, keep])
+      zs.append(np.concatenate([np.asarray(_jitted_zmaps(v[2])(st, fields))[:, valid]
+                                .reshape(len(v[2]), -1) for v, st in zip(variants, stats)])[:, keep])
       labels.append(m[keep])
       kind_ids.append(kind_map[start:start + batch_size].reshape(-1)[keep])
       first = fold * len(images) + start  # a synthetic image's id, unique over both folds
@@ -299,20 +310,22 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   zs = np.nan_to_num(zs, nan=-np.inf, copy=False)  # once for the ranking and the tie bootstrap
   logging.info('calibration: ranking %d candidates (%.0f s)', len(zs), time.perf_counter() - tic)
   rows = []
-  for (sigma, (rule, idx)), z in zip([(s, c) for s in sigmas for c in cands], zs):
+  for (sigma, centred, (rule, idx)), z in zip([(s, c, r) for s, c, rs in variants for r in rs], zs):
     curves = metrics_lib.grouped_curve_metrics(z, labels, kind_ids)  # one sort per candidate
     m = curves['pooled']
     by_kind = {k: curves['by_group'][i]['auroc'] for i, k in enumerate(kinds)
                if i in curves['by_group']}
     threshold, macro_dice = curves['macro_threshold']
     rows.append({'rule': rule, 't': [ts[i] for i in idx], 'smoothing_sigma': sigma,
+                 'density_centred': centred,
                  'score': kind_score(by_kind),
                  'auroc_macro': float(np.nanmean(list(by_kind.values()))),
                  'auroc_by_kind': by_kind, 'auroc': m['auroc'], 'auprc': m['auprc'],
                  'best_dice': m['dice'], 'macro_dice': macro_dice, 'threshold': threshold})
   best = rows[one_se_choice(rows, zs, labels, kind_ids, image_ids, seed=seed)]
   return {'t': best['t'], 'rule': best['rule'], 'n_sigma': float(best['threshold']),
-          'smoothing_sigma': best['smoothing_sigma'], 'candidates': rows,
+          'smoothing_sigma': best['smoothing_sigma'], 'density_centred': best['density_centred'],
+          'candidates': rows,
           'synthetic': {'num_images': len(images), 'num_synthetic_images': len(images),
                         'kinds': list(kinds), 'pixels_scored': int(labels.size), 'seed': seed},
           'seconds': time.perf_counter() - tic}
@@ -384,4 +397,6 @@ def apply(config, choice: dict):
   lc.n_sigma = float(choice['n_sigma'])
   if choice.get('smoothing_sigma') is not None:  # absent from choices saved before it was chosen
     lc.smoothing_sigma = float(choice['smoothing_sigma'])
+  with config.unlocked():  # an older config.json has no density_centred
+    lc.density_centred = bool(choice.get('density_centred', False))
   return config

@@ -55,7 +55,9 @@ def fit_stats(method: methods_lib.Method, params, config, source, mesh):
   h = w = int(config.data.image_size)
   shape = (h, w, int(config.data.num_channels))
   if needs_multi_stats(method, config):
-    stats = score_stats.init_multi_stats(shape, method.ts, smoothing_sigma=sigma)
+    stats = score_stats.init_multi_stats(
+        shape, method.ts, smoothing_sigma=sigma,
+        centred_density=bool(config.localize.get('density_centred', False)))
   else:
     stats = score_stats.init_stats(shape, smoothing_sigma=sigma)
   ndev = mesh.devices.size

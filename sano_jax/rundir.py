@@ -125,6 +125,9 @@ def check_manifest(m: dict, where: str) -> None:
                      'or was edited by hand: rerun run_eval.py')
   if not isinstance(m, dict) or m.get('format') != FORMAT:
     bad('format', m.get('format') if isinstance(m, dict) else m, repr(FORMAT))
+  if isinstance(m.get('version'), int) and m['version'] < VERSION:
+    raise ValueError(f'{where}: version={m["version"]}: the bundle was made by an older sano-jax '
+                     f'(this one reads version {VERSION}; its maps differ): rerun run_eval.py')
   if m.get('version') != VERSION:
     bad('version', m.get('version'), f'{VERSION} (this code\'s bundle format)')
   if not isinstance(m.get('step'), int) or m['step'] < 0:

@@ -259,16 +259,19 @@ class MultiStats:
 
 
 def init_multi_stats(image_shape, ts, num_bins: int = 2**16, *, smoothing_sigma: float = 2.0,
-                     density_scales=multiscale.DENSITY_SCALES) -> MultiStats:
+                     density_scales=multiscale.DENSITY_SCALES,
+                     centred_density: bool = False) -> MultiStats:
   """Empty MultiStats for images (H, W, C) and t-set `ts` ((None,): a method without t, one field;
-  stored as t = 1.0)."""
+  stored as t = 1.0); centred_density: the densities' log maps centred per image
+  (`multiscale.log_features`)."""
   ts = (1.0,) if tuple(ts) == (None,) else multiscale.as_ts(ts)
   scales = tuple(float(f) for f in density_scales)
   one = init_stats(image_shape, num_bins, smoothing_sigma=smoothing_sigma)
   h, w, c = one.image_shape
   return MultiStats(per_t=(one,) * len(ts),
-                    density=multiscale.init_density(h, w, len(ts) * len(scales)),
-                    channel_density=(multiscale.init_density(h, w, len(scales) * c),) * len(ts),
+                    density=multiscale.init_density(h, w, len(ts) * len(scales), centred_density),
+                    channel_density=(multiscale.init_density(h, w, len(scales) * c,
+                                                             centred_density),) * len(ts),
                     ts=ts, density_scales=scales)
 
 
@@ -356,6 +359,7 @@ def stats_to_arrays(stats) -> dict:
                    for k in ('n', 'mean', 'comoment')})
     arrays.update(ts=np.asarray(stats.ts, np.float64),
                   density_scales=np.asarray(stats.density_scales, np.float64),
+                  density_centred=np.bool_(stats.density.centred),
                   format_version=np.int64(4 if stats.channel_density is not None else 3))
   else:
     first = stats
@@ -384,8 +388,9 @@ def stats_from_arrays(f: dict, where: str = 'the statistics'):
     if ts:
       per_t = tuple(ScoreStats(**{k: jnp.asarray(f[f't{i}.{k}']) for k in _ARRAY_FIELDS}, **meta)
                     for i in range(len(ts)))
+      centred = bool(f['density_centred']) if 'density_centred' in f else False  # older files
       density = multiscale.DensityStats(
-          **{k: jnp.asarray(f[f'density.{k}']) for k in ('n', 'mean', 'comoment')})
+          **{k: jnp.asarray(f[f'density.{k}']) for k in ('n', 'mean', 'comoment')}, centred=centred)
       scales = tuple(float(v) for v in f['density_scales']) if 'density_scales' in f else (1.0,)
       if density.mean.shape[-1] != len(ts) * len(scales):
         raise ValueError(f'the density has {density.mean.shape[-1]} features for {len(ts)} t x '
@@ -393,7 +398,8 @@ def stats_from_arrays(f: dict, where: str = 'the statistics'):
       colour = None  # format 3 (before the per-channel density): the t's marginal of `density`
       if int(f.get('format_version', 3)) >= 4:
         colour = tuple(multiscale.DensityStats(
-            **{k: jnp.asarray(f[f't{i}.channel_density.{k}']) for k in ('n', 'mean', 'comoment')})
+            **{k: jnp.asarray(f[f't{i}.channel_density.{k}']) for k in ('n', 'mean', 'comoment')},
+            centred=centred)
                        for i in range(len(ts)))
         want = len(scales) * meta['image_shape'][-1]
         if any(d.mean.shape[-1] != want for d in colour):

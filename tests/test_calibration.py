@@ -211,8 +211,12 @@ def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp
   assert choice is not None and choice['rule'] in localization.RULES
   assert choice['synthetic']['kinds'] == list(calibration.KINDS) + ['crack']
   assert set(choice['candidates'][0]['auroc_by_kind']) == set(calibration.KINDS) | {'crack'}
-  assert len(choice['candidates']) == (len(calibration.SIGMA_FACTORS)
-                                       * len(calibration.candidates(calibration.T_GRID)))
+  cands = calibration.candidates(calibration.T_GRID)
+  density = [c for c in cands if c[0] in localization.DENSITY_RULES]
+  assert len(choice['candidates']) == len(calibration.SIGMA_FACTORS) * (len(cands) + len(density))
+  centred = [r for r in choice['candidates'] if r['density_centred']]
+  assert len(centred) == len(calibration.SIGMA_FACTORS) * len(density)
+  assert {r['rule'] for r in centred} == set(localization.DENSITY_RULES)
   sigmas = {r['smoothing_sigma'] for r in choice['candidates']}
   assert sigmas == {f * config.localize.smoothing_sigma for f in calibration.SIGMA_FACTORS}
   with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
@@ -257,7 +261,7 @@ def test_a_method_without_t_calibrates_and_evaluates_with_the_density_rule():
   choice = calibration.calibrate(config, method, params, source)
   rows = choice['candidates']
   assert choice['t'] == [None] and all(r['t'] == [None] for r in rows)
-  assert len(rows) == len(calibration.SIGMA_FACTORS) * len(calibration.candidates((None,)))
+  assert len(rows) == len(calibration.SIGMA_FACTORS) * (len(calibration.candidates((None,))) + 1)
   assert {r['rule'] for r in rows} == set(calibration.Z_RULES) | {'density'}
   assert all(np.isfinite(r['score']) for r in rows if r['rule'] == 'density')
   assert choice['rule'] in localization.RULES and np.isfinite(choice['n_sigma'])

@@ -10,11 +10,19 @@ from sano_jax import localization as L, anomaly_maps as AM, score_stats as SS, m
 import helpers
 
 
-def test_density_stats_stream_like_the_batch_oracle_in_bounded_memory():
+def _log(a, centred):
+  """The density's features in numpy: log a; centred: minus each image's median over its pixels
+  (per k)."""
+  u = np.log(np.asarray(a, np.float64))
+  return u - np.median(u, axis=(1, 2), keepdims=True) if centred else u
+
+
+@pytest.mark.parametrize('centred', [False, True])
+def test_density_stats_stream_like_the_batch_oracle_in_bounded_memory(centred):
   rng = np.random.default_rng(0)
   k, n = 3, 23
   maps = [rng.uniform(0.05, 2.0, (n, 6, 5)).astype(np.float32) for _ in range(k)]
-  d = M.init_density(6, 5, k)
+  d = M.init_density(6, 5, k, centred)
   size = sum(x.size for x in jax.tree.leaves(d))
   step = jax.jit(M.update_density)
   for i in range(0, n, 4):  # uneven batches, the last one padded
@@ -25,15 +33,15 @@ def test_density_stats_stream_like_the_batch_oracle_in_bounded_memory():
       chunk = [np.concatenate([c, np.ones((4 - len(c), 6, 5), np.float32)]) for c in chunk]
     d = step(d, chunk, valid)
     assert sum(x.size for x in jax.tree.leaves(d)) == size  # state does not grow with images
-  u = np.log(np.stack(maps, -1)).astype(np.float64)
+  u = _log(np.stack(maps, -1), centred)
   mu = u.mean(0)
   cov = np.einsum('nhwk,nhwl->hwkl', u - mu, u - mu) / n
   assert float(d.n) == n
   np.testing.assert_allclose(d.mean, mu, atol=1e-5)
   np.testing.assert_allclose(np.asarray(d.comoment) / n, cov, atol=1e-5)
   # Merging two halves equals streaming all (associative: per-device stats can be combined).
-  a = M.update_density(M.init_density(6, 5, k), [m[:10] for m in maps])
-  b = M.update_density(M.init_density(6, 5, k), [m[10:] for m in maps])
+  a = M.update_density(M.init_density(6, 5, k, centred), [m[:10] for m in maps])
+  b = M.update_density(M.init_density(6, 5, k, centred), [m[10:] for m in maps])
   ab = M.merge_density(a, b)
   np.testing.assert_allclose(ab.mean, mu, atol=1e-5)
   np.testing.assert_allclose(np.asarray(ab.comoment) / n, cov, atol=1e-5)
@@ -42,17 +50,17 @@ def test_density_stats_stream_like_the_batch_oracle_in_bounded_memory():
                              atol=1e-5)
 
 
-@pytest.mark.parametrize('k', [1, 2, 5])
-def test_density_z_is_the_normal_deviate_of_the_chi2_mahalanobis(k):
+@pytest.mark.parametrize('k, centred', [(1, False), (2, True), (5, False), (5, True)])
+def test_density_z_is_the_normal_deviate_of_the_chi2_mahalanobis(k, centred):
   rng = np.random.default_rng(k)
   n = 50
   maps = [rng.uniform(0.1, 3.0, (n, 4, 4)).astype(np.float32) for _ in range(k)]
-  d = M.update_density(M.init_density(4, 4, k), maps)
+  d = M.update_density(M.init_density(4, 4, k, centred), maps)
   new = [rng.uniform(0.05, 6.0, (3, 4, 4)).astype(np.float32) for _ in range(k)]
   z = np.asarray(jax.jit(M.density_z)(d, new))
   # Oracle: numpy covariance (+ the same ridge), Mahalanobis, scipy's chi2 and normal.
-  u = np.log(np.stack(maps, -1)).astype(np.float64)
-  v = np.log(np.stack(new, -1)).astype(np.float64) - u.mean(0)
+  u = _log(np.stack(maps, -1), centred)
+  v = _log(np.stack(new, -1), centred) - u.mean(0)
   cov = np.einsum('nhwk,nhwl->hwkl', u - u.mean(0), u - u.mean(0)) / n
   tr = np.trace(cov, axis1=-2, axis2=-1)[..., None, None]
   cov = cov + (1e-3 * tr / k + 1e-12) * np.eye(k)
@@ -60,6 +68,27 @@ def test_density_z_is_the_normal_deviate_of_the_chi2_mahalanobis(k):
   ref = sps.norm.isf(sps.chi2.sf(d2, k))
   ok = np.isfinite(ref) & (ref > -4)  # the lower tail (p -> 1) is clipped, and irrelevant
   np.testing.assert_allclose(z[ok], ref[ok], rtol=2e-3, atol=2e-3)
+
+
+def test_density_z_ignores_a_gain_of_the_whole_map_but_not_of_a_region():
+  """Centring per image: a photo whose |score| is c times larger everywhere (contrast, focus) gets
+  the same z-map; the same gain on a region only is an anomaly there."""
+  rng = np.random.default_rng(3)
+  k = 3
+  maps = [rng.uniform(0.5, 2.0, (40, 8, 8)).astype(np.float32) for _ in range(k)]
+  d = M.update_density(M.init_density(8, 8, k, centred=True), maps)
+  new = [rng.uniform(0.5, 2.0, (2, 8, 8)).astype(np.float32) for _ in range(k)]
+  z = jax.jit(M.density_z)
+  np.testing.assert_allclose(z(d, [3.0 * m for m in new]), z(d, new), rtol=1e-4, atol=1e-4)
+  plain = M.update_density(M.init_density(8, 8, k), maps)  # not centred: the gain IS an anomaly
+  assert float(np.mean(z(plain, [3.0 * m for m in new]) - z(plain, new))) > 1.0
+  with pytest.raises(ValueError, match='centred=True with one fitted with centred=False'):
+    M.merge_density(d, plain)
+  region = [m.copy() for m in new]
+  for m in region:
+    m[:, :3, :3] *= 6.0
+  inside = np.asarray(z(d, region))[:, :3, :3] - np.asarray(z(d, new))[:, :3, :3]
+  assert inside.mean() > 1.0
 
 
 def test_far_tail_stays_finite_and_monotone():
@@ -99,9 +128,9 @@ def test_sano_field_at_a_t_set_equals_one_call_per_t(sano_multi):
     np.testing.assert_allclose(f, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
-def _density_oracle(fn, healthy, images, sigma, per_channel=False):
+def _density_oracle(fn, healthy, images, sigma, per_channel=False, centred=False):
   """The density z-map in numpy/scipy: features log G_{f sigma} * mean_c |s_k| (f = 1/2, 1, 2) per
-  image (per_channel: log G_{f sigma} * |s_kc| for every channel c instead of the mean), a Gaussian
+  image (centred: minus each image's median) (per_channel: log G_{f sigma} * |s_kc| for every channel c instead of the mean), a Gaussian
   per pixel over the healthy images (population covariance + the module's ridge),
   z = Phi^-1(1 - chi2_D.sf(d^2)), then G_sigma * z."""
   from scipy import ndimage, stats as st  # pylint: disable=g-import-not-at-top
@@ -109,8 +138,8 @@ def _density_oracle(fn, healthy, images, sigma, per_channel=False):
     fields = [np.abs(np.asarray(f, np.float64)) for f in AM.as_fields(fn(2 * jnp.asarray(x) - 1))]  # pylint: disable=protected-access
     raw = ([f[..., c] for f in fields for c in range(f.shape[-1])] if per_channel
            else [f.mean(-1) for f in fields])
-    return np.stack([np.log(ndimage.gaussian_filter(a, (0, f * sigma, f * sigma)))
-                     for a in raw for f in (0.5, 1.0, 2.0)], -1)
+    return _log(np.stack([ndimage.gaussian_filter(a, (0, f * sigma, f * sigma))
+                          for a in raw for f in (0.5, 1.0, 2.0)], -1), centred)
   u, v = features(healthy), features(images)
   d = u.shape[-1]
   mu = u.mean(0)
@@ -146,6 +175,15 @@ def test_localize_with_a_t_set_jits_and_matches_the_per_t_oracle(sano_multi, tmp
     tol = 1e-4 if rule == 'density' else 1e-5  # float32 inverses of 9x9 covariances vs float64
     np.testing.assert_allclose(z, ref, rtol=tol, atol=tol)
     np.testing.assert_array_equal(mask, np.asarray(z) > 3.0)
+  # Centred densities: the flag is fitted into the stats, saved with them, and scoring follows it.
+  centred = SS.init_multi_stats(method.image_shape, method.ts, centred_density=True)
+  for i in range(0, 12, 4):
+    centred = step(centred, healthy[i:i + 4], jnp.ones(4, bool))
+  centred = SS.stats_from_arrays(SS.stats_to_arrays(centred))
+  assert centred.density.centred and all(d.centred for d in centred.channel_density)
+  z, _ = jax.jit(lambda im, st: L.localize(fn, im, st, rule='density'))(images, centred)
+  np.testing.assert_allclose(z, _density_oracle(fn, healthy, images, sigma=2.0, centred=True),
+                             rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match='quantile'):
     L.localize(fn, images, stats, rule='quantile')
   with pytest.raises(ValueError, match='field'):  # one field against stats of three t

@@ -119,6 +119,13 @@ def test_a_damaged_or_edited_settings_record_is_an_error(wd, field, value, messa
     rundir.load_localizer(wd)
 
 
+def test_a_bundle_of_an_older_version_says_to_evaluate_again(wd):
+  _edit_manifest(wd, lambda m: m.__setitem__('version', rundir.VERSION - 1))
+  with pytest.raises(ValueError, match=rf'version={rundir.VERSION - 1}: the bundle was made by an '
+                     r'older sano-jax .*rerun run_eval\.py'):
+    rundir.load(wd)
+
+
 def test_a_calibration_record_that_is_not_the_applied_one_is_an_error(wd):
   _edit_manifest(wd, lambda m: m.__setitem__('calibration', {'t': [0.01], 'rule': 'per_pixel',
                                                              'n_sigma': 3.0}))
