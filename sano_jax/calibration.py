@@ -298,8 +298,9 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
       fields = fields_fn(chunk)
       m = masks[start:start + batch_size].reshape(-1)
       keep = keep_rng.random(m.size) < keep_fraction
-      zs.append(np.concatenate([np.asarray(_jitted_zmaps(v[2])(st, fields))[:, valid]
-                                .reshape(len(v[2]), -1) for v, st in zip(variants, stats)])[:, keep])
+      zs.append(np.concatenate([
+          np.asarray(_jitted_zmaps(cands_v)(st, fields))[:, valid].reshape(len(cands_v), -1)
+          for (_, _, cands_v), st in zip(variants, stats)])[:, keep])
       labels.append(m[keep])
       kind_ids.append(kind_map[start:start + batch_size].reshape(-1)[keep])
       first = fold * len(images) + start  # a synthetic image's id, unique over both folds

@@ -126,8 +126,9 @@ class CheckpointStore:
     connection, HTTP 429/5xx) is retried, then raised as files.TransientReadError: nothing is moved.
     One that Orbax cannot read otherwise (a truncated or missing file, whatever exception that
     raises) is logged as damaged and the previous one is tried; once one restores, the damaged newer
-    ones are moved aside to damaged_checkpoints/ (so that the run can write those steps again). A checkpoint of another model (tree structure or shapes differ from `target`'s) is
-    a ValueError, not damage; none intact is a DamagedCheckpointError naming the steps."""
+    ones are moved aside to damaged_checkpoints/ (so that the run can write those steps again). A
+    checkpoint of another model (tree structure or shapes differ from `target`'s) is a ValueError,
+    not damage; none intact is a DamagedCheckpointError naming the steps."""
     want = _leaf_shapes(target)
     damaged = []
     for step in sorted(self.latest.all_steps(), reverse=True):

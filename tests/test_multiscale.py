@@ -130,9 +130,9 @@ def test_sano_field_at_a_t_set_equals_one_call_per_t(sano_multi):
 
 def _density_oracle(fn, healthy, images, sigma, per_channel=False, centred=False):
   """The density z-map in numpy/scipy: features log G_{f sigma} * mean_c |s_k| (f = 1/2, 1, 2) per
-  image (centred: minus each image's median) (per_channel: log G_{f sigma} * |s_kc| for every channel c instead of the mean), a Gaussian
-  per pixel over the healthy images (population covariance + the module's ridge),
-  z = Phi^-1(1 - chi2_D.sf(d^2)), then G_sigma * z."""
+  image (per_channel: log G_{f sigma} * |s_kc| for every channel c instead of the mean; centred:
+  minus each image's median), a Gaussian per pixel over the healthy images (population
+  covariance + the module's ridge), z = Phi^-1(1 - chi2_D.sf(d^2)), then G_sigma * z."""
   from scipy import ndimage, stats as st  # pylint: disable=g-import-not-at-top
   def features(x):
     fields = [np.abs(np.asarray(f, np.float64)) for f in AM.as_fields(fn(2 * jnp.asarray(x) - 1))]  # pylint: disable=protected-access
