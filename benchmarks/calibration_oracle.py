@@ -69,9 +69,10 @@ def main(argv):
   sigmas = list(dict.fromkeys(r['smoothing_sigma'] for r in choice['candidates']))  # choose's order
   variants = calibration.stats_variants(sigmas, cands)
   zmaps = calibration._jitted_zmaps  # pylint: disable=protected-access
-  zs = [np.concatenate([np.asarray(zmaps(v[2])(stats, fields_fn(chunk)))[:, valid]
+  zs = [np.concatenate([np.asarray(zmaps(v[2])(per_cand, fields_fn(chunk)))[:, valid]
                         for chunk, valid in calibration._batched(test_x, bs)], axis=1)  # pylint: disable=protected-access
-        for v, stats in zip(variants, calibration.fit_stats_at(fields_fn, val_x, ts, variants, bs))]
+        for v, stats in zip(variants, calibration.fit_stats_at(fields_fn, val_x, ts, variants, bs))
+        for per_cand in [calibration.candidate_stats(stats, v[2])]]
   zs = np.concatenate(zs)  # [candidate, N, H, W], the order of choice['candidates']
 
   rows = []

@@ -184,19 +184,46 @@ def candidates(ts: tuple) -> list[tuple[str, tuple[int, ...]]]:
   return out
 
 
-def candidate_zmaps(stats: score_stats.MultiStats, fields, cands) -> jax.Array:
+def candidate_stats(stats: score_stats.MultiStats, cands) -> list:
+  """Each candidate's statistics, `stats.select(idx)`, with its densities' whitening computed here
+  once (`score_stats.whitened`; the t-sets' joint densities one by one), not in the z-map program
+  of every batch."""
+  whitened = score_stats.whitened(stats)
+  out = []
+  for rule, idx in cands:
+    sel = whitened.select(idx)
+    if rule == 'density' and len(idx) > 1 and sel.density.whiten is None:
+      sel = sel.replace(density=multiscale.with_whitening(sel.density))
+    out.append(sel)
+  return out
+
+
+def candidate_zmaps(per_candidate: list, fields, cands) -> jax.Array:
   """z-maps [num_candidates, B, H, W] of all candidates from the K fields (jit-able), smoothed
-  with the stats' sigma."""
+  with the stats' sigma; per_candidate: `candidate_stats(stats, cands)`."""
   fields = anomaly_maps.as_fields(fields)
-  return jnp.stack([localization.combine(stats.select(idx), [fields[i] for i in idx], rule)
-                    for rule, idx in cands])
+  one_t = {}  # t index -> its one-t density z: shared by 'density' at that t and 'density_mean'
+
+  def density_at(st, idx, j):  # the one-t density z of t index idx[j] (st: idx's statistics)
+    if idx[j] not in one_t:
+      one_t[idx[j]] = localization.combine(st.select((j,)), [fields[idx[j]]], 'density')
+    return one_t[idx[j]]
+
+  def zmap(st, rule, idx):
+    if rule == 'density_mean':  # = localization.combine's, each t's z traced once, not per t-set
+      return jnp.mean(jnp.stack([density_at(st, idx, j) for j in range(len(idx))]), axis=0)
+    if rule == 'density' and len(idx) == 1:
+      return density_at(st, idx, 0)
+    return localization.combine(st, [fields[i] for i in idx], rule)
+
+  return jnp.stack([zmap(st, rule, idx) for st, (rule, idx) in zip(per_candidate, cands)])
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted_zmaps(cands: tuple):
   """`candidate_zmaps` of `cands`, jitted once per process: a later calibration (another evaluation)
   reuses its traced programs instead of tracing the ~100 candidates again (same results)."""
-  return jax.jit(lambda stats, fields: candidate_zmaps(stats, fields, cands))
+  return jax.jit(lambda per_candidate, fields: candidate_zmaps(per_candidate, fields, cands))
 
 
 _update_multi_stats = jax.jit(score_stats.update_multi_stats)  # one jit for every calibration
@@ -291,7 +318,8 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   for fold in (0, 1):  # cross-fitting: each half fits the stats once and is synthesized once
     logging.info('calibration fold %d/2 (%.0f s)', fold + 1, time.perf_counter() - tic)
     fit, held = images[fold::2], images[1 - fold::2]
-    stats = fit_stats_at(fields_fn, fit, ts, variants, batch_size)
+    stats = [candidate_stats(st, v[2])
+             for st, v in zip(fit_stats_at(fields_fn, fit, ts, variants, batch_size), variants)]
     syn, masks, made = synthetic_set(held, seed + fold, kinds)
     kind_map = np.asarray([kinds.index(k) for k in made])[:, None, None] * np.ones((h, w), int)
     for start, (chunk, valid) in zip(range(0, len(syn), batch_size), _batched(syn, batch_size)):

@@ -59,6 +59,7 @@ from sano_jax import methods as methods_lib
 from sano_jax import metrics as metrics_lib
 from sano_jax import report
 from sano_jax import rundir
+from sano_jax import score_stats
 from sano_jax import sharding
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +298,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, train_so
     return z, base
 
   params_d = sharding.replicate(params, mesh)
-  stats_d = sharding.replicate(stats, mesh)
+  stats_d = sharding.replicate(score_stats.whitened(stats), mesh)
   mean_d = None if mean is None else jnp.asarray(mean, jnp.float32)
   zmaps_and_baseline = lambda x: score_step(params_d, stats_d, x, mean_d)
   scored = score_test_split(config, test_source, mesh, zmaps_and_baseline,

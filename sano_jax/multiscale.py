@@ -55,6 +55,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import special as scipy_special
 
 _LOG_FLOOR = 1e-12
 _RIDGE = 1e-3  # Sigma + ridge * tr(Sigma) / K * I: a singular direction (K > #images) stays finite
@@ -88,19 +89,37 @@ class DensityStats:
   n: images seen; mean [H,W,K]; comoment [H,W,K,K] = sum over images of (u - mean)(u - mean)^T.
   centred: whether u is centred on each image's median (`log_features`); fixed when the stats
   are made, so that fitting and scoring cannot disagree.
+  whiten: None, or W = L^-1 [H,W,K,K] with Sigma = L L^T, computed once by `with_whitening`
+  (derived from n and comoment, never saved; every update or selection drops it).
   """
   n: jax.Array
   mean: jax.Array
   comoment: jax.Array
   centred: bool = flax.struct.field(pytree_node=False, default=False)
+  whiten: jax.Array | None = None
 
   @property
   def covariance(self) -> jax.Array:
     """Population covariance [H,W,K,K] with a small ridge (relative to its trace)."""
-    k = self.mean.shape[-1]
-    cov = self.comoment / jnp.maximum(self.n, 1.0)
-    tr = jnp.trace(cov, axis1=-2, axis2=-1)[..., None, None]
-    return cov + (_RIDGE * tr / k + _LOG_FLOOR) * jnp.eye(k, dtype=cov.dtype)
+    return _covariance(self.comoment, self.n)
+
+
+def _covariance(comoment: jax.Array, n: jax.Array) -> jax.Array:
+  k = comoment.shape[-1]
+  cov = comoment / jnp.maximum(n, 1.0)
+  tr = jnp.trace(cov, axis1=-2, axis2=-1)[..., None, None]
+  return cov + (_RIDGE * tr / k + _LOG_FLOOR) * jnp.eye(k, dtype=cov.dtype)
+
+
+# One program per feature count K (shared by every density of that size in the process).
+_whitening = jax.jit(lambda comoment, n: lower_inverse(cholesky(_covariance(comoment, n))))
+
+
+def with_whitening(stats: DensityStats) -> DensityStats:
+  """The stats with their whitening W = L^-1 computed now, so that `density_z` (and every program
+  that scores with them) skips the Cholesky factor and its inverse. Why: those unrolled K x K ops
+  were most of the compile time of the calibration's z-map programs (benchmarks/README.md)."""
+  return stats.replace(whiten=_whitening(stats.comoment, stats.n))
 
 
 def init_density(height: int, width: int, num_t: int, centred: bool = False) -> DensityStats:
@@ -151,7 +170,9 @@ def density_z(stats: DensityStats, maps: Sequence[jax.Array]) -> jax.Array:
   deviate z = -Phi^-1(P(chi^2_K > d^2)) (so z > 3 has the false-positive rate of 3 sigma)."""
   u = log_features(maps, stats.centred) - stats.mean
   k = u.shape[-1]
-  whiten = lower_inverse(cholesky(stats.covariance))  # W = L^-1 [H,W,K,K], Sigma^-1 = W^T W
+  whiten = stats.whiten  # W = L^-1 [H,W,K,K], Sigma^-1 = W^T W
+  if whiten is None:
+    whiten = lower_inverse(cholesky(stats.covariance))
   d2 = jnp.sum(jnp.square(jnp.einsum('hwkl,bhwl->bhwk', whiten, u)), axis=-1)  # |W u|^2
   log_p = _log_chi2_sf(jnp.maximum(d2, 0.0), k)
   return -_ndtri_from_log(log_p)
@@ -200,14 +221,18 @@ def lower_inverse(l: jax.Array) -> jax.Array:
 
 
 def _log_chi2_sf(x: jax.Array, k: int) -> jax.Array:
-  """log P(chi^2_k > x), accurate in the far tail (where the regularized gamma underflows)."""
-  a = 0.5 * k
-  sf = jax.scipy.special.gammaincc(a, 0.5 * x)
-  # Tail: Gamma(a, y) ~ y^(a-1) e^-y (1 + (a-1)/y), normalized by Gamma(a).
-  y = jnp.maximum(0.5 * x, 1e-6)
-  log_tail = ((a - 1.0) * jnp.log(y) - y + jnp.log1p(jnp.maximum((a - 1.0) / y, -0.99))
-              - jax.scipy.special.gammaln(a))
-  return jnp.where(sf > 1e-30, jnp.log(jnp.maximum(sf, 1e-38)), log_tail)
+  """log P(chi^2_k > x) in closed form (k a static int), accurate far into the tail. With y = x/2:
+  k = 2m: P = e^-y sum_{i<m} y^i / i!; k = 2m+1: P = erfc(sqrt y) + e^-y sum_{i=1..m}
+  y^(i-1/2) / Gamma(i+1/2) (Abramowitz & Stegun 26.4.4-5); every term positive, summed in logs.
+  Not jax's gammaincc: its series and continued fraction were ~0.5 s of compile time per call
+  (ten calls in each of the calibration's z-map programs)."""
+  y = 0.5 * jnp.maximum(x, 0.0)
+  log_y = jnp.log(jnp.maximum(y, 1e-30))
+  powers = np.arange(k // 2) + (1.0 if k % 2 == 0 else 1.5)  # each term: y^(p-1) / Gamma(p)
+  terms = [(p - 1.0) * log_y - float(scipy_special.gammaln(p)) - y for p in powers]
+  if k % 2:
+    terms.append(np.log(2.0) + jax.scipy.special.log_ndtr(-jnp.sqrt(2.0 * y)))  # log erfc(sqrt y)
+  return jax.nn.logsumexp(jnp.stack(terms), axis=0)
 
 
 def _ndtri_from_log(log_p: jax.Array) -> jax.Array:
@@ -229,6 +254,8 @@ def sub_density(stats: DensityStats, index: Sequence[int], num_scales: int = 1) 
   """The marginal Gaussian of a subset of the t-set (sub-blocks of the mean and co-moment): the
   features of the t's at `index`, each with its `num_scales` smoothing scales."""
   idx = np.asarray(feature_index(index, num_scales), np.int32)
+  if np.array_equal(idx, np.arange(stats.mean.shape[-1])):
+    return stats  # all of it (keeps a whitening)
   return DensityStats(n=stats.n, mean=stats.mean[..., idx],
                       comoment=stats.comoment[..., idx[:, None], idx[None, :]],
                       centred=stats.centred)

@@ -236,7 +236,7 @@ def _check_ts(stats, ts: tuple, stats_name: str, settings_name: str, fix: str = 
 def localizer(bundle: Bundle) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
   """images -> (z_map, mask), jitted, with the bundle's params, statistics and settings bound
   (params and stats are arguments of the compiled program, not constants baked into it)."""
-  method, params, stats = bundle.method, bundle.params, bundle.stats
+  method, params, stats = bundle.method, bundle.params, score_stats.whitened(bundle.stats)
   loc = localization.settings(bundle.config.localize)
 
   @jax.jit

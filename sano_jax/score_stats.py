@@ -275,6 +275,16 @@ def init_multi_stats(image_shape, ts, num_bins: int = 2**16, *, smoothing_sigma:
                     ts=ts, density_scales=scales)
 
 
+def whitened(stats):
+  """MultiStats with every density's whitening computed once (`multiscale.with_whitening`), so the
+  programs that score with them skip it; ScoreStats as they are."""
+  if not isinstance(stats, MultiStats):
+    return stats
+  colour = stats.channel_density
+  return stats.replace(density=multiscale.with_whitening(stats.density),
+                       channel_density=colour and tuple(map(multiscale.with_whitening, colour)))
+
+
 def update_multi_stats(stats: MultiStats, fields, valid=None) -> MultiStats:
   """Merges one batch of K fields [B,H,W,C] (one per t) into `stats`."""
   fields = as_fields(fields)

@@ -123,6 +123,25 @@ def test_kind_score_is_the_geometric_mean_margin_and_prefers_finding_every_kind(
   assert np.isnan(calibration.kind_score({'a': float('nan')}))
 
 
+def test_candidate_zmaps_are_each_candidates_localization_z():
+  """The calibration's z-map program (whitening computed beforehand, each t's one-t density traced
+  once for 'density' and every 'density_mean') gives each candidate the z that
+  `localization.combine` gives it from the plain statistics; RGB, so the per-channel densities."""
+  ts = (0.01, 0.1, 0.4)  # t-sets (0.1, 0.4) (not the leading features) and all three
+  rng = np.random.default_rng(0)
+  fit = [rng.gamma(2.0, 1.0, (12, 8, 8, 3)).astype(np.float32) for _ in ts]
+  stats = score_stats.init_multi_stats((8, 8, 3), ts, smoothing_sigma=1.0, num_bins=64)
+  stats = score_stats.finalize(score_stats.update_multi_stats(stats, fit))
+  fields = [jnp.asarray(rng.gamma(2.0, 1.0, (2, 8, 8, 3)), jnp.float32) for _ in ts]
+  cands = tuple(calibration.candidates(ts))
+  assert {r for r, _ in cands} == set(calibration.Z_RULES) | {'density', 'density_mean'}
+  for order in (cands, cands[::-1]):  # reversed: a 'density_mean' traces the one-t densities
+    z = calibration._jitted_zmaps(order)(calibration.candidate_stats(stats, order), fields)  # pylint: disable=protected-access
+    for got, (rule, idx) in zip(np.asarray(z), order):
+      want = localization.combine(stats.select(idx), [fields[i] for i in idx], rule)
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f'{rule} {idx}')
+
+
 def test_choose_picks_the_only_informative_t():
   """Field 1 of 3 sees structure (a high-pass of x); fields 0 and 2 are noise independent of x.
   The calibration must choose t = ts[1] with a single-t rule (at one smoothing sigma: choosing sigma
