@@ -52,6 +52,11 @@ def main(argv):
     method = methods.create_at(config, calibration.T_GRID)
     s, c = config.data.image_size, config.data.num_channels
     params = jax.jit(method.init)(jax.random.PRNGKey(0))
+    # A freshly initialized U-Net's output layer is zero (so is its field): jitter every weight.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape, p.dtype)
+                                       for p, k in zip(leaves, keys)])
     images = _smooth_images(_IMAGES.value, s, c)
     call = lambda: calibration.choose(
         method.field_fn(params), method.ts, images, batch_size=int(config.eval.batch_size),
