@@ -77,7 +77,7 @@ def main(argv):
 
   rows = []
   for z, syn in zip(zs, choice['candidates']):
-    m = metrics.exact_curve_metrics(np.nan_to_num(z, nan=-np.inf).reshape(-1), test_m.reshape(-1))
+    m = metrics.exact_curve_metrics(calibration.nan_last(z).reshape(-1), test_m.reshape(-1))
     row = {'tag': FLAGS.tag, 'rule': syn['rule'], 't': syn['t'],
            'smoothing_sigma': syn['smoothing_sigma'], 'density_centred': syn['density_centred'],
            'synthetic_score': round(syn['score'], 4),

@@ -11,48 +11,8 @@ import pytest
 
 from sano_jax import calibration, eval_batches, evaluate, healthy, localization, score_stats, metrics
 from sano_jax import rundir
+from sano_jax import synthetic
 from tests.helpers import random_values, split_slices, tiny_run_config
-
-
-def test_synthesize_changes_exactly_the_masked_region():
-  rng = np.random.default_rng(0)
-  images = rng.uniform(0.2, 0.8, (10, 24, 20, 3)).astype(np.float32)
-  out, masks, kinds = calibration.synthetic_set(images, seed=1)
-  assert out.shape == images.shape and masks.shape == (10, 24, 20) and masks.dtype == bool
-  assert set(kinds) == set(calibration.KINDS)
-  for a, b, m in zip(out, images, masks):
-    assert 24 // 4 * (20 // 4) * 0.7 <= m.sum() <= 12 * 10  # sides in [S/4, S/2] (ellipse: ~pi/4)
-    assert np.array_equal(a[~m], b[~m])  # nothing changes outside the mask
-    assert np.abs(a[m] - b[m]).max() > 0  # and something changes inside
-  blurred, m = calibration.synthesize(images[0], images[1], np.random.default_rng(0), 'blur')
-  assert np.array_equal(blurred[~m], images[0][~m]) and blurred[m].std() < images[0][m].std()
-  with pytest.raises(ValueError, match='unknown synthetic anomaly kind'):
-    calibration.synthesize(images[0], images[1], np.random.default_rng(0), 'rain')
-  again, masks2, _ = calibration.synthetic_set(images, seed=1)
-  assert np.array_equal(again, out) and np.array_equal(masks2, masks)  # deterministic in the seed
-
-
-def test_a_synthetic_crack_is_a_thin_connected_line_of_shifted_intensity():
-  rng = np.random.default_rng(3)
-  images = rng.uniform(0.3, 0.7, (8, 64, 48, 1)).astype(np.float32)
-  out, masks, kinds = calibration.synthetic_set(images, seed=2, kinds_cycle=('crack',))
-  assert kinds == ['crack'] * 8
-  from scipy import ndimage
-  for a, b, m in zip(out, images, masks):
-    assert np.array_equal(a[~m], b[~m])
-    assert np.abs(a[m] - b[m]).mean() > 0.1  # 1.5-3 image stds (~0.12) away
-    # Thin: eroding by the widest allowed half-width leaves nothing; long: a bounding box side of
-    # at least S/16 px; one 8-connected piece (the walk may leave the image only at its end).
-    assert not ndimage.binary_erosion(m, iterations=2).any()
-    ys, xs = np.nonzero(m)
-    assert max(np.ptp(ys), np.ptp(xs)) >= 48 // 16
-    assert ndimage.label(m, structure=np.ones((3, 3)))[1] == 1
-  config = tiny_run_config('unused')
-  config.localize.synthetic_kinds = ('crack,noise',)  # as a command-line override arrives
-  assert calibration.synthetic_kinds(config) == ('crack', 'noise')
-  config.localize.synthetic_kinds = ('crack', 'rain')
-  with pytest.raises(ValueError, match=r"synthetic_kinds: unknown kind\(s\) \['rain'\]"):
-    calibration.synthetic_kinds(config)
 
 
 def test_candidates_cover_every_rule_and_the_density_sets():
@@ -169,6 +129,28 @@ def test_choose_picks_the_only_informative_t():
   assert max(r['auroc'] for r in noise_rows) < 0.65  # the noise fields rank at chance
 
 
+def test_choose_ranks_a_field_that_is_zero_everywhere_last_without_failing():
+  """A t whose field is exactly zero (e.g. an untrained model's zero output layer) makes its z rules
+  0 / 0 = NaN. The calibration must still rank the candidates (NaN pixels last) and choose the
+  t that sees the structure."""
+  k = jnp.ones((3, 3, 1, 1), jnp.float32) / 9.0
+
+  def field_fn(x):
+    blur = jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return [jnp.zeros_like(x), 4.0 * (x - blur)]
+
+  rng = np.random.default_rng(1)
+  xx = np.mgrid[:16, :16][1] / 16.0
+  images = np.stack([0.5 + 0.3 * np.sin(2 * np.pi * (rng.uniform(.5, 1.5) * xx + rng.uniform()))
+                     for _ in range(24)])[..., None].astype(np.float32)
+  choice = calibration.choose(field_fn, (0.01, 0.1), images, batch_size=8, seed=0,
+                              sigma_factors=(1.0,))
+  assert choice['t'] == [0.1], choice
+  zero = [r for r in choice['candidates'] if r['t'] == [0.01] and r['rule'] == 'global']
+  assert zero and all(r['auroc'] <= 0.5 + 1e-9 for r in zero)
+
+
 def test_choose_smooths_more_when_the_field_is_pixel_noise_over_a_regional_signal():
   """Flat healthy images; the field is 4 (x - 1/2) plus iid N(0, 1) pixel noise, redrawn per call.
   The synthetic anomalies are regions of S/4..S/2, so averaging the noise over the widest kernel
@@ -196,7 +178,7 @@ def trained(tmp_path_factory, tiny_run):
   of its data (the choice and its plumbing do not need the whole splits)."""
   config = tiny_run_config(tiny_run[0].data.data_dir,
                            **{'eval.bootstrap_runs': 0, 'localize.calibrate': True})
-  config.localize.synthetic_kinds = calibration.KINDS + ('crack',)  # every kind a default may use
+  config.localize.synthetic_kinds = synthetic.KINDS + ('crack',)  # every kind a default may use
   workdir = str(tmp_path_factory.mktemp('calib') / 'wd')
   shutil.copytree(tiny_run[1], workdir)
   sources = split_slices(config, train=32, val=32, test=48)
@@ -228,8 +210,8 @@ def test_calibration_reads_no_test_label_and_reaches_load_localizer(trained, tmp
   out = evaluate.evaluate(config, workdir, **sources)
   choice = out['calibration']
   assert choice is not None and choice['rule'] in localization.RULES
-  assert choice['synthetic']['kinds'] == list(calibration.KINDS) + ['crack']
-  assert set(choice['candidates'][0]['auroc_by_kind']) == set(calibration.KINDS) | {'crack'}
+  assert choice['synthetic']['kinds'] == list(synthetic.KINDS) + ['crack']
+  assert set(choice['candidates'][0]['auroc_by_kind']) == set(synthetic.KINDS) | {'crack'}
   cands = calibration.candidates(calibration.T_GRID)
   density = [c for c in cands if c[0] in localization.DENSITY_RULES]
   assert len(choice['candidates']) == len(calibration.SIGMA_FACTORS) * (len(cands) + len(density))
