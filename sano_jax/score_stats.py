@@ -398,7 +398,11 @@ def stats_from_arrays(f: dict, where: str = 'the statistics'):
     if ts:
       per_t = tuple(ScoreStats(**{k: jnp.asarray(f[f't{i}.{k}']) for k in _ARRAY_FIELDS}, **meta)
                     for i in range(len(ts)))
-      centred = bool(f['density_centred']) if 'density_centred' in f else False  # older files
+      centred = np.asarray(f.get('density_centred', False))  # older files: not centred
+      if centred.shape or centred.dtype != np.bool_:
+        raise ValueError(f'density_centred must be one bool, got {centred.dtype} of shape '
+                         f'{centred.shape}')
+      centred = bool(centred)
       density = multiscale.DensityStats(
           **{k: jnp.asarray(f[f'density.{k}']) for k in ('n', 'mean', 'comoment')}, centred=centred)
       scales = tuple(float(v) for v in f['density_scales']) if 'density_scales' in f else (1.0,)

@@ -296,3 +296,12 @@ def test_density_scales_round_trip_and_a_mismatch_is_a_clear_error(tmp_path):
   old = SS.init_multi_stats((6, 5, 1), (0.1, 0.2), density_scales=(1.0,))
   arrays = {k: v for k, v in SS.stats_to_arrays(old).items() if k != 'density_scales'}
   assert SS.stats_from_arrays(arrays).density_scales == (1.0,)
+  # The centring flag: one bool, absent (older files) = not centred, anything else is refused.
+  arrays = SS.stats_to_arrays(SS.init_multi_stats((6, 5, 1), (0.1, 0.2), centred_density=True))
+  assert SS.stats_from_arrays(arrays).density.centred
+  assert not SS.stats_from_arrays({k: v for k, v in arrays.items()
+                                   if k != 'density_centred'}).density.centred
+  for bad in (np.asarray([True, False]), np.float64(1.0)):
+    arrays['density_centred'] = bad
+    with pytest.raises(ValueError, match='density_centred must be one bool'):
+      SS.stats_from_arrays(arrays)
