@@ -282,7 +282,8 @@ def whitened(stats):
     return stats
   colour = stats.channel_density
   return stats.replace(density=multiscale.with_whitening(stats.density),
-                       channel_density=colour and tuple(map(multiscale.with_whitening, colour)))
+                       channel_density=(None if colour is None else
+                                        tuple(multiscale.with_whitening(d) for d in colour)))
 
 
 def update_multi_stats(stats: MultiStats, fields, valid=None) -> MultiStats:
