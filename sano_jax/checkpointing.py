@@ -214,7 +214,9 @@ def check_same_model(config, workdir: str) -> None:
                      'config), or a fresh --workdir for the other method.')
   old = model_signature(saved)
   new = model_signature(config)
-  diff = {k: (old.get(k), new[k]) for k in new if json.dumps(old.get(k)) != json.dumps(new[k])}
+  keys = list(new) + [k for k in old if k not in new]  # a field only one side has differs too
+  diff = {k: (old.get(k), new.get(k)) for k in keys
+          if json.dumps(old.get(k)) != json.dumps(new.get(k))}
   if diff:
     detail = ', '.join(f'{k}: checkpoint {a} vs config {b}' for k, (a, b) in diff.items())
     raise ValueError(f'workdir {workdir!r} holds a checkpoint of a different model ({detail}). '

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import jax
 
+from sano_jax import intensity
 from sano_jax import models
 from sano_jax import tiling
 
@@ -46,6 +47,8 @@ class Method:
     self.train_shape = (crop, crop, c)  # the random crops training sees (config.data.crop_size)
     lc = config.get('localize', {})
     self.tile = (lc.get('tile_size'), int(lc.get('tile_overlap', 0) or 0))
+    # config.data.normalize (absent from configs written before it: 'none'); `network_input`.
+    self.normalize = intensity.check_mode(config.data.get('normalize', 'none'))
 
   def init(self, rng: jax.Array) -> Any:
     raise NotImplementedError
@@ -67,6 +70,8 @@ class Method:
     sig = {'method': self.name, 'image_size': h, 'num_channels': c}
     if self.train_shape != self.image_shape:
       sig['crop_size'] = self.train_shape[0]
+    if self.normalize != 'none':  # a model trained on standardized inputs scores only those
+      sig['normalize'] = self.normalize
     return sig
 
   # The method whose trained checkpoints this one uses as they are (same model, same loss), so a
@@ -89,9 +94,16 @@ class Method:
     where labels_fn(params) gives each leaf's label (optax.multi_transform)."""
     return None
 
+  def network_input(self, x: jax.Array) -> jax.Array:
+    """What the networks see of images x [B,H,W,C] in [-1, 1]: x, or each image standardized
+    (`config.data.normalize`, `sano_jax/intensity.py`). Training (`train.py`: `losses` of
+    network_input(batch)) and `field_fn` both go through it."""
+    return intensity.standardize(x, self.normalize)
+
   def field_fn(self, params) -> Callable[[jax.Array], jax.Array]:
     """x [B,H,W,C] in [-1, 1] -> field, params bound: the `score_fn` of `localization.localize`.
 
     The whole image in one pass, or over blended tiles with `config.localize.tile_size`
-    (`sano_jax/tiling.py`)."""
-    return tiling.tiled(lambda x: self.field(params, x), *self.tile)
+    (`sano_jax/tiling.py`); each pass's input goes through `network_input` (a tile is
+    standardized on its own, as a training crop is)."""
+    return tiling.tiled(lambda x: self.field(params, self.network_input(x)), *self.tile)

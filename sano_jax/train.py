@@ -85,7 +85,8 @@ def train_step(state: TrainState, batch: dict, *, method: methods.Method,
   ids = device * images.shape[0] + jnp.arange(images.shape[0])
 
   def loss_fn(params):
-    terms = method.losses(params, images, ids, noise_rng, train=True, dropout_rng=dropout_rng)
+    terms = method.losses(params, method.network_input(images), ids, noise_rng, train=True,
+                          dropout_rng=dropout_rng)
     terms = {k: jnp.mean(v) for k, v in terms.items()}
     return terms['loss'], terms
 
@@ -116,7 +117,8 @@ def eval_step(params, batch: dict, rng: jax.Array, *, method: methods.Method) ->
 
   The randomness of example i depends only on (rng, batch['index'][i]), so the validation loss is
   the same number whatever the batch size or device count."""
-  terms = method.losses(params, batch['image'], batch['index'], rng, train=False)
+  terms = method.losses(params, method.network_input(batch['image']), batch['index'], rng,
+                        train=False)
   per_example = terms.get('select', terms['loss'])
   valid = batch['valid'].astype(jnp.float32)
   return jax.lax.psum({'loss_sum': jnp.sum(per_example * valid), 'count': jnp.sum(valid)}, AXIS)
