@@ -127,6 +127,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The synthetic anomaly kinds it scores candidates on (sano_jax/calibration.py ALL_KINDS:
   # cutpaste, rescaled, noise, shift, blur, crack), e.g. --config.localize.synthetic_kinds=crack,noise
   localize.synthetic_kinds = ('cutpaste', 'rescaled', 'noise', 'shift')
+  # At least this many synthetic anomalies over the calibration's two folds: a validation split
+  # of n smaller images gets ceil(this / n) per image (sano_jax/calibration.py MIN_SYNTHETIC).
+  localize.min_synthetic_images = 256
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.batch_size = 32

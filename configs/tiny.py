@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.group_by = ()  # in-memory test sources have no group attributes; tests ask for them
   config.localize.stats = 'global'  # the paper's rule (the demo uses per-pixel statistics)
   config.localize.calibrate = False  # tests ask for it (tests/test_calibration.py)
+  config.localize.min_synthetic_images = 0  # one synthetic anomaly per image (a test asks more)
   # The baselines at the same tiny size (config.method=...).
   config.autoencoder.nf = 8
   config.autoencoder.ch_mult = (1, 2)

@@ -9,7 +9,8 @@ multiscale density), so `calibrate` decides from the healthy validation split al
    all of them) are fitted on one half;
 3. the other half gets one synthetic anomaly per image (`sano_jax.synthetic`: a patch of another
    healthy image rotated or rescaled and matched to the image's intensities, a noisy region, an
-   intensity shift; rectangles or ellipses of side S/4..S/2, exact masks);
+   intensity shift; rectangles or ellipses of side S/4..S/2, exact masks), or several per image
+   when the split is small (at least `config.localize.min_synthetic_images` in all, MIN_SYNTHETIC);
 4. every candidate (rule x t with the per-channel density among the rules, and over three
    t-sets the joint density and the mean of the one-t densities, each at the smoothing sigmas
    SIGMA_FACTORS x config.localize.smoothing_sigma; every density rule also on log maps centred
@@ -57,6 +58,11 @@ MAX_PIXELS = 2**19  # synthetic pixels kept per candidate (a fixed uniform subsa
 # one-t density was a candidate). With the arithmetic mean over kinds the same grid chose two_sided
 # at 2x on grass (test 0.60): `kind_score` is what makes the grid safe.
 SIGMA_FACTORS = (0.5, 1.0, 2.0)
+# Synthetic anomalies wanted over both folds (config.localize.min_synthetic_images): a validation
+# split of n < MIN_SYNTHETIC images gives each image ceil(MIN_SYNTHETIC / n) anomalies
+# (`synthetic.synthetic_set`'s draws), so that a small split (KolektorSDD's 53 images) does not
+# rank ~140 candidates on 53 anomalies; the embedded variants' splits (315-376 images) keep one.
+MIN_SYNTHETIC = 256
 TIE_RUNS = 50  # paired bootstraps of the synthetic score gaps (`one_se_choice`)
 TIE_BAND = 16  # the best candidates by score that may tie with the first
 
@@ -154,7 +160,8 @@ def calibrate(config, method, params, source, *, max_images: int = 512, seed: in
   return choose(method.field_fn(params), method.ts, images,
                 batch_size=int(config.eval.batch_size),
                 smoothing_sigma=float(config.localize.smoothing_sigma), seed=seed,
-                sigma_factors=sigma_factors, kinds=synthetic.kinds_of(config))
+                sigma_factors=sigma_factors, kinds=synthetic.kinds_of(config),
+                min_synthetic=int(config.localize.get('min_synthetic_images', MIN_SYNTHETIC)))
 
 
 def stats_variants(sigmas, cands) -> list[tuple[float, bool, tuple]]:
@@ -180,7 +187,8 @@ def fit_stats_at(fields_fn, images: np.ndarray, ts: tuple, variants, batch_size:
 
 def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
            smoothing_sigma: float = 2.0, seed: int = 0,
-           sigma_factors: tuple = SIGMA_FACTORS, kinds: tuple = synthetic.KINDS) -> dict:
+           sigma_factors: tuple = SIGMA_FACTORS, kinds: tuple = synthetic.KINDS,
+           min_synthetic: int = MIN_SYNTHETIC) -> dict:
   """The calibration proper: field_fn(x in [-1,1]) -> K fields (one per t of `ts`, or one field
   when ts == (None,)); images [N,H,W,C] float in [0,1], healthy. Fits on one half, scores
   synthetic anomalies made in the other, both ways, at every smoothing sigma of
@@ -192,17 +200,18 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   variants = stats_variants(sigmas, cands)
   fields_fn = jax.jit(lambda x: anomaly_maps.as_fields(field_fn(2.0 * x - 1.0)))
   n, h, w = images.shape[:3]
-  keep_fraction = min(1.0, MAX_PIXELS / float(n * h * w))  # pixels kept: a fixed random share
+  draws = max(1, -(-int(min_synthetic) // n))  # anomalies per image (MIN_SYNTHETIC)
+  keep_fraction = min(1.0, MAX_PIXELS / float(draws * n * h * w))  # pixels kept: a fixed share
   keep_rng = np.random.default_rng(seed)
   zs, labels, kind_ids, image_ids = [], [], [], []
-  logging.info('calibration: %d healthy images, %d candidates, 2 folds', n,
-               sum(len(v[2]) for v in variants))
+  logging.info('calibration: %d healthy images, %d synthetic anomalies each, %d candidates, '
+               '2 folds', n, draws, sum(len(v[2]) for v in variants))
   for fold in (0, 1):  # cross-fitting: each half fits the stats once and is synthesized once
     logging.info('calibration fold %d/2 (%.0f s)', fold + 1, time.perf_counter() - tic)
     fit, held = images[fold::2], images[1 - fold::2]
     stats = [candidate_stats(st, v[2])
              for st, v in zip(fit_stats_at(fields_fn, fit, ts, variants, batch_size), variants)]
-    syn, masks, made = synthetic.synthetic_set(held, seed + fold, kinds)
+    syn, masks, made = synthetic.synthetic_set(held, seed + fold, kinds, draws=draws)
     kind_map = np.asarray([kinds.index(k) for k in made])[:, None, None] * np.ones((h, w), int)
     for start, (chunk, valid) in zip(range(0, len(syn), batch_size), _batched(syn, batch_size)):
       fields = fields_fn(chunk)
@@ -213,7 +222,7 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
           for (_, _, cands_v), st in zip(variants, stats)])[:, keep])
       labels.append(m[keep])
       kind_ids.append(kind_map[start:start + batch_size].reshape(-1)[keep])
-      first = fold * len(images) + start  # a synthetic image's id, unique over both folds
+      first = fold * draws * n + start  # a synthetic image's id, unique over both folds
       ids = np.arange(first, first + len(m) // (h * w))
       image_ids.append(np.repeat(ids, h * w)[keep])
   zs, labels, kind_ids, image_ids = (np.concatenate(zs, axis=1), np.concatenate(labels),
@@ -237,7 +246,7 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   return {'t': best['t'], 'rule': best['rule'], 'n_sigma': float(best['threshold']),
           'smoothing_sigma': best['smoothing_sigma'], 'density_centred': best['density_centred'],
           'candidates': rows,
-          'synthetic': {'num_images': len(images), 'num_synthetic_images': len(images),
+          'synthetic': {'num_images': n, 'num_synthetic_images': draws * n,
                         'kinds': list(kinds), 'pixels_scored': int(labels.size), 'seed': seed},
           'seconds': time.perf_counter() - tic}
 

@@ -102,16 +102,20 @@ def synthesize(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator,
   return np.clip(out, 0.0, 1.0).astype(np.float32), mask
 
 
-def synthetic_set(images: np.ndarray, seed: int = 0, kinds_cycle: tuple = KINDS):
-  """One anomaly per image, kinds in turn, donors = the next image: (images, masks, kinds)."""
-  rng = np.random.default_rng(seed)
+def synthetic_set(images: np.ndarray, seed: int = 0, kinds_cycle: tuple = KINDS, draws: int = 1):
+  """`draws` anomalies per image, kinds in turn, donors = the next image: (images, masks, kinds)
+  of len(images) x draws, draw r after draw r - 1. Draw r >= 1 has its own random stream
+  ([seed, r]) and the kinds cycle shifted by r, so an image gets another kind each draw (draw 0
+  is the set of `draws=1`)."""
   out, masks, kinds = [], [], []
-  for i, image in enumerate(images):
-    kind = kinds_cycle[i % len(kinds_cycle)]
-    a, m = synthesize(image, images[(i + 1) % len(images)], rng, kind)
-    out.append(a)
-    masks.append(m)
-    kinds.append(kind)
+  for r in range(int(draws)):
+    rng = np.random.default_rng(seed if r == 0 else [seed, r])
+    for i, image in enumerate(images):
+      kind = kinds_cycle[(i + r) % len(kinds_cycle)]
+      a, m = synthesize(image, images[(i + 1) % len(images)], rng, kind)
+      out.append(a)
+      masks.append(m)
+      kinds.append(kind)
   return np.stack(out), np.stack(masks), kinds
 
 

@@ -122,6 +122,8 @@ def test_choose_picks_the_only_informative_t():
                      + 0.0 * yy for _ in range(40)])[..., None].astype(np.float32)
   choice = calibration.choose(field_fn, ts, images, batch_size=8, seed=0, sigma_factors=(1.0,))
   assert choice['t'] == [0.1], choice
+  # 40 healthy images < MIN_SYNTHETIC: each gets ceil(256 / 40) = 7 synthetic anomalies.
+  assert choice['synthetic']['num_synthetic_images'] == 7 * 40 == 280
   assert choice['rule'] in calibration.Z_RULES
   best = max(choice['candidates'], key=lambda r: r['auroc'])
   assert best['auroc'] > 0.8 and choice['n_sigma'] == best['threshold']
@@ -145,7 +147,7 @@ def test_choose_ranks_a_field_that_is_zero_everywhere_last_without_failing():
   images = np.stack([0.5 + 0.3 * np.sin(2 * np.pi * (rng.uniform(.5, 1.5) * xx + rng.uniform()))
                      for _ in range(24)])[..., None].astype(np.float32)
   choice = calibration.choose(field_fn, (0.01, 0.1), images, batch_size=8, seed=0,
-                              sigma_factors=(1.0,))
+                              sigma_factors=(1.0,), min_synthetic=0)
   assert choice['t'] == [0.1], choice
   zero = [r for r in choice['candidates'] if r['t'] == [0.01] and r['rule'] == 'global']
   assert zero and all(r['auroc'] <= 0.5 + 1e-9 for r in zero)
@@ -163,7 +165,7 @@ def test_choose_smooths_more_when_the_field_is_pixel_noise_over_a_regional_signa
   rng = np.random.default_rng(0)
   images = (0.5 + 0.02 * rng.standard_normal((48, 32, 32, 1))).astype(np.float32)
   choice = calibration.choose(field_fn, (0.1,), images, batch_size=16, smoothing_sigma=1.0, seed=0,
-                              sigma_factors=(0.5, 1.0, 2.0))
+                              sigma_factors=(0.5, 1.0, 2.0), min_synthetic=0)
   assert sorted({r['smoothing_sigma'] for r in choice['candidates']}) == [0.5, 1.0, 2.0]
   assert choice['smoothing_sigma'] == 2.0, choice['smoothing_sigma']
   by_sigma = {}
@@ -260,6 +262,8 @@ def test_a_method_without_t_calibrates_and_evaluates_with_the_density_rule():
   params = random_values(jax.eval_shape(method.init, jax.random.PRNGKey(0)))
   source = grating_source(16)
   choice = calibration.calibrate(config, method, params, source)
+  # config.localize.min_synthetic_images (tiny config: 0): one anomaly per validation image.
+  assert choice['synthetic']['num_synthetic_images'] == choice['synthetic']['num_images']
   rows = choice['candidates']
   assert choice['t'] == [None] and all(r['t'] == [None] for r in rows)
   assert len(rows) == len(calibration.SIGMA_FACTORS) * (len(calibration.candidates((None,))) + 1)

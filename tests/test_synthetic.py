@@ -27,6 +27,23 @@ def test_synthesize_changes_exactly_the_masked_region():
   assert np.array_equal(again, out) and np.array_equal(masks2, masks)  # deterministic in the seed
 
 
+def test_several_draws_give_each_image_other_kinds_and_keep_the_first_draw():
+  rng = np.random.default_rng(4)
+  images = rng.uniform(0.2, 0.8, (6, 16, 16, 1)).astype(np.float32)
+  one, one_masks, one_kinds = synthetic.synthetic_set(images, seed=5)
+  out, masks, kinds = synthetic.synthetic_set(images, seed=5, draws=3)
+  assert out.shape == (18, 16, 16, 1) and masks.shape == (18, 16, 16) and len(kinds) == 18
+  # Draw 0 is the one-draw set; the later draws are new anomalies of the same images.
+  assert np.array_equal(out[:6], one) and np.array_equal(masks[:6], one_masks)
+  assert kinds[:6] == one_kinds
+  for r in (1, 2):
+    assert not np.array_equal(masks[6 * r:6 * r + 6], one_masks)
+    for i in range(6):
+      assert np.array_equal(out[6 * r + i][~masks[6 * r + i]], images[i][~masks[6 * r + i]])
+  per_image = [{kinds[6 * r + i] for r in range(3)} for i in range(6)]
+  assert all(len(k) == 3 for k in per_image)  # another kind each draw (4 kinds cycle)
+
+
 def test_a_synthetic_crack_is_a_thin_connected_line_of_shifted_intensity():
   rng = np.random.default_rng(3)
   images = rng.uniform(0.3, 0.7, (8, 64, 48, 1)).astype(np.float32)
