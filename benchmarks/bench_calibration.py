@@ -1,6 +1,7 @@
 r"""The label-free calibration's wall time, first call (tracing and compiling included) and again.
 
-  PYTHONPATH=. .venv/bin/python benchmarks/bench_calibration.py --workdir=RUN [--out=FILE]
+  PYTHONPATH=. .venv/bin/python benchmarks/bench_calibration.py --workdir=RUN [--out=FILE] \
+      [--min_synthetic_images=0]
   PYTHONPATH=. .venv/bin/python benchmarks/bench_calibration.py --config=configs/demo.py \
       [--images=64] [--config.data.image_size=64]
 
@@ -42,6 +43,9 @@ def main(argv):
   out = {'bench': 'calibration', 'machine': common.machine()}
   if _WORKDIR.value:
     config, _, params, _ = checkpointing.restore_for_inference(_WORKDIR.value)
+    if _MIN_SYNTHETIC.value is not None:
+      with config.unlocked():
+        config.localize.min_synthetic_images = _MIN_SYNTHETIC.value
     method = methods.create_at(config, calibration.T_GRID)
     source = input_pipeline.get_source(config, config.data.validation_split)
     call = lambda: calibration.calibrate(config, method, params, source,
@@ -68,6 +72,7 @@ def main(argv):
     out[name] = time.perf_counter() - tic
   out['candidates'] = len(choice['candidates'])
   out['healthy_images'] = choice['synthetic']['num_images']
+  out['synthetic_images'] = choice['synthetic']['num_synthetic_images']
   out['peak_rss_mib'] = common.peak_rss_mib()
   out['label'] = _LABEL.value
   common.print_json(out, _OUT.value)
@@ -77,6 +82,9 @@ if __name__ == '__main__':
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file.')
   _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained run (else: --config, initial params).')
   _IMAGES = flags.DEFINE_integer('images', 64, 'Healthy images without --workdir.')
+  _MIN_SYNTHETIC = flags.DEFINE_integer(
+      'min_synthetic_images', None, 'With --workdir: config.localize.min_synthetic_images '
+      '(default: the run\'s config, else calibration.MIN_SYNTHETIC).')
   _OUT = flags.DEFINE_string('out', None, 'Also append the JSON line to this file.')
   _LABEL = flags.DEFINE_string('label', '', 'Free-text label copied into the JSON.')
   app.run(main)
