@@ -8,9 +8,11 @@ raw intensities spends capacity on that variation, and |s| scales with a photo's
   x' = TARGET_STD * (x - mean(x)) / max(std(x), MIN_STD),
 
 so the model learns, and the anomaly map measures, structure relative to the image's own
-intensities. 'none' leaves x as it is (the paper). It applies to every network input alike: each
-training image or crop (`train.py`) and each scored image or tile (`Method.field_fn`), so training
-and scoring always see the same transform; the field is that of x'.
+intensities. 'none' leaves x as it is (the paper), and stays the default: on KolektorSDD two nf 16
+runs trained standardized localized the cracks worse (AUROC 0.835 / 0.776 against 0.850 / 0.872
+raw; docs/results.md). It applies to every network input alike: each training image or crop
+(`train.py`) and each scored image or tile (`Method.field_fn`), so training and scoring always
+see the same transform; the field is that of x'.
 """
 from __future__ import annotations
 
