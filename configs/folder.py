@@ -24,7 +24,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.num_channels = 3
   config.data.validation_fraction = 0.2  # of the healthy images, by subject
 
-  config.model.nf = 32
+  # nf 16, not 32: on KolektorSDD (64 px, 1500 steps x 16, two seeds each, docs/results.md) nf 16
+  # localized the cracks better (pixel AUROC 0.850 / 0.872 against 0.812 / 0.836; AUPRO 0.400 /
+  # 0.456 against 0.309 / 0.353) and trains ~2.5x faster. Widen it for larger images if needed.
+  config.model.nf = 16
   config.model.ch_mult = (1, 2, 2, 2)
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = ()
