@@ -5,9 +5,7 @@ import numpy as np
 import pytest
 
 from sano_jax import checkpointing, intensity, methods, train
-from tests.helpers import tiny_config
-
-ONE_LEVEL = {'model.ch_mult': (1,), 'model.attn_resolutions': (), 'autoencoder.ch_mult': (1,)}
+from tests.helpers import ONE_LEVEL, tiny_config
 
 
 def _images(n=3, size=16, channels=2, seed=0):

@@ -9,7 +9,7 @@ import pytest
 from sano_jax import checkpointing, localization, anomaly_maps, score_stats, methods, train
 from sano_jax import rundir
 from sano_jax.baselines import autoencoders as aes
-from tests.helpers import tiny_config
+from tests.helpers import ONE_LEVEL, tiny_config
 
 KEY = jax.random.PRNGKey
 
@@ -36,12 +36,6 @@ def _steps(config, method, tx, state, batches, devices):
 def test_anoddpm_trains_exactly_like_sano():
   from sano_jax.baselines import anoddpm
   assert anoddpm.AnoDDPM.losses is methods.SANO.losses and anoddpm.AnoDDPM.init is methods.SANO.init
-
-
-# One-level nets for properties that do not depend on the depth: every kind of layer stays
-# (convolutions, GroupNorm, the U-Net's middle attention block at 16 px, the codebook, the
-# discriminator) at about half the compile time of the tiny config's two levels.
-ONE_LEVEL = {'model.ch_mult': (1,), 'model.attn_resolutions': (), 'autoencoder.ch_mult': (1,)}
 
 
 @pytest.mark.four_devices
