@@ -161,7 +161,7 @@ def calibrate(config, method, params, source, *, max_images: int = 512, seed: in
                 batch_size=int(config.eval.batch_size),
                 smoothing_sigma=float(config.localize.smoothing_sigma), seed=seed,
                 sigma_factors=sigma_factors, kinds=synthetic.kinds_of(config),
-                min_synthetic=int(config.localize.get('min_synthetic_images', MIN_SYNTHETIC)))
+                min_synthetic=config.localize.get('min_synthetic_images', MIN_SYNTHETIC))
 
 
 def stats_variants(sigmas, cands) -> list[tuple[float, bool, tuple]]:
@@ -200,6 +200,10 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
   variants = stats_variants(sigmas, cands)
   fields_fn = jax.jit(lambda x: anomaly_maps.as_fields(field_fn(2.0 * x - 1.0)))
   n, h, w = images.shape[:3]
+  if isinstance(min_synthetic, bool) or not isinstance(min_synthetic, (int, np.integer)) or (
+      min_synthetic < 0):
+    raise ValueError('config.localize.min_synthetic_images must be an integer >= 0 (0: one '
+                     f'synthetic anomaly per image), got {min_synthetic!r}')
   draws = max(1, -(-int(min_synthetic) // n))  # anomalies per image (MIN_SYNTHETIC)
   keep_fraction = min(1.0, MAX_PIXELS / float(draws * n * h * w))  # pixels kept: a fixed share
   keep_rng = np.random.default_rng(seed)

@@ -124,6 +124,10 @@ def test_choose_picks_the_only_informative_t():
   assert choice['t'] == [0.1], choice
   # 40 healthy images < MIN_SYNTHETIC: each gets ceil(256 / 40) = 7 synthetic anomalies.
   assert choice['synthetic']['num_synthetic_images'] == 7 * 40 == 280
+  for bad in (-1, 2.5, True):  # before any work: the setting is named with its value
+    with pytest.raises(ValueError, match=rf'min_synthetic_images must be an integer >= 0 .*'
+                                         rf'got {bad!r}'):
+      calibration.choose(field_fn, ts, images, batch_size=8, min_synthetic=bad)
   assert choice['rule'] in calibration.Z_RULES
   best = max(choice['candidates'], key=lambda r: r['auroc'])
   assert best['auroc'] > 0.8 and choice['n_sigma'] == best['threshold']
