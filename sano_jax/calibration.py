@@ -226,8 +226,9 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
           for (_, _, cands_v), st in zip(variants, stats)])[:, keep])
       labels.append(m[keep])
       kind_ids.append(kind_map[start:start + batch_size].reshape(-1)[keep])
-      first = fold * draws * n + start  # a synthetic image's id, unique over both folds
-      ids = np.arange(first, first + len(m) // (h * w))
+      # The healthy image under each synthetic one (its draws share it), unique over both folds:
+      # fold * n + its position in `held` (with one draw per image, the synthetic image's own id).
+      ids = fold * n + np.arange(start, start + len(m) // (h * w)) % len(held)
       image_ids.append(np.repeat(ids, h * w)[keep])
   zs, labels, kind_ids, image_ids = (np.concatenate(zs, axis=1), np.concatenate(labels),
                                      np.concatenate(kind_ids), np.concatenate(image_ids))
@@ -269,9 +270,11 @@ def one_se_choice(rows: list, zs: np.ndarray, labels: np.ndarray, kind_ids: np.n
   Dice.
 
   Candidates whose `kind_score` is within the noise of the best one's are tied: gap_j = S_best -
-  S_j <= se_j, with se_j the std over `runs` paired bootstraps of S_best - S_j (the synthetic
-  images resampled with replacement within each kind, one set of multiplicities for all candidates;
-  `band` best candidates tried). Among the tied, the best macro Dice at its own N wins (the Dice
+  S_j <= se_j, with se_j the std over `runs` paired bootstraps of S_best - S_j (`band` best
+  candidates tried). A bootstrap resamples with replacement, within each kind, the healthy images
+  under the synthetic ones (image_ids: the draws of one healthy image share its background, so
+  they go together; counted as independent they would shrink the se), one set of multiplicities
+  for all candidates. Among the tied, the best macro Dice at its own N wins (the Dice
   is what the mask is for). Why: near the top the score differences are often smaller than their
   noise, and the AUROC alone then picks a smoothing at random. Retina's demo model: the t-set
   'density_mean' at sigma 2 and at sigma 1 scored 0.9065 and 0.9059 (se of the gap 0.0025), but
@@ -280,12 +283,13 @@ def one_se_choice(rows: list, zs: np.ndarray, labels: np.ndarray, kind_ids: np.n
   scores = np.asarray([np.nan_to_num(r['score'], nan=-1.0) for r in rows])
   top = sorted(range(len(rows)), key=lambda i: (-scores[i], -rows[i]['macro_dice']))[:band]
   rng = np.random.default_rng(seed)
-  mult = np.zeros((runs, int(image_ids.max()) + 1))
   kinds = [kind_ids == k for k in np.unique(kind_ids)]
-  for sel in kinds:
+  weights = np.zeros((runs, image_ids.size))  # [runs, pixels]: each pixel's multiplicity
+  for sel in kinds:  # a healthy image may be under several kinds: multiplicities per kind
     ids = np.unique(image_ids[sel])
+    mult = np.zeros((runs, int(ids.max()) + 1))
     np.add.at(mult, (np.arange(runs)[:, None], rng.choice(ids, (runs, ids.size))), 1.0)
-  weights = mult[:, image_ids]  # [runs, pixels]
+    weights[:, sel] = mult[:, image_ids[sel]]
   def boot(i):
     z = zs[i]
     by_kind = [metrics_lib.weighted_aurocs(z[sel], labels[sel], weights[:, sel]) for sel in kinds]

@@ -66,6 +66,36 @@ def test_one_se_choice_breaks_a_tie_within_the_noise_by_dice_but_not_a_real_gap(
   assert calibration.one_se_choice([rows[0], rows[2]], zs[[0, 2]], labels, kinds, image_ids) == 0
 
 
+def test_one_se_choice_resamples_the_draws_of_one_healthy_image_together():
+  """Two synthetic images drawn on one healthy image share its id and are resampled together:
+  with every image present twice under one id, each bootstrap weights the pixels as the single
+  copies do (AUROC is unchanged by a common factor of 2), so the gap's se is that of the single
+  copies to the last bit. Counted as independent images (ids of their own), the copies would
+  look like twice the evidence: a smaller se."""
+  rng = np.random.default_rng(1)
+  n, hw = 40, 64
+  image_ids = np.repeat(np.arange(n), hw)
+  kinds = image_ids % 4
+  labels = rng.random((n, hw)) < 0.2
+  zs = np.stack([labels + rng.normal(0.0, s, (n, hw)) for s in (1.0, 1.1)])
+  def se(zs, labels, kinds, image_ids):
+    zs, labels = zs.reshape(len(zs), -1), labels.reshape(-1)
+    rows = _rows_of(zs, labels, kinds)
+    calibration.one_se_choice(rows, zs, labels, kinds, image_ids, seed=3)
+    return rows[int(np.argmin([r['score'] for r in rows]))]['score_gap_se']
+  single = se(zs, labels, kinds, image_ids)
+  twice = (np.concatenate([zs, zs], 1), np.concatenate([labels, labels]),
+           np.concatenate([kinds, kinds]))
+  assert single > 0.0
+  assert se(*twice, np.concatenate([image_ids, image_ids])) == pytest.approx(single, rel=1e-12)
+  assert se(*twice, np.concatenate([image_ids, image_ids + n])) < 0.85 * single
+  # One healthy image under every kind (choose's draws: kinds shifted each draw): within a kind
+  # it is one image, and the kinds' multiplicities are drawn apart, as for ids of their own.
+  healthy = np.repeat(np.arange(n) // 4, hw)
+  assert se(zs, labels, kinds, healthy) == pytest.approx(se(zs, labels, kinds, image_ids),
+                                                         rel=1e-12)
+
+
 def test_kind_score_is_the_geometric_mean_margin_and_prefers_finding_every_kind():
   from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
   lopsided = {'cutpaste': 0.99, 'noise': 0.99, 'shift': 0.56}  # one kind near chance
