@@ -65,12 +65,12 @@ def main(argv):
   cands = calibration.candidates(ts)
   bs = int(config.eval.batch_size)
   val_x = calibration.read_images(val_source, range(len(val_source)))
-  fields_fn = jax.jit(lambda x: anomaly_maps.as_fields(field_fn(2.0 * x - 1.0)))  # pylint: disable=protected-access
+  fields_fn = jax.jit(lambda x: anomaly_maps.as_fields(field_fn(2.0 * x - 1.0)))
   sigmas = list(dict.fromkeys(r['smoothing_sigma'] for r in choice['candidates']))  # choose's order
   variants = calibration.stats_variants(sigmas, cands)
-  zmaps = calibration._jitted_zmaps  # pylint: disable=protected-access
+  zmaps = calibration.jitted_zmaps
   zs = [np.concatenate([np.asarray(zmaps(v[2])(per_cand, fields_fn(chunk)))[:, valid]
-                        for chunk, valid in calibration._batched(test_x, bs)], axis=1)  # pylint: disable=protected-access
+                        for chunk, valid in calibration.batched(test_x, bs)], axis=1)
         for v, stats in zip(variants, calibration.fit_stats_at(fields_fn, val_x, ts, variants, bs))
         for per_cand in [calibration.candidate_stats(stats, v[2])]]
   zs = np.concatenate(zs)  # [candidate, N, H, W], the order of choice['candidates']

@@ -120,7 +120,7 @@ def candidate_zmaps(per_candidate: list, fields, cands) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_zmaps(cands: tuple):
+def jitted_zmaps(cands: tuple):
   """`candidate_zmaps` of `cands`, jitted once per process: a later calibration (another evaluation)
   reuses its traced programs instead of tracing the ~100 candidates again (same results)."""
   return jax.jit(lambda per_candidate, fields: candidate_zmaps(per_candidate, fields, cands))
@@ -134,7 +134,9 @@ def read_images(source, indices) -> np.ndarray:
   return image_checks.to_unit(np.stack([source[int(i)]['image'] for i in indices]))
 
 
-def _batched(images: np.ndarray, batch_size: int):
+def batched(images: np.ndarray, batch_size: int):
+  """(chunk [batch_size, ...], valid bool [batch_size]) over `images`, the last chunk padded with
+  zeros (static shapes: one compiled program for every batch)."""
   for i in range(0, len(images), batch_size):
     chunk = images[i:i + batch_size]
     valid = np.ones((batch_size,), bool)
@@ -179,7 +181,7 @@ def fit_stats_at(fields_fn, images: np.ndarray, ts: tuple, variants, batch_size:
   update = _update_multi_stats
   stats = [score_stats.init_multi_stats(images.shape[1:], ts, smoothing_sigma=v[0],
                                         centred_density=v[1]) for v in variants]
-  for chunk, valid in _batched(images, batch_size):
+  for chunk, valid in batched(images, batch_size):
     fields = fields_fn(chunk)
     stats = [update(st, fields, valid) for st in stats]
   return [score_stats.finalize(jax.device_get(st)) for st in stats]
@@ -217,12 +219,12 @@ def choose(field_fn, ts: tuple, images: np.ndarray, *, batch_size: int,
              for st, v in zip(fit_stats_at(fields_fn, fit, ts, variants, batch_size), variants)]
     syn, masks, made = synthetic.synthetic_set(held, seed + fold, kinds, draws=draws)
     kind_map = np.asarray([kinds.index(k) for k in made])[:, None, None] * np.ones((h, w), int)
-    for start, (chunk, valid) in zip(range(0, len(syn), batch_size), _batched(syn, batch_size)):
+    for start, (chunk, valid) in zip(range(0, len(syn), batch_size), batched(syn, batch_size)):
       fields = fields_fn(chunk)
       m = masks[start:start + batch_size].reshape(-1)
       keep = keep_rng.random(m.size) < keep_fraction
       zs.append(np.concatenate([
-          np.asarray(_jitted_zmaps(cands_v)(st, fields))[:, valid].reshape(len(cands_v), -1)
+          np.asarray(jitted_zmaps(cands_v)(st, fields))[:, valid].reshape(len(cands_v), -1)
           for (_, _, cands_v), st in zip(variants, stats)])[:, keep])
       labels.append(m[keep])
       kind_ids.append(kind_map[start:start + batch_size].reshape(-1)[keep])

@@ -126,7 +126,7 @@ def test_candidate_zmaps_are_each_candidates_localization_z():
   cands = tuple(calibration.candidates(ts))
   assert {r for r, _ in cands} == set(calibration.Z_RULES) | {'density', 'density_mean'}
   for order in (cands, cands[::-1]):  # reversed: a 'density_mean' traces the one-t densities
-    z = calibration._jitted_zmaps(order)(calibration.candidate_stats(stats, order), fields)  # pylint: disable=protected-access
+    z = calibration.jitted_zmaps(order)(calibration.candidate_stats(stats, order), fields)
     for got, (rule, idx) in zip(np.asarray(z), order):
       want = localization.combine(stats.select(idx), [fields[i] for i in idx], rule)
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f'{rule} {idx}')
