@@ -61,6 +61,7 @@ def row_of(workdir: str) -> dict:
                          ('op_iou', op, 'iou'), ('ns_dice', ns, 'dice'), ('ns_iou', ns, 'iou')):
     row[key], row[key + '_std'] = src.get(name), src.get(name + '_std')
   row['baseline_auroc'] = (m.get('baseline') or {}).get('auroc')
+  row['baseline_sigma'] = m['localization'].get('smoothing_sigma')  # the baseline's smoothing
   row.update(training_summary(workdir))
   return row
 
@@ -100,8 +101,24 @@ def markdown_table(rows: Sequence[dict]) -> str:
   lines.append(f"{r0['dataset']} ({r0['test_split']}, {r0['num_images']} images); ± is the std of "
                'the subject-stratified bootstrap. AUPRO: per-region overlap up to FPR 0.3. OP: the '
                'best-F1 threshold (uses test labels); Nσ*: the label-free threshold, '
-               f"{threshold}. Trivial baseline AUROC: {fmt(r0['baseline_auroc'])}.")
+               f"{threshold}. {baseline_note(rows)}")
   return '\n'.join(lines) + '\n'
+
+
+def baseline_note(rows: Sequence[dict]) -> str:
+  """The trivial baseline's AUROC (G_sigma * |x - mean training intensity|): it depends on the data
+  and on sigma only, and each run smooths it with its own (calibrated) sigma, so one value per
+  sigma, not the first run's alone."""
+  found = {}
+  for r in rows:
+    if r['baseline_auroc'] is not None:
+      found.setdefault(r.get('baseline_sigma'), r['baseline_auroc'])
+  if not found:
+    return 'Trivial baseline AUROC: n/a.'
+  parts = [f'{v:.3f}' + ('' if s is None else f' at sigma {s:g}')
+           for s, v in sorted(found.items(), key=lambda kv: (kv[0] is None, kv[0] or 0.0))]
+  return ('Trivial baseline AUROC (G_sigma * |x - mean training intensity|, smoothed as each run '
+          f"smooths its map): {', '.join(parts)}.")
 
 
 def pick_examples(masks: np.ndarray) -> list[int]:

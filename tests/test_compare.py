@@ -122,3 +122,25 @@ def test_a_preempted_training_is_not_evaluated(tmp_path, monkeypatch):
   assert calls == [] and not (tmp_path / 'sano' / 'eval').exists()
   assert train.finished(types.SimpleNamespace(step=np.int32(20)), config)
   assert not train.finished(types.SimpleNamespace(step=np.int32(19)), config)
+
+
+def test_the_trivial_baseline_is_given_at_each_runs_smoothing_sigma(tmp_path):
+  """The baseline's AUROC depends on the smoothing each run applies (its calibrated sigma): the
+  note gives one value per sigma, smallest sigma first, not the first run's value for all."""
+  runs = []
+  for name, sigma, baseline in (('sano', 4.0, 0.770), ('vqvae', 2.0, 0.847), ('ae', 4.0, 0.770)):
+    wd = _write_run(tmp_path / name, name, 0.8)
+    with open(os.path.join(wd, 'eval', 'metrics.json')) as f:
+      m = json.load(f)
+    m['localization']['smoothing_sigma'], m['baseline']['auroc'] = sigma, baseline
+    with open(os.path.join(wd, 'eval', 'metrics.json'), 'w') as f:
+      json.dump(m, f)
+    runs.append(wd)
+  last = compare.compare(runs, str(tmp_path / 'out'), figure=False)['markdown'].splitlines()[-1]
+  assert last.endswith('smooths its map): 0.847 at sigma 2, 0.770 at sigma 4.')
+  one = compare.compare(runs[:1], str(tmp_path / 'one'), figure=False)['markdown']
+  assert one.rstrip().endswith('smooths its map): 0.770 at sigma 4.')
+  # metrics.json without the sigma (older runs): the value alone.
+  plain = _write_run(tmp_path / 'plain', 'sano', 0.8)
+  assert compare.compare([plain], str(tmp_path / 'p'), figure=False)['markdown'].rstrip().endswith(
+      'smooths its map): 0.650.')
