@@ -112,7 +112,7 @@ def baseline_note(rows: Sequence[dict]) -> str:
   found = {}
   for r in rows:
     if r['baseline_auroc'] is not None:
-      found.setdefault(r.get('baseline_sigma'), r['baseline_auroc'])
+      found.setdefault(r['baseline_sigma'], r['baseline_auroc'])
   if not found:
     return 'Trivial baseline AUROC: n/a.'
   parts = [f'{v:.3f}' + ('' if s is None else f' at sigma {s:g}')

@@ -9,16 +9,18 @@ from sano_jax import compare
 
 
 def _write_run(workdir, method, auroc, dataset='sano_textures/brick_32', speeds=(10.0, 30.0, 20.0),
-               aupro=None):
+               aupro=None, rule='per_pixel', n_sigma=3.0, smoothing_sigma=None, baseline=0.65):
   os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
   metrics = {
       'auroc': auroc, 'auroc_std': 0.01, 'auprc': auroc / 2, 'auprc_std': 0.02,
       'operating_point': {'threshold': 2.0, 'dice': 0.5, 'dice_std': 0.03, 'iou': 0.33,
                           'iou_std': 0.02},
-      'n_sigma': {'n': 3.0, 'dice': None, 'dice_std': None, 'iou': 0.1, 'iou_std': 0.01},
-      'baseline': {'auroc': 0.65}, 'num_images': 300,
+      'n_sigma': {'n': n_sigma, 'dice': None, 'dice_std': None, 'iou': 0.1, 'iou_std': 0.01},
+      'baseline': {'auroc': baseline}, 'num_images': 300,
       'data': {'dataset': dataset, 'test_split': 'test'},
-      'localization': {'method': method, 'rule': 'per_pixel'}}
+      'localization': {'method': method, 'rule': rule}}
+  if smoothing_sigma is not None:  # metrics.json of older runs has none
+    metrics['localization']['smoothing_sigma'] = smoothing_sigma
   if aupro is not None:  # metrics.json written before AUPRO existed has none
     metrics.update(aupro=aupro, aupro_std=0.04)
   with open(os.path.join(workdir, 'eval', 'metrics.json'), 'w') as f:
@@ -50,12 +52,7 @@ def test_table_json_and_best_values(tmp_path):
 def test_calibrated_runs_show_their_own_rule_and_n(tmp_path):
   """Calibrated runs each choose a rule and N: the table shows them per row, not one for all."""
   a = _write_run(tmp_path / 'a', 'sano', 0.9)
-  b = _write_run(tmp_path / 'b', 'ae', 0.8)
-  with open(os.path.join(b, 'eval', 'metrics.json')) as f:
-    m = json.load(f)
-  m['localization']['rule'], m['n_sigma']['n'] = 'density', 1.25
-  with open(os.path.join(b, 'eval', 'metrics.json'), 'w') as f:
-    json.dump(m, f)
+  b = _write_run(tmp_path / 'b', 'ae', 0.8, rule='density', n_sigma=1.25)
   md = compare.compare([a, b], str(tmp_path / 'out'), figure=False)['markdown']
   lines = md.splitlines()
   assert '| rule, N |' in lines[0]
@@ -127,15 +124,9 @@ def test_a_preempted_training_is_not_evaluated(tmp_path, monkeypatch):
 def test_the_trivial_baseline_is_given_at_each_runs_smoothing_sigma(tmp_path):
   """The baseline's AUROC depends on the smoothing each run applies (its calibrated sigma): the
   note gives one value per sigma, smallest sigma first, not the first run's value for all."""
-  runs = []
-  for name, sigma, baseline in (('sano', 4.0, 0.770), ('vqvae', 2.0, 0.847), ('ae', 4.0, 0.770)):
-    wd = _write_run(tmp_path / name, name, 0.8)
-    with open(os.path.join(wd, 'eval', 'metrics.json')) as f:
-      m = json.load(f)
-    m['localization']['smoothing_sigma'], m['baseline']['auroc'] = sigma, baseline
-    with open(os.path.join(wd, 'eval', 'metrics.json'), 'w') as f:
-      json.dump(m, f)
-    runs.append(wd)
+  runs = [_write_run(tmp_path / name, name, 0.8, smoothing_sigma=sigma, baseline=baseline)
+          for name, sigma, baseline in (('sano', 4.0, 0.770), ('vqvae', 2.0, 0.847),
+                                        ('ae', 4.0, 0.770))]
   last = compare.compare(runs, str(tmp_path / 'out'), figure=False)['markdown'].splitlines()[-1]
   assert last.endswith('smooths its map): 0.847 at sigma 2, 0.770 at sigma 4.')
   one = compare.compare(runs[:1], str(tmp_path / 'one'), figure=False)['markdown']
